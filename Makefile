@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make train` and `make test`. Both create .venv with the
+# pinned stack first (once; the stamp file makes later runs skip it).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CUDA hosts get fbgemm-gpu, every other host the CPU build (see requirements/).
+FBGEMM_VARIANT := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP := $(VENV)/.installed-$(FBGEMM_VARIANT)
+REQS := pyproject.toml requirements/base.txt requirements/$(FBGEMM_VARIANT).txt requirements/torchrec.txt requirements/dev.txt
+
+TWHIN_CONFIG ?= projects/twhin/config/local.yaml
+SAVE_DIR ?= runs/twhin
+NPROC ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: venv data train test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/base.txt -r requirements/$(FBGEMM_VARIANT).txt -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/torchrec.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -c "import torch, torchrec, fbgemm_gpu; print('stack:', 'torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m projects.twhin.data.generate --out data/twhin
+
+train: data
+	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check tml projects tests
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,110 @@
+"""maybe_run_training, launched for real: 2 worker processes through torch elastic."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tml.common.run_training import (
+    args_to_kwargs,
+    build_torchrun_args,
+    encode_kwarg,
+    entrypoint_args,
+    is_distributed_worker,
+    kwargs_to_args,
+    training_failed_error,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "tests", "scripts", "toy_train.py")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+@pytest.mark.parametrize("value", [3, 0.5, True, False, None, "plain", "42", "true", "null",
+                                   '"quoted"', [1, "a", 2.5], {"k": [1]}, "a=b", ""])
+def test_kwargs_round_trip_their_types(value):
+    args = kwargs_to_args({"v": value})
+    assert args_to_kwargs(args, ["v"]) == {"v": value}
+    assert type(args_to_kwargs(args, ["v"])["v"]) is type(value)
+
+
+def test_plain_strings_travel_as_typed():
+    assert encode_kwarg("/tmp/save dir") == "/tmp/save dir"
+    assert kwargs_to_args({"steps": 3, "flag": True}) == ["--steps=3", "--flag=true"]
+
+
+def test_only_forwarded_keys_are_taken_from_argv():
+    argv = ["--a=1", "--b=2", "positional", "--c"]
+    assert args_to_kwargs(argv, ["a"]) == {"a": 1}
+
+
+def test_entrypoint_forms(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert entrypoint_args(str(script)) == [str(script)]
+    assert entrypoint_args("projects.twhin.run") == ["-m", "projects.twhin.run"]
+    with pytest.raises(Exception, match="script not found"):
+        entrypoint_args(str(tmp_path / "missing.py"))
+
+
+def test_single_node_is_standalone_and_several_nodes_need_an_endpoint(monkeypatch):
+    args = build_torchrun_args(["x.py"], ["--a=1"], 2, 1, False)
+    assert args == ["--nnodes", "1", "--nproc_per_node", "2", "--standalone", "x.py", "--a=1"]
+    monkeypatch.delenv("TML_RDZV_ENDPOINT", raising=False)
+    with pytest.raises(Exception, match="TML_RDZV_ENDPOINT"):
+        build_torchrun_args(["x.py"], [], 2, 2, False)
+    monkeypatch.setenv("TML_RDZV_ENDPOINT", "node0:29400")
+    args = build_torchrun_args(["x.py"], [], 2, 2, True)
+    assert "--rdzv_backend" in args and "localhost:29400" in args
+
+
+def test_failure_names_the_causing_rank_not_the_killed_one():
+    error = training_failed_error({
+        0: (-15, "Signal 15 (SIGTERM) received by PID 1", 10.0),
+        1: (1, "DataError: file x row 3: bad id", 10.0),
+    })
+    assert error.rank == 1
+    assert "worker rank 1 failed" in str(error) and "bad id" in str(error)
+
+
+def test_not_a_worker_in_the_test_process():
+    assert not is_distributed_worker()
+
+
+@pytest.mark.slow
+def test_launch_two_workers_forwarding_typed_kwargs(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, f"--out_dir={tmp_path}"], env=_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert all(r["world_size"] == 2 for r in reports)
+    assert reports[0]["values"]["token"] == reports[1]["values"]["token"]
+    assert reports[0]["types"] == {"token": "str", "count": "int", "ratio": "float",
+                                   "flag": "bool", "nothing": "NoneType", "items": "list",
+                                   "text_number": "str"}
+    assert reports[0]["values"]["items"] == [1, "a", 2.5]
+    assert reports[0]["values"]["text_number"] == "42"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["module", "subprocess"])
+def test_failing_rank_gives_nonzero_exit_and_its_message(tmp_path, mode):
+    if mode == "module":
+        env = {**_env(), "PYTHONPATH": os.pathsep.join([REPO, os.path.dirname(SCRIPT)])}
+        cmd = [sys.executable, "-m", "toy_train", f"--out_dir={tmp_path}", "--fail_rank=1"]
+    else:
+        env = _env()
+        cmd = [sys.executable, SCRIPT, f"--out_dir={tmp_path}", "--fail_rank=1", "--subprocess"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "worker rank 1 failed" in result.stderr, result.stderr[-3000:]
+    assert "planned failure on rank 1" in result.stderr
+    assert (tmp_path / "rank0.json").exists()

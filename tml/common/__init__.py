@@ -1,0 +1,1 @@
+"""Mechanisms shared by every project: launching, devices, sharding, batches, checkpoints."""

@@ -1,0 +1,325 @@
+"""`maybe_run_training`: run `train_fn` here if this is a torchrun worker, else launch workers.
+
+Users write one line at the bottom of a script, Bazel `py_binary` or module:
+
+    maybe_run_training(train_fn, __name__, config_yaml_path=..., save_dir=...)
+
+Outside a worker it re-launches the calling script (or `-m module`) through torch elastic
+(`torch.distributed.run`, the engine behind `torchrun`), forwarding the training kwargs as
+`--key=value`. Inside each worker the same line runs again, finds WORLD_SIZE and RANK set,
+and calls `train_fn(**training_kwargs)` with the kwargs restored to their Python types.
+
+Why the kwargs are encoded: a worker must see what the launcher saw, even where a script
+computes a kwarg (a timestamped save_dir, a temporary directory). Non-string values travel
+as JSON (`--steps=3`, `--flag=true`, `--x=null`, `--ids=[1,2]`); a string travels as is
+unless it would read back as something else (`"3"` travels as `--s="3"`). The launcher names
+the forwarded keys in `TML_FORWARDED_KWARGS`, and the worker takes exactly those from argv.
+
+Failure handling: every worker records its exception with torch elastic's error handler;
+the launcher turns elastic's `ChildFailedError` into `TrainingFailedError`, naming the rank
+that failed first and that worker's own message (the original tml ignored the exit code).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from tml.common.machines import nproc_from_machines_file
+from tml.errors import TmlError, TrainingFailedError
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_KWARGS_ENV = "TML_FORWARDED_KWARGS"
+_COMMUNICATION_ERROR_HINTS = ("gloo", "Connection closed", "Connection reset", "NCCL",
+                              "Broken pipe", "Signal 15", "SIGTERM")
+
+
+def is_distributed_worker() -> bool:
+    """True inside a process started by torch elastic (WORLD_SIZE and RANK are set)."""
+    return os.environ.get("WORLD_SIZE") is not None and os.environ.get("RANK") is not None
+
+
+# --- kwargs encoding --------------------------------------------------------------------
+
+def encode_kwarg(value: Any) -> str:
+    """Encode a kwarg value for the command line so that `decode_kwarg` gives it back."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value  # reads back as itself: send it plain, as users would type it
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        return json.dumps(value)
+    except TypeError:
+        raise TmlError(
+            f"training kwarg value {value!r} of type {type(value).__name__} cannot be passed "
+            "to workers on the command line; use str, int, float, bool, None, lists or dicts"
+        ) from None
+
+
+def decode_kwarg(text: str) -> Any:
+    """Inverse of `encode_kwarg`: JSON if it parses, else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def kwargs_to_args(training_kwargs: dict[str, Any]) -> list[str]:
+    """`{"steps": 3}` -> `["--steps=3"]`."""
+    return [f"--{key}={encode_kwarg(value)}" for key, value in training_kwargs.items()]
+
+
+def args_to_kwargs(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of `--key=value` arguments in argv whose key is in `keys`, decoded."""
+    wanted = set(keys)
+    found: dict[str, Any] = {}
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            if key in wanted:
+                found[key] = decode_kwarg(text)
+    return found
+
+
+# --- entry point resolution -------------------------------------------------------------
+
+def entrypoint_args(module_name: str) -> list[str]:
+    """torchrun arguments that re-run the caller: `[script.py]` or `["-m", "pkg.mod"]`.
+
+    `module_name` is `__name__` of the caller (`"__main__"` for a script run directly or with
+    `python -m`), a dotted module name, or a path to a Python file.
+    """
+    if module_name == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name and spec.name != "__main__":
+            return ["-m", spec.name]
+        path = getattr(main, "__file__", None)
+        if path and os.path.exists(path):
+            return [os.path.abspath(path)]
+        raise TmlError(
+            "maybe_run_training: __main__ has no file to re-run (interactive session?); "
+            "pass the module name or the script path as module_name"
+        )
+    if module_name.endswith(".py") or os.sep in module_name or os.path.isfile(module_name):
+        if not os.path.isfile(module_name):
+            raise TmlError(f"maybe_run_training: script not found: {module_name}")
+        return [os.path.abspath(module_name)]
+    return ["-m", module_name]
+
+
+def default_nproc_per_node() -> int:
+    """CUDA device count, else the machines file's accelerator count, else 1."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count()
+    return nproc_from_machines_file() or 1
+
+
+def build_torchrun_args(entrypoint: list[str], script_args: list[str], nproc_per_node: int,
+                        num_nodes: int, is_chief: bool, log_dir: str | None = None) -> list[str]:
+    """The argument list for `torch.distributed.run` (what follows `torchrun`)."""
+    args = ["--nnodes", str(num_nodes), "--nproc_per_node", str(nproc_per_node)]
+    if num_nodes > 1:
+        endpoint = os.environ.get("TML_RDZV_ENDPOINT")
+        if not endpoint:
+            raise TmlError("num_nodes > 1 needs a rendezvous endpoint: set TML_RDZV_ENDPOINT "
+                           "to host:port of the chief node")
+        if is_chief:
+            # Bind on localhost on the chief (pytorch issue 79388), as the original did.
+            endpoint = "localhost:" + endpoint.rsplit(":", 1)[-1]
+        args += ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                 "--rdzv_id", os.environ.get("TML_RUN_ID", "tml")]
+    else:
+        args.append("--standalone")
+    if log_dir is not None:
+        args += ["--log-dir", log_dir]
+    return args + entrypoint + script_args
+
+
+# --- failures ---------------------------------------------------------------------------
+
+def _failure_text(message: Any) -> str:
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).strip()
+
+
+def _looks_secondary(text: str) -> bool:
+    return not text or any(hint in text for hint in _COMMUNICATION_ERROR_HINTS) \
+        or text.startswith("To enable traceback")
+
+
+def training_failed_error(failures: dict[int, tuple[int, str, float]]) -> TrainingFailedError:
+    """Build the launcher's error from `{rank: (exitcode, message, timestamp)}`.
+
+    The rank named is the one whose failure looks like the cause: a recorded error that is
+    not a communication error or a kill by the agent, then the earliest.
+    """
+    ranked = sorted(failures.items(), key=lambda item: (_looks_secondary(item[1][1]),
+                                                        item[1][2], item[0]))
+    rank, (exitcode, text, _) = ranked[0]
+    summary = f"worker rank {rank} failed (exit code {exitcode}): {text or 'no error recorded'}"
+    others = [f"rank {r} (exit code {code})" for r, (code, _, _) in ranked[1:]]
+    if others:
+        summary += f" [also stopped: {', '.join(others)}]"
+    return TrainingFailedError(summary, rank=rank, exitcode=exitcode, worker_message=text)
+
+
+def _failures_from_child_error(error: Any) -> dict[int, tuple[int, str, float]]:
+    return {rank: (f.exitcode, _failure_text(f.message), float(f.timestamp))
+            for rank, f in error.failures.items()}
+
+
+def _failures_from_log_dir(log_dir: str, returncode: int) -> dict[int, tuple[int, str, float]]:
+    failures: dict[int, tuple[int, str, float]] = {}
+    for path in glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True):
+        try:
+            rank = int(os.path.basename(os.path.dirname(path)))
+            with open(path) as f:
+                data = json.load(f)
+            message = data.get("message", "")
+            timestamp = float(message.get("extraInfo", {}).get("timestamp", 0)) \
+                if isinstance(message, dict) else float(data.get("timestamp", 0))
+            failures[rank] = (returncode, _failure_text(message), timestamp)
+        except (OSError, ValueError):
+            continue
+    return failures
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+# --- the worker side --------------------------------------------------------------------
+
+def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any]) -> Any:
+    """Call `train_fn` in a worker, recording any exception for the launcher.
+
+    A `TmlError` (bad input) is logged as one line and ends the worker with exit code 1, no
+    traceback; other exceptions propagate with their traceback. Either way the message is
+    written to torch elastic's error file, which is how the launcher learns it.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    forwarded = json.loads(os.environ.get(FORWARDED_KWARGS_ENV, "[]"))
+    kwargs = {**training_kwargs, **args_to_kwargs(sys.argv[1:], forwarded)}
+    handler = get_error_handler()
+    handler.initialize()
+    try:
+        return train_fn(**kwargs)
+    except TmlError as error:
+        handler.record_exception(error)
+        logger.error("%s: %s", type(error).__name__, error)
+        raise SystemExit(1) from None
+    except Exception as error:
+        handler.record_exception(error)
+        raise
+
+
+# --- the launcher side ------------------------------------------------------------------
+
+def maybe_run_training(
+    train_fn: Callable[..., Any],
+    module_name: str,
+    nproc_per_node: int | None = None,
+    num_nodes: int | None = None,
+    set_python_path_in_subprocess: bool = False,
+    is_chief: bool = False,
+    **training_kwargs: Any,
+) -> Any:
+    """Run `train_fn(**training_kwargs)` in this worker, or launch workers that will.
+
+    Args:
+      train_fn: the training function; runs once per worker.
+      module_name: `__name__` of the caller, a dotted module name, or a script path: what
+        the workers run (it must call `maybe_run_training` again).
+      nproc_per_node: workers on this node; default: CUDA devices, else the machines file
+        (`TML_MACHINES_FILE`, `chief.num_accelerators`), else 1.
+      num_nodes: nodes taking part; default `TML_NUM_NODES` or 1. More than one node uses
+        c10d rendezvous at `TML_RDZV_ENDPOINT` with run id `TML_RUN_ID`.
+      set_python_path_in_subprocess: run torchrun as a subprocess with PYTHONPATH set from
+        `sys.path` (Bazel-stubbed binaries need this).
+      is_chief: this node hosts the rendezvous; binds it on localhost.
+      **training_kwargs: passed to `train_fn`, forwarded to workers as `--key=value`.
+
+    Returns:
+      In a worker, what `train_fn` returns; in the launcher, None.
+
+    Raises:
+      TrainingFailedError: a worker failed; names its rank and its message.
+    """
+    if is_distributed_worker():
+        return run_in_worker(train_fn, training_kwargs)
+
+    if nproc_per_node is None:
+        nproc_per_node = default_nproc_per_node()
+    if num_nodes is None:
+        num_nodes = int(os.environ.get("TML_NUM_NODES", "1"))
+    entrypoint = entrypoint_args(module_name)
+    script_args = kwargs_to_args(training_kwargs)
+    env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs))}
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and warn; we choose the same split of the cores on purpose.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+
+    with tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
+        args = build_torchrun_args(entrypoint, script_args, nproc_per_node, num_nodes,
+                                   is_chief, log_dir=log_dir)
+        logger.info("launching %d worker(s) per node on %d node(s): torchrun %s",
+                    nproc_per_node, num_nodes, " ".join(args))
+        if set_python_path_in_subprocess:
+            _run_torchrun_subprocess(args, env, log_dir)
+        else:
+            # Elastic copies the failing child's error file here (else it logs that the
+            # launcher has none).
+            env["TORCHELASTIC_ERROR_FILE"] = os.path.join(log_dir, "launcher-error.json")
+            _run_torchrun_in_process(args, env)
+    return None
+
+
+def _run_torchrun_in_process(args: list[str], env: dict[str, str]) -> None:
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with _environment(**env):
+        try:
+            torchrun.main(args)
+        except ChildFailedError as error:
+            raise training_failed_error(_failures_from_child_error(error)) from None
+
+
+def _run_torchrun_subprocess(args: list[str], env: dict[str, str], log_dir: str) -> None:
+    child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args],
+                               env=child_env, check=False)
+    if completed.returncode != 0:
+        failures = _failures_from_log_dir(log_dir, completed.returncode)
+        if failures:
+            raise training_failed_error(failures)
+        raise TrainingFailedError(f"torchrun exited with code {completed.returncode}",
+                                  exitcode=completed.returncode)

@@ -1,0 +1,1 @@
+"""Core pieces shared by every project: configuration, training loop."""

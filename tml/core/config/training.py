@@ -1,0 +1,41 @@
+"""Runtime and training-loop configuration shared by every project."""
+
+from __future__ import annotations
+
+import pydantic
+
+from tml.core.config.base_config import BaseConfig, Field
+
+
+class RuntimeConfig(BaseConfig):
+    """How the process runs (precision switches)."""
+
+    enable_tensorfloat32: bool = Field(False, description="Use TF32 matmuls on Ampere+ GPUs.")
+    enable_amp: bool = Field(False, description="Automatic mixed precision (GPU only).")
+
+
+class TrainingConfig(BaseConfig):
+    """The training loop: how long, how often to log, evaluate and checkpoint."""
+
+    save_dir: str = Field("/tmp/model", description="Directory for checkpoints; "
+                          "overridden by --save_dir.")
+    num_train_steps: pydantic.PositiveInt = Field(10000, description="Upper bound on steps; "
+                                                  "training also stops when the data of "
+                                                  "num_epochs epochs is used up.")
+    initial_checkpoint_dir: str | None = Field(
+        None, at_most_one_of="initialization",
+        description="Warm start: load weights from this checkpoint, start at step 0.")
+    checkpoint_every_n: pydantic.PositiveInt = Field(1000, description="Save every N steps "
+                                                     "(and always at the end).")
+    checkpoint_max_to_keep: pydantic.PositiveInt | None = Field(
+        None, description="Keep only the newest N complete checkpoints (default: all).")
+    train_log_every_n: pydantic.PositiveInt = Field(1000, description="Log every N steps.")
+    num_eval_steps: int = Field(16384, description="Evaluation batches per evaluation; "
+                                "< 0 means the whole validation data.")
+    eval_log_every_n: pydantic.PositiveInt = Field(5000, description="Evaluate every N steps.")
+    eval_timeout_in_s: pydantic.PositiveFloat = Field(3600.0, description="Give up waiting "
+                                                      "for an evaluation after this long.")
+    gradient_accumulation: pydantic.PositiveInt | None = Field(
+        None, description="Step the dense optimizer every N batches. Embedding tables with "
+        "fused optimizers update in every backward regardless.")
+    num_epochs: pydantic.PositiveInt = Field(1, description="Passes over the training data.")

@@ -1,0 +1,1 @@
+"""Optimizer and learning-rate schedule configuration, and the objects built from it."""
