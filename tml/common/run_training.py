@@ -302,6 +302,34 @@ def maybe_run_training(
     return None
 
 
+def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
+                    start_method: str = "spawn", max_restarts: int = 0) -> dict[int, Any]:
+    """Run `fn(*args)` in `nproc_per_node` local worker processes; `{rank: return value}`.
+
+    Torch elastic's `elastic_launch` with a standalone c10d rendezvous on localhost (the
+    same engine as `torchrun --standalone`). `fn` must be importable by the workers under
+    the "spawn" start method (a module-level function). A failure raises
+    `TrainingFailedError` naming the rank and its message.
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node,
+                          run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+                          start_method=start_method, monitor_interval=0.1)
+    env = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    with _environment(**env):
+        try:
+            return elastic_launch(config, fn)(*args)
+        except ChildFailedError as error:
+            raise training_failed_error(_failures_from_child_error(error)) from None
+
+
 def _run_torchrun_in_process(args: list[str], env: dict[str, str]) -> None:
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

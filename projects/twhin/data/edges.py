@@ -1,0 +1,59 @@
+"""An edge batch and the lookup KeyedJaggedTensor built from it.
+
+The lookup layout follows the original tml: each edge gives two lookups, lhs first then rhs,
+so a batch of B edges is 2B lookups. The KJT has one key per table; each lookup has length 1
+under the key of its table and 0 under the others; values are grouped by table, in lookup
+order within a table. Pooled (SUM) output is then (2B, T*D) with zeros in the T-1 tables a
+lookup does not use, and summing over tables gives each lookup's vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tml.common.batch import DataclassBatch
+
+
+@dataclasses.dataclass
+class EdgeBatch(DataclassBatch):
+    """B positive edges.
+
+    nodes: lookup KJT (2B lookups, see module docstring).
+    labels: (B,) float, 1 for the positive edges read from data.
+    rels: (B,) int64 relation index of each edge.
+    weights: (B,) float edge weight (1 unless the data has a `weight` column).
+    """
+
+    nodes: KeyedJaggedTensor
+    labels: torch.Tensor
+    rels: torch.Tensor
+    weights: torch.Tensor
+
+
+def relation_tables(relations: list, table_names: list[str]) -> torch.Tensor:
+    """(R, 2) int64: the table index of each relation's lhs and rhs."""
+    return torch.tensor([[table_names.index(r.lhs), table_names.index(r.rhs)]
+                         for r in relations], dtype=torch.long).reshape(-1, 2)
+
+
+def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
+                 relation_tables_t: torch.Tensor, table_names: list[str]) -> KeyedJaggedTensor:
+    """The lookup KJT of a batch of edges (vectorised; no Python loop over edges).
+
+    Args:
+      lhs, rhs: (B,) int64 row indices into the relation's lhs and rhs tables.
+      rel: (B,) int64 relation indices.
+      relation_tables_t: (R, 2) from `relation_tables`.
+      table_names: KJT keys, in config order.
+    """
+    lookup_tables = relation_tables_t[rel].reshape(-1)          # (2B,) lhs, rhs interleaved
+    lookup_rows = torch.stack((lhs, rhs), dim=1).reshape(-1)    # (2B,)
+    order = torch.argsort(lookup_tables, stable=True)
+    values = lookup_rows[order]
+    num_tables = len(table_names)
+    lengths = torch.arange(num_tables).unsqueeze(1).eq(lookup_tables.unsqueeze(0))
+    return KeyedJaggedTensor(keys=list(table_names), values=values,
+                             lengths=lengths.reshape(-1).to(torch.int32))

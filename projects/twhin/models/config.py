@@ -1,0 +1,68 @@
+"""The TwHIN model: embedding tables (one per entity type) and relations between them."""
+
+from __future__ import annotations
+
+import enum
+
+import pydantic
+
+from tml.common.modules.embedding.config import LargeEmbeddingsConfig
+from tml.core.config.base_config import BaseConfig, Field
+from tml.optimizers.config import OptimizerConfig
+
+
+class TwhinEmbeddingsConfig(LargeEmbeddingsConfig):
+    """The tables; TwHIN needs one embedding_dim and one data_type across them."""
+
+    @pydantic.field_validator("tables")
+    @classmethod
+    def _dims_and_types_match(cls, tables):  # noqa: ANN001, ANN206
+        if not tables:
+            raise ValueError("at least one table is required")
+        first = tables[0]
+        for table in tables[1:]:
+            if table.embedding_dim != first.embedding_dim:
+                raise ValueError(f"all tables must have the same embedding_dim: table "
+                                 f"'{first.name}' has {first.embedding_dim}, table "
+                                 f"'{table.name}' has {table.embedding_dim}")
+            if table.data_type != first.data_type:
+                raise ValueError(f"all tables must have the same data_type: table "
+                                 f"'{first.name}' is {first.data_type.value}, table "
+                                 f"'{table.name}' is {table.data_type.value}")
+        return tables
+
+
+class Operator(str, enum.Enum):
+    TRANSLATION = "translation"
+
+
+class Relation(BaseConfig):
+    """An edge type: `lhs` and `rhs` name tables; the score is dot(lhs, rhs + t_relation)."""
+
+    name: str = Field(..., description="Relation name.")
+    lhs: str = Field(..., description="Table of the left-hand entity.")
+    rhs: str = Field(..., description="Table of the right-hand entity.")
+    operator: Operator = Field(Operator.TRANSLATION, description="Applied to rhs before the "
+                               "dot product.")
+
+
+class TwhinModelConfig(BaseConfig):
+    embeddings: TwhinEmbeddingsConfig
+    relations: list[Relation] = Field(..., min_length=1)
+    translation_optimizer: OptimizerConfig
+
+    @pydantic.model_validator(mode="after")
+    def _relations_name_tables(self) -> TwhinModelConfig:
+        names = [table.name for table in self.embeddings.tables]
+        for index, relation in enumerate(self.relations):
+            for side in ("lhs", "rhs"):
+                table = getattr(relation, side)
+                if table not in names:
+                    raise ValueError(f"relations[{index}] ('{relation.name}'): {side} names "
+                                     f"unknown table '{table}' (tables: {', '.join(names)})")
+        seen = set()
+        for relation in self.relations:
+            if relation.name in seen:
+                raise ValueError(f"relation name '{relation.name}' is used twice")
+            seen.add(relation.name)
+        return self

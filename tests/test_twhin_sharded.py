@@ -1,0 +1,30 @@
+"""A sharded TwHIN step on 2 gloo workers equals plain torch on the full tables."""
+
+import os
+
+import pytest
+
+from tml.common.run_training import launch_function
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _importable_repo(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.mark.slow
+def test_forward_backward_and_update_match_reference_for_every_sharding_type():
+    from tests.distributed_checks import sharded_matches_unsharded
+
+    types = ["table_wise", "row_wise", "column_wise"]
+    results = launch_function(sharded_matches_unsharded, 2, types)
+    assert sorted(results) == [0, 1]
+    for rank, per_type in results.items():
+        for sharding_type in types:
+            diffs = per_type[sharding_type]
+            assert diffs["changed"] > 1e-3, (rank, sharding_type, diffs)  # the step did update
+            for key, value in diffs.items():
+                if key != "changed":
+                    assert value < 1e-5, (rank, sharding_type, key, diffs)

@@ -1,0 +1,68 @@
+"""Configuration of large embedding tables (a TorchRec EmbeddingBagCollection)."""
+
+from __future__ import annotations
+
+import enum
+
+import pydantic
+
+from tml.core.config.base_config import BaseConfig, Field
+from tml.optimizers.config import OptimizerConfig
+
+
+class DataType(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+class ShardingType(str, enum.Enum):
+    """How a table is split across workers (TorchRec sharding types)."""
+
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
+    COLUMN_WISE = "column_wise"
+
+
+class EmbeddingSnapshot(BaseConfig):
+    emb_name: str = Field(..., description="Table name in the loaded checkpoint.")
+    embedding_snapshot_uri: str = Field(..., description="Path of the checkpoint.")
+
+
+class EmbeddingBagConfig(BaseConfig):
+    """One table: `num_embeddings` rows of `embedding_dim`, with its own fused optimizer."""
+
+    name: str = Field(..., description="Table name (an entity type, e.g. user).")
+    num_embeddings: pydantic.PositiveInt = Field(..., description="Rows.")
+    embedding_dim: pydantic.PositiveInt = Field(..., description="Columns.")
+    pretrained: EmbeddingSnapshot | None = Field(None, description="Not supported yet.")
+    vocab: str | None = Field(None, description="Parquet id-to-row mapping (informational).")
+    optimizer: OptimizerConfig = Field(..., description="Fused into backward for this table.")
+    data_type: DataType = Field(DataType.FP32, description="fp32 or fp16 weights.")
+    sharding_type: ShardingType | None = Field(
+        None, description="table_wise (default), row_wise or column_wise.")
+    init_scale: pydantic.PositiveFloat | None = Field(
+        None, description="Initial weights uniform in [-s, s]; default 1/sqrt(embedding_dim).")
+
+    @pydantic.field_validator("pretrained")
+    @classmethod
+    def _no_pretrained(cls, value: EmbeddingSnapshot | None) -> EmbeddingSnapshot | None:
+        if value is not None:
+            raise ValueError("pretrained snapshots are not supported; use "
+                             "training.initial_checkpoint_dir for a warm start")
+        return value
+
+
+class LargeEmbeddingsConfig(BaseConfig):
+    """Tables gathered into one TorchRec EmbeddingBagCollection."""
+
+    tables: list[EmbeddingBagConfig] = Field(..., description="The embedding tables.")
+    tables_to_log: list[str] | None = Field(None, description="Tables to log statistics of.")
+
+    @pydantic.field_validator("tables")
+    @classmethod
+    def _unique_names(cls, tables: list[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+        names = [table.name for table in tables]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"table name '{name}' is used twice")
+        return tables

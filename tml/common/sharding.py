@@ -1,0 +1,117 @@
+"""Shard a model's embedding tables across workers with TorchRec.
+
+`maybe_shard_model` plans with TorchRec's planner on the real topology (world size, device,
+memory of this host) and wraps the model in `DistributedModelParallel`.
+
+The sharding type of each table is chosen by the caller (table_wise by default). TorchRec's
+stock `EmbeddingBagCollectionSharder` offers row_wise only on CUDA, so on CPU the planner
+fails for it; `AllShardingTypesSharder` lists table_wise, row_wise and column_wise on every
+device (the CPU kernels run them correctly: the sharded-equals-unsharded tests check it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from tml.common.topology import create_topology
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+
+
+class AllShardingTypesSharder(EmbeddingBagCollectionSharder):
+    """EBC sharder offering table_wise, row_wise and column_wise on CPU as well as CUDA."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return list(SUPPORTED_SHARDING_TYPES)
+
+
+def _embedding_bag_collections(model: nn.Module) -> list[EmbeddingBagCollection]:
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def _constraints(model: nn.Module, sharding_types: Mapping[str, str],
+                 world_size: int) -> dict[str, ParameterConstraints]:
+    constraints = {}
+    for ebc in _embedding_bag_collections(model):
+        for table in ebc.embedding_bag_configs():
+            sharding_type = sharding_types.get(table.name, "table_wise")
+            if sharding_type not in SUPPORTED_SHARDING_TYPES:
+                raise ValueError(f"table '{table.name}': unknown sharding type "
+                                 f"'{sharding_type}' (use one of "
+                                 f"{', '.join(SUPPORTED_SHARDING_TYPES)})")
+            min_partition = None
+            if sharding_type == "column_wise":
+                # Shards of dim/world_size columns when that is a multiple of 4 (TBE needs
+                # it), else the planner keeps whole tables.
+                shard_dim = table.embedding_dim // world_size
+                min_partition = shard_dim if shard_dim >= 4 and shard_dim % 4 == 0 \
+                    else table.embedding_dim
+            constraints[table.name] = ParameterConstraints(
+                sharding_types=[sharding_type], compute_kernels=["fused"],
+                min_partition=min_partition)
+    return constraints
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    """One line per table: sharding type, kernel and where each shard lives."""
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        for table, spec in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if spec.sharding_spec is not None:
+                for shard in spec.sharding_spec.shards:
+                    rows, cols = shard.shard_sizes
+                    shards.append(f"rank {shard.placement.rank()}: {rows}x{cols} "
+                                  f"@{list(shard.shard_offsets)}")
+            where = f"{module_path}." if module_path else ""
+            lines.append(f"{where}{table}: {spec.sharding_type} ({spec.compute_kernel}); "
+                         + "; ".join(shards))
+    return "\n".join(lines)
+
+
+def maybe_shard_model(model: nn.Module, device: torch.device,
+                      sharding_types: Mapping[str, str] | None = None,
+                      output_dtensor: bool = False) -> DistributedModelParallel:
+    """Wrap `model` in DistributedModelParallel with a plan for its embedding tables.
+
+    Args:
+      model: holds EmbeddingBagCollections built on the meta device, their parameters with
+        optimizers applied in backward (`apply_optimizer_in_backward`) so TorchRec fuses
+        them into the table kernels.
+      device: this worker's device (`setup_and_get_device`).
+      sharding_types: table name -> table_wise | row_wise | column_wise (default table_wise).
+      output_dtensor: keep sharded state as DTensor (needed for asynchronous checkpoints).
+
+    The default process group must be initialised. The plan is made collectively (every
+    rank must call this) and logged on rank 0.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("maybe_shard_model needs an initialised process group "
+                           "(call tml.common.device.setup_and_get_device first)")
+    world_size = dist.get_world_size()
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    sharder = AllShardingTypesSharder()
+    planner = EmbeddingShardingPlanner(
+        topology=create_topology(world_size, local_world_size, device),
+        constraints=_constraints(model, sharding_types or {}, world_size),
+    )
+    plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    logger.info("sharding plan (%d workers):\n%s", world_size, describe_plan(plan))
+    env = ShardingEnv(world_size=world_size, rank=dist.get_rank(),
+                      pg=dist.GroupMember.WORLD, output_dtensor=output_dtensor)
+    return DistributedModelParallel(module=model, device=device, plan=plan, env=env,
+                                    sharders=[sharder])  # type: ignore[list-item]
