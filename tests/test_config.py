@@ -68,3 +68,17 @@ def test_optimizer_needs_exactly_one_algorithm():
         OptimizerConfig.model_validate({"sgd": {"lr": 0.1}, "adam": {"lr": 0.1}})
     with pytest.raises(ValueError, match="exactly one of constant"):
         OptimizerConfig.model_validate({"sgd": {"lr": 0.1}, "learning_rate": {}})
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the code; regenerate it when configs change:
+    python -m tml.core.config.reference projects.twhin.config:TwhinConfig > docs/configuration.md
+    """
+    import os
+
+    from projects.twhin.config import TwhinConfig
+    from tml.core.config.reference import render
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "configuration.md")) as f:
+        assert f.read() == render(TwhinConfig)

@@ -9,8 +9,13 @@ from tml.core.config.training import RuntimeConfig, TrainingConfig
 
 
 class TwhinConfig(BaseConfig):
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    model: TwhinModelConfig
-    train_data: TwhinDataConfig
-    validation_data: TwhinDataConfig | None = None
+    """A TwHIN run: the sections of `projects/twhin/config/local.yaml`."""
+
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Process-wide "
+                                   "switches.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The loop.")
+    model: TwhinModelConfig = Field(..., description="Tables, relations, optimizers.")
+    train_data: TwhinDataConfig = Field(..., description="Training edges.")
+    validation_data: TwhinDataConfig | None = Field(None, description="Held-out edges, "
+                                                    "evaluated every eval_log_every_n steps "
+                                                    "and at the end (AUC, loss).")

@@ -238,7 +238,21 @@ def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any])
         raise SystemExit(1) from None
     except Exception as error:
         handler.record_exception(error)
+        if _is_lost_peer(error):
+            # The cause is another worker's failure, which the launcher reports; a
+            # traceback from inside the collective would only bury it.
+            logger.error("lost the connection to another worker (it most likely failed; "
+                         "the launcher names it): %s", str(error).splitlines()[0][:300])
+            raise SystemExit(1) from None
         raise
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """A collective failed because a peer process went away."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        hint in text for hint in ("Connection closed by peer", "Connection reset by peer",
+                                  "Broken pipe"))
 
 
 # --- the launcher side ------------------------------------------------------------------

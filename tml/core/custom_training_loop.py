@@ -142,7 +142,7 @@ def train(
     _set_schedule_step(scheduler, start_step)
 
     if start_step >= train_steps:
-        logger.info("the checkpoint %s already reached step %d (num_train_steps=%d); "
+        logger.info("the checkpoint %s already reached step %d (the run ends at step %d); "
                     "nothing to train", resumed_from, start_step, train_steps)
         return TrainResult(start_step, start_step, None, resumed_from, {}, resumed_from)
 

@@ -47,9 +47,13 @@ class Relation(BaseConfig):
 
 
 class TwhinModelConfig(BaseConfig):
-    embeddings: TwhinEmbeddingsConfig
-    relations: list[Relation] = Field(..., min_length=1)
-    translation_optimizer: OptimizerConfig
+    """Entity tables, the relations between them, and the translations' optimizer."""
+
+    embeddings: TwhinEmbeddingsConfig = Field(..., description="One table per entity type.")
+    relations: list[Relation] = Field(..., min_length=1, description="Edge types; the "
+                                      "relation index in the data is the position here.")
+    translation_optimizer: OptimizerConfig = Field(..., description="Optimizer of the "
+                                                   "per-relation translation vectors.")
 
     @pydantic.model_validator(mode="after")
     def _relations_name_tables(self) -> TwhinModelConfig:

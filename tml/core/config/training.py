@@ -11,7 +11,8 @@ class RuntimeConfig(BaseConfig):
     """How the process runs (precision switches)."""
 
     enable_tensorfloat32: bool = Field(False, description="Use TF32 matmuls on Ampere+ GPUs.")
-    enable_amp: bool = Field(False, description="Automatic mixed precision (GPU only).")
+    enable_amp: bool = Field(False, description="Kept for the original schema; TwHIN's "
+                             "fused tables choose their precision by data_type (not used).")
 
 
 class TrainingConfig(BaseConfig):
@@ -33,8 +34,9 @@ class TrainingConfig(BaseConfig):
     num_eval_steps: int = Field(16384, description="Evaluation batches per evaluation; "
                                 "< 0 means the whole validation data.")
     eval_log_every_n: pydantic.PositiveInt = Field(5000, description="Evaluate every N steps.")
-    eval_timeout_in_s: pydantic.PositiveFloat = Field(3600.0, description="Give up waiting "
-                                                      "for an evaluation after this long.")
+    eval_timeout_in_s: pydantic.PositiveFloat = Field(
+        3600.0, description="Kept for the original schema; evaluation runs in-line in the "
+        "training loop, so there is nothing to wait for (not used).")
     gradient_accumulation: pydantic.PositiveInt | None = Field(
         None, description="Step the dense optimizer every N batches. Embedding tables with "
         "fused optimizers update in every backward regardless.")

@@ -35,7 +35,8 @@ class EmbeddingBagConfig(BaseConfig):
     num_embeddings: pydantic.PositiveInt = Field(..., description="Rows.")
     embedding_dim: pydantic.PositiveInt = Field(..., description="Columns.")
     pretrained: EmbeddingSnapshot | None = Field(None, description="Not supported yet.")
-    vocab: str | None = Field(None, description="Parquet id-to-row mapping (informational).")
+    vocab: str | None = Field(None, description="Parquet id-to-row mapping; informational, "
+                       "kept for the original schema.")
     optimizer: OptimizerConfig = Field(..., description="Fused into backward for this table.")
     data_type: DataType = Field(DataType.FP32, description="fp32 or fp16 weights.")
     sharding_type: ShardingType | None = Field(
@@ -56,7 +57,8 @@ class LargeEmbeddingsConfig(BaseConfig):
     """Tables gathered into one TorchRec EmbeddingBagCollection."""
 
     tables: list[EmbeddingBagConfig] = Field(..., description="The embedding tables.")
-    tables_to_log: list[str] | None = Field(None, description="Tables to log statistics of.")
+    tables_to_log: list[str] | None = Field(None, description="Kept for the original schema "
+                                            "(not used).")
 
     @pydantic.field_validator("tables")
     @classmethod

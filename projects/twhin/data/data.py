@@ -1,0 +1,45 @@
+"""Build the TwHIN datasets from config, generating the built-in graph when it is used."""
+
+from __future__ import annotations
+
+import os
+
+from projects.twhin.data.config import TwhinDataConfig
+from projects.twhin.data.dataset import EdgesDataset
+from projects.twhin.models.config import TwhinModelConfig
+
+# The built-in graph lives at the repository root, data/twhin (generated, not committed).
+DEFAULT_GRAPH_DIR = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "data", "twhin"))
+
+
+def maybe_generate_default_graph(data_root: str) -> bool:
+    """Generate the built-in graph if `data_root` points into it and it is missing.
+
+    Safe on many ranks at once (a file lock inside makes one of them write it).
+    """
+    if "://" in data_root:
+        return False
+    root = os.path.abspath(data_root.split("*")[0])
+    if not (root + os.sep).startswith(DEFAULT_GRAPH_DIR + os.sep):
+        return False
+    from projects.twhin.data.generate import ensure_default_graph
+
+    return ensure_default_graph(DEFAULT_GRAPH_DIR)
+
+
+def create_dataset(data_config: TwhinDataConfig, model_config: TwhinModelConfig,
+                   rank: int = 0, world_size: int = 1, num_epochs: int = 1) -> EdgesDataset:
+    """This rank's share of the edges of `data_config` (see EdgesDataset)."""
+    maybe_generate_default_graph(data_config.data_root)
+    return EdgesDataset(
+        data_root=data_config.data_root,
+        table_sizes={t.name: t.num_embeddings for t in model_config.embeddings.tables},
+        relations=model_config.relations,
+        batch_size=data_config.per_replica_batch_size,
+        rank=rank,
+        world_size=world_size,
+        limit=data_config.limit,
+        offset=data_config.offset,
+        num_epochs=num_epochs,
+    )

@@ -1,0 +1,137 @@
+"""Train TwHIN embeddings.
+
+    python projects/twhin/run.py --config_yaml_path=projects/twhin/config/local.yaml \
+        --save_dir=runs/twhin [--nproc_per_node=2]
+
+starts its own workers through `maybe_run_training`; the original launch line
+
+    torchrun --standalone --nnodes 1 --nproc_per_node 2 projects/twhin/run.py \
+        --config_yaml_path=projects/twhin/config/local.yaml --save_dir=/some/save/dir
+
+runs the same code in workers torchrun started. Reads like TorchRec's golden example: set
+up the device, build the tables on the meta device with fused optimizers, shard, combine
+optimizers, train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+import torch.distributed as dist
+
+import tml  # noqa: F401  (logging set-up before torchrec is imported)
+import tml.core.custom_training_loop as ctl
+from projects.twhin.config import TwhinConfig
+from projects.twhin.data.data import create_dataset
+from projects.twhin.metrics import evaluate
+from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
+from projects.twhin.optimizer import build_optimizer
+from tml.common.cli import run_cli
+from tml.common.device import setup_and_get_device
+from tml.common.run_training import maybe_run_training
+from tml.common.sharding import maybe_shard_model
+from tml.core.config import load_config_from_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult:
+    """Train with `all_config` in this worker (one of WORLD_SIZE); returns what it did."""
+    device = setup_and_get_device()
+    if all_config.runtime.enable_tensorfloat32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    save_dir = save_dir or all_config.training.save_dir
+    training = all_config.training
+    logger.info("training on %s with %d worker(s); checkpoints in %s", device, world_size,
+                save_dir)
+
+    train_dataset = create_dataset(all_config.train_data, all_config.model, rank, world_size,
+                                   num_epochs=training.num_epochs)
+    validation_dataset = None
+    if all_config.validation_data is not None:
+        validation_dataset = create_dataset(all_config.validation_data, all_config.model,
+                                            rank, world_size)
+    # The run ends at num_train_steps or when num_epochs of data are read, whichever first.
+    train_steps = min(training.num_train_steps, len(train_dataset) * training.num_epochs)
+    logger.info("train data: %d batches of %d edges per worker per epoch, %d epoch(s): "
+                "%d steps", len(train_dataset), all_config.train_data.per_replica_batch_size,
+                training.num_epochs, train_steps)
+
+    model = TwhinModel(all_config.model, all_config.train_data)
+    apply_optimizers(model, all_config.model)
+    model_and_loss = TwhinModelAndLoss(model)
+    sharding_types = {t.name: t.sharding_type.value
+                      for t in all_config.model.embeddings.tables if t.sharding_type}
+    sharded = maybe_shard_model(model_and_loss, device, sharding_types)
+    optimizer, scheduler = build_optimizer(sharded, all_config.model)
+
+    evaluate_fn = None
+    if validation_dataset is not None and len(validation_dataset) > 0:
+        def evaluate_fn(m, step):  # noqa: ANN001, ANN202
+            metrics = evaluate(m, validation_dataset, device, training.num_eval_steps)
+            logger.info("step %d: held-out AUC %.4f, loss %.5f (%d batches per worker)",
+                        step, metrics["auc"], metrics["loss"], metrics["batches"])
+            return metrics
+
+    result = ctl.train(
+        model=sharded,
+        optimizer=optimizer,
+        device=device,
+        save_dir=save_dir,
+        logging_interval=training.train_log_every_n,
+        train_steps=train_steps,
+        checkpoint_frequency=training.checkpoint_every_n,
+        dataset=train_dataset,
+        worker_batch_size=all_config.train_data.per_replica_batch_size * world_size,
+        scheduler=scheduler,
+        initial_checkpoint_dir=training.initial_checkpoint_dir,
+        gradient_accumulation=training.gradient_accumulation,
+        checkpoint_max_to_keep=training.checkpoint_max_to_keep,
+        evaluate_fn=evaluate_fn,
+        eval_every_n=training.eval_log_every_n,
+    )
+    if result.final_step > result.start_step:
+        logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
+                    result.final_step, _fmt(result.last_loss), _fmt(result.eval_metrics.get("auc")),
+                    result.checkpoint)
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def train_from_yaml(config_yaml_path: str, save_dir: str | None = None) -> dict:
+    """Worker entry point: load the config and train; returns a summary of the run."""
+    config = load_config_from_yaml(TwhinConfig, config_yaml_path)
+    result = run(config, save_dir=save_dir)
+    return {"final_step": result.final_step, "checkpoint": result.checkpoint,
+            **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config_yaml_path", required=True, help="TwHIN YAML config.")
+    parser.add_argument("--save_dir", default=None, help="Checkpoint directory (overrides "
+                        "training.save_dir).")
+    parser.add_argument("--nproc_per_node", type=int, default=None,
+                        help="Workers to start when not launched by torchrun.")
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Validate before starting workers: a bad config fails here, once, with its field.
+    load_config_from_yaml(TwhinConfig, args.config_yaml_path)
+    kwargs = {"config_yaml_path": args.config_yaml_path}
+    if args.save_dir is not None:
+        kwargs["save_dir"] = args.save_dir
+    maybe_run_training(train_from_yaml, __name__, nproc_per_node=args.nproc_per_node, **kwargs)
+
+
+if __name__ == "__main__":
+    run_cli(main)
