@@ -127,3 +127,13 @@ def test_bad_data_names_file_and_row_through_the_workers(tmp_path, small_graph):
                    f"--save_dir={tmp_path / 'save'}", "--nproc_per_node=2"])
     assert result.returncode == 2
     assert "matches no parquet files" in result.stderr and "nothing-here" in result.stderr
+
+
+def test_mistyped_config_field_is_one_clear_line_before_any_worker_starts(tmp_path):
+    text = open(LOCAL).read().replace("num_train_steps:", "num_train_step:")
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    result = _run([sys.executable, RUN, f"--config_yaml_path={path}"], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {path}: training.num_train_step: unknown field "
+                                     "(not allowed here; check the spelling)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,23 @@ FUSED_OPT_KEY = "fused_opt"
 DENSE_OPT_KEY = "operator_opt"
 
 
+class InBackwardOptimizer(KeyedOptimizer):
+    """A parameter's optimizer that `apply_optimizer_in_backward` runs during backward.
+
+    `step` and `zero_grad` do nothing: the update already happened in backward. Its
+    `param_groups` are the in-backward optimizer's own, so an LR schedule set here reaches it.
+    """
+
+    def __init__(self, name: str, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__({name: param}, optimizer.state, optimizer.param_groups)
+
+    def step(self, closure: Any = None) -> None:
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+
 def fused_optimizer_of(model: nn.Module) -> KeyedOptimizer:
     """The optimizers fused into backward: DMP's `fused_optimizer`, else per parameter."""
     fused = getattr(model, "fused_optimizer", None)
@@ -31,8 +49,8 @@ def fused_optimizer_of(model: nn.Module) -> KeyedOptimizer:
     optimizers = []
     for name, param in model.named_parameters():
         for index, optimizer in enumerate(getattr(param, "_in_backward_optimizers", [])):
-            keyed = KeyedOptimizer({name: param}, optimizer.state, optimizer.param_groups)
-            optimizers.append((f"{name}.{index}" if index else name, keyed))
+            optimizers.append(("" if not index else str(index),
+                               InBackwardOptimizer(name, param, optimizer)))
     return CombinedOptimizer(optimizers)
 
 
