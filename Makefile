@@ -14,7 +14,7 @@ SAVE_DIR ?= runs/twhin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv data train test lint bench clean
+.PHONY: venv data train test test-bazel lint bench clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ train: data
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Bazel (4.2.3, offline, native Python rules); installs Debian's bazel-bootstrap if missing.
+test-bazel: $(STAMP)
+	bash tools/bazel/test.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests
