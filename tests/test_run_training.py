@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tml.common.cluster_env import expand_slurm_nodelist, resolve_node_setup
 from tml.common.run_training import (
     args_to_kwargs,
     build_torchrun_args,
@@ -54,15 +55,62 @@ def test_entrypoint_forms(tmp_path):
         entrypoint_args(str(tmp_path / "missing.py"))
 
 
+def _clear_cluster_env(monkeypatch):
+    for name in ("TML_NUM_NODES", "TML_RDZV_ENDPOINT", "TML_RUN_ID", "TML_IS_CHIEF",
+                 "TML_RDZV_PORT", "TML_MACHINES_FILE", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+                 "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_single_node_is_standalone_and_several_nodes_need_an_endpoint(monkeypatch):
-    args = build_torchrun_args(["x.py"], ["--a=1"], 2, 1, False)
+    _clear_cluster_env(monkeypatch)
+    args = build_torchrun_args(["x.py"], ["--a=1"], 2, resolve_node_setup())
     assert args == ["--nnodes", "1", "--nproc_per_node", "2", "--standalone", "x.py", "--a=1"]
-    monkeypatch.delenv("TML_RDZV_ENDPOINT", raising=False)
-    with pytest.raises(Exception, match="TML_RDZV_ENDPOINT"):
-        build_torchrun_args(["x.py"], [], 2, 2, False)
+    with pytest.raises(Exception, match="2 nodes need a rendezvous endpoint"):
+        resolve_node_setup(num_nodes=2)
     monkeypatch.setenv("TML_RDZV_ENDPOINT", "node0:29400")
-    args = build_torchrun_args(["x.py"], [], 2, 2, True)
-    assert "--rdzv_backend" in args and "localhost:29400" in args
+    args = build_torchrun_args(["x.py"], [], 2, resolve_node_setup(2, is_chief=True),
+                               max_restarts=1)
+    assert args[:9] == ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                        "--rdzv_endpoint", "localhost:29400", "--rdzv_id"]
+    assert args[-3:] == ["--max_restarts", "1", "x.py"]
+    assert resolve_node_setup(2).torchrun_endpoint() == "node0:29400"
+
+
+def test_node_setup_precedence(monkeypatch, tmp_path):
+    _clear_cluster_env(monkeypatch)
+    machines = tmp_path / "machines.yaml"
+    machines.write_text("chief: {num_accelerators: 1}\nnum_workers: 3\n")
+    monkeypatch.setenv("TML_MACHINES_FILE", str(machines))
+    monkeypatch.setenv("TML_RDZV_ENDPOINT", "chief:1234")
+    assert resolve_node_setup().num_nodes == 4                      # machines file
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "3")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-09]")
+    setup = resolve_node_setup()
+    assert (setup.num_nodes, setup.is_chief, setup.run_id) == (3, False, "777")  # SLURM
+    assert setup.rdzv_endpoint == "chief:1234"                       # ours beat SLURM's
+    monkeypatch.delenv("TML_RDZV_ENDPOINT")
+    assert resolve_node_setup().rdzv_endpoint == "gpu07:29500"
+    monkeypatch.setenv("TML_NUM_NODES", "2")
+    monkeypatch.setenv("TML_RUN_ID", "mine")
+    assert (resolve_node_setup().num_nodes, resolve_node_setup().run_id) == (2, "mine")
+    assert resolve_node_setup(num_nodes=5, run_id="arg").num_nodes == 5   # arguments first
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    assert resolve_node_setup().is_chief
+
+
+def test_slurm_nodelist_expansion():
+    assert expand_slurm_nodelist("n[1-3,7],gpu05") == ["n1", "n2", "n3", "n7", "gpu05"]
+    assert expand_slurm_nodelist("a[01-02]") == ["a01", "a02"]
+    assert expand_slurm_nodelist("127.0.0.1") == ["127.0.0.1"]
+
+
+def test_killed_worker_message_says_what_to_do():
+    error = training_failed_error({1: (-9, "Signal 9 (SIGKILL) received by PID 5", 1.0)})
+    assert "worker rank 1 was killed by SIGKILL (out of memory?" in str(error)
+    assert "max_restarts" in str(error)
 
 
 def test_failure_names_the_causing_rank_not_the_killed_one():

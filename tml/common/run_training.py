@@ -22,10 +22,12 @@ that failed first and that worker's own message (the original tml ignored the ex
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from tml.common.cluster_env import NodeSetup, resolve_node_setup
 from tml.common.machines import nproc_from_machines_file
 from tml.errors import TmlError, TrainingFailedError
 
@@ -40,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 FORWARDED_KWARGS_ENV = "TML_FORWARDED_KWARGS"
 _COMMUNICATION_ERROR_HINTS = ("gloo", "Connection closed", "Connection reset", "NCCL",
-                              "Broken pipe", "Signal 15", "SIGTERM")
+                              "Broken pipe")
 
 
 def is_distributed_worker() -> bool:
@@ -130,25 +133,61 @@ def default_nproc_per_node() -> int:
     return nproc_from_machines_file() or 1
 
 
+def check_nproc_per_node(nproc_per_node: int) -> None:
+    """Refuse more workers per node than GPUs (each worker owns one device)."""
+    import torch
+
+    if nproc_per_node < 1:
+        raise TmlError(f"nproc_per_node must be at least 1, got {nproc_per_node}")
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise TmlError(f"nproc_per_node={nproc_per_node} but this node has "
+                       f"{torch.cuda.device_count()} CUDA device(s): each worker needs its own "
+                       "GPU; lower nproc_per_node or set CUDA_VISIBLE_DEVICES=\"\" to run on CPU")
+
+
 def build_torchrun_args(entrypoint: list[str], script_args: list[str], nproc_per_node: int,
-                        num_nodes: int, is_chief: bool, log_dir: str | None = None) -> list[str]:
+                        node: NodeSetup, max_restarts: int = 0, log_dir: str | None = None,
+                        join_timeout_s: int | None = None) -> list[str]:
     """The argument list for `torch.distributed.run` (what follows `torchrun`)."""
-    args = ["--nnodes", str(num_nodes), "--nproc_per_node", str(nproc_per_node)]
-    if num_nodes > 1:
-        endpoint = os.environ.get("TML_RDZV_ENDPOINT")
-        if not endpoint:
-            raise TmlError("num_nodes > 1 needs a rendezvous endpoint: set TML_RDZV_ENDPOINT "
-                           "to host:port of the chief node")
-        if is_chief:
-            # Bind on localhost on the chief (pytorch issue 79388), as the original did.
-            endpoint = "localhost:" + endpoint.rsplit(":", 1)[-1]
-        args += ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-                 "--rdzv_id", os.environ.get("TML_RUN_ID", "tml")]
+    args = ["--nnodes", str(node.num_nodes), "--nproc_per_node", str(nproc_per_node)]
+    if node.num_nodes > 1:
+        args += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(node.torchrun_endpoint()),
+                 "--rdzv_id", node.run_id]
+        if join_timeout_s is not None:
+            args += ["--rdzv_conf", f"join_timeout={join_timeout_s}"]
     else:
         args.append("--standalone")
+    if max_restarts:
+        args += ["--max_restarts", str(max_restarts)]
     if log_dir is not None:
         args += ["--log-dir", log_dir]
     return args + entrypoint + script_args
+
+
+def _max_restarts(value: int | None) -> int:
+    if value is None:
+        text = os.environ.get("TML_MAX_RESTARTS", "0")
+        try:
+            value = int(text)
+        except ValueError:
+            raise TmlError(f"TML_MAX_RESTARTS={text!r} must be an integer") from None
+    if value < 0:
+        raise TmlError(f"max_restarts must be >= 0, got {value}")
+    return value
+
+
+def worker_environment(nproc_per_node: int, max_restarts: int) -> dict[str, str]:
+    """Environment set for the workers (never overriding what the user set)."""
+    env: dict[str, str] = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and warn; we choose the same split of the cores on purpose.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    if max_restarts and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ:
+        # torch 2.13: a restarted group often fails in init_process_group when it shares
+        # the rendezvous TCP store (pytorch issue 135712; 2 of 6 restarts worked without
+        # this, 5 of 5 with it).
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
 
 
 # --- failures ---------------------------------------------------------------------------
@@ -159,21 +198,46 @@ def _failure_text(message: Any) -> str:
     return str(message).strip()
 
 
-def _looks_secondary(text: str) -> bool:
-    return not text or any(hint in text for hint in _COMMUNICATION_ERROR_HINTS) \
-        or text.startswith("To enable traceback")
+def _cause_priority(exitcode: int | None, text: str) -> int:
+    """How likely a failure is the cause of the others (lower: more likely).
+
+    0: the worker recorded an error of its own; 1: it exited or crashed without one
+    (non-zero exit, SIGKILL, SIGSEGV); 2: a collective lost a peer; 3: the agent stopped
+    it (SIGTERM / SIGINT) after another worker failed.
+    """
+    teardown = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP)}
+    if exitcode is not None and exitcode < 0 and -exitcode in teardown:
+        return 3
+    if any(hint in text for hint in _COMMUNICATION_ERROR_HINTS):
+        return 2
+    if not text or text.startswith("To enable traceback") or text.startswith("Signal"):
+        return 1
+    return 0
 
 
 def training_failed_error(failures: dict[int, tuple[int, str, float]]) -> TrainingFailedError:
     """Build the launcher's error from `{rank: (exitcode, message, timestamp)}`.
 
-    The rank named is the one whose failure looks like the cause: a recorded error that is
-    not a communication error or a kill by the agent, then the earliest.
+    The rank named is the one whose failure looks like the cause (`_cause_priority`), then
+    the earliest.
     """
-    ranked = sorted(failures.items(), key=lambda item: (_looks_secondary(item[1][1]),
-                                                        item[1][2], item[0]))
+    ranked = sorted(failures.items(), key=lambda item: (
+        _cause_priority(item[1][0], item[1][1]), item[1][2], item[0]))
     rank, (exitcode, text, _) = ranked[0]
-    summary = f"worker rank {rank} failed (exit code {exitcode}): {text or 'no error recorded'}"
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory? see `dmesg`)" if -exitcode == signal.SIGKILL else ""
+        summary = (f"worker rank {rank} was killed by {name}{hint}; set max_restarts (or "
+                   "TML_MAX_RESTARTS) to restart the group from the latest checkpoint")
+        if text and not text.startswith("Signal"):
+            summary += f": {text}"
+    else:
+        if not text or text.startswith("To enable traceback"):
+            text = "it recorded no error; see its output above"
+        summary = f"worker rank {rank} failed (exit code {exitcode}): {text}"
     others = [f"rank {r} (exit code {code})" for r, (code, _, _) in ranked[1:]]
     if others:
         summary += f" [also stopped: {', '.join(others)}]"
@@ -264,6 +328,9 @@ def maybe_run_training(
     num_nodes: int | None = None,
     set_python_path_in_subprocess: bool = False,
     is_chief: bool = False,
+    max_restarts: int | None = None,
+    rdzv_endpoint: str | None = None,
+    run_id: str | None = None,
     **training_kwargs: Any,
 ) -> Any:
     """Run `train_fn(**training_kwargs)` in this worker, or launch workers that will.
@@ -271,49 +338,103 @@ def maybe_run_training(
     Args:
       train_fn: the training function; runs once per worker.
       module_name: `__name__` of the caller, a dotted module name, or a script path: what
-        the workers run (it must call `maybe_run_training` again).
+        the workers run (it must call `maybe_run_training` again). In a notebook (no file
+        behind `__main__`) the workers are forked from the kernel and run `train_fn`
+        directly.
       nproc_per_node: workers on this node; default: CUDA devices, else the machines file
         (`TML_MACHINES_FILE`, `chief.num_accelerators`), else 1.
-      num_nodes: nodes taking part; default `TML_NUM_NODES` or 1. More than one node uses
-        c10d rendezvous at `TML_RDZV_ENDPOINT` with run id `TML_RUN_ID`.
+      num_nodes, is_chief, rdzv_endpoint, run_id: several nodes; each defaults to our
+        environment variables, then SLURM's, then the machines file (`tml.common.cluster_env`
+        gives the precedence).
       set_python_path_in_subprocess: run torchrun as a subprocess with PYTHONPATH set from
-        `sys.path` (Bazel-stubbed binaries need this).
-      is_chief: this node hosts the rendezvous; binds it on localhost.
+        `sys.path` (Bazel-stubbed binaries need this; under `bazel run`/`bazel test` it is
+        switched on automatically).
+      max_restarts: restarts of the whole worker group after a failure (torch elastic);
+        default `TML_MAX_RESTARTS` or 0. Workers see the attempt in
+        `TORCHELASTIC_RESTART_COUNT`.
       **training_kwargs: passed to `train_fn`, forwarded to workers as `--key=value`.
 
     Returns:
-      In a worker, what `train_fn` returns; in the launcher, None.
+      In a worker, what `train_fn` returns. In a notebook, `{rank: return value}`. In a
+      script's launcher, None.
 
     Raises:
       TrainingFailedError: a worker failed; names its rank and its message.
+      TmlError: the launch itself cannot happen (bad node setup, busy port, timeout).
     """
     if is_distributed_worker():
         return run_in_worker(train_fn, training_kwargs)
 
     if nproc_per_node is None:
         nproc_per_node = default_nproc_per_node()
-    if num_nodes is None:
-        num_nodes = int(os.environ.get("TML_NUM_NODES", "1"))
+    check_nproc_per_node(nproc_per_node)
+    restarts = _max_restarts(max_restarts)
+    node = resolve_node_setup(num_nodes, is_chief, rdzv_endpoint, run_id)
+
+    if module_name == "__main__" and is_interactive_main():
+        if node.num_nodes > 1:
+            raise TmlError("a notebook launches workers on its own machine only; run a script "
+                           "on each node for several nodes")
+        bound = functools.update_wrapper(functools.partial(train_fn, **training_kwargs),
+                                         train_fn)  # elastic names the run after __name__
+        return launch_function(bound, nproc_per_node, start_method="fork",
+                               max_restarts=restarts)
+
+    if node.num_nodes > 1 and node.is_chief:
+        check_rendezvous_port_free(node)
     entrypoint = entrypoint_args(module_name)
     script_args = kwargs_to_args(training_kwargs)
-    env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs))}
-    if "OMP_NUM_THREADS" not in os.environ:
-        # torchrun would set 1 and warn; we choose the same split of the cores on purpose.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs)),
+           **worker_environment(nproc_per_node, restarts)}
+    join_timeout = int(os.environ.get("TML_RDZV_TIMEOUT", "600"))
+    subprocess_mode = set_python_path_in_subprocess or running_under_bazel()
 
     with tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
-        args = build_torchrun_args(entrypoint, script_args, nproc_per_node, num_nodes,
-                                   is_chief, log_dir=log_dir)
-        logger.info("launching %d worker(s) per node on %d node(s): torchrun %s",
-                    nproc_per_node, num_nodes, " ".join(args))
-        if set_python_path_in_subprocess:
+        args = build_torchrun_args(entrypoint, script_args, nproc_per_node, node, restarts,
+                                   log_dir=log_dir, join_timeout_s=join_timeout)
+        logger.info("launching %d worker(s) per node on %d node(s) (%s): torchrun %s",
+                    nproc_per_node, node.num_nodes, node.source, " ".join(args))
+        if subprocess_mode:
             _run_torchrun_subprocess(args, env, log_dir)
         else:
             # Elastic copies the failing child's error file here (else it logs that the
             # launcher has none).
             env["TORCHELASTIC_ERROR_FILE"] = os.path.join(log_dir, "launcher-error.json")
-            _run_torchrun_in_process(args, env)
+            _run_torchrun_in_process(args, env, node, join_timeout)
     return None
+
+
+def check_rendezvous_port_free(node: NodeSetup) -> None:
+    """On the chief, fail at once if the rendezvous port is taken.
+
+    Otherwise torch elastic falls back to connecting to whatever listens there and waits
+    for a store that never answers.
+    """
+    import socket
+
+    port = int(str(node.rdzv_endpoint).rsplit(":", 1)[-1])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            raise TmlError(f"the rendezvous port {port} ({node.rdzv_endpoint}) is already in "
+                           "use on this host (another job?): pick a free port in "
+                           "TML_RDZV_ENDPOINT") from None
+
+
+def is_interactive_main() -> bool:
+    """True when `__main__` has no file to re-run: a Jupyter kernel, a REPL, `python -`."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    return (spec is None or not spec.name or spec.name == "__main__") and \
+        (not path or not os.path.isfile(path))
+
+
+def running_under_bazel() -> bool:
+    """`bazel run` / `bazel test` of a py_binary: workers need PYTHONPATH from sys.path."""
+    return any(name in os.environ for name in ("BAZEL_TEST", "RUNFILES_DIR",
+                                                "PYTHON_RUNFILES", "BUILD_WORKSPACE_DIRECTORY"))
 
 
 def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
@@ -321,38 +442,66 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
     """Run `fn(*args)` in `nproc_per_node` local worker processes; `{rank: return value}`.
 
     Torch elastic's `elastic_launch` with a standalone c10d rendezvous on localhost (the
-    same engine as `torchrun --standalone`). `fn` must be importable by the workers under
-    the "spawn" start method (a module-level function). A failure raises
-    `TrainingFailedError` naming the rank and its message.
+    same engine as `torchrun --standalone`). Under "spawn" `fn` must be importable by the
+    workers (a module-level function); "fork" runs anything, including functions defined
+    in a notebook. A failure raises `TrainingFailedError` naming the rank and its message.
     """
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    check_nproc_per_node(nproc_per_node)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node,
                           run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           start_method=start_method, monitor_interval=0.1)
-    env = {}
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
-    with _environment(**env):
+    with _environment(**worker_environment(nproc_per_node, max_restarts)):
         try:
-            return elastic_launch(config, fn)(*args)
+            results = elastic_launch(config, fn)(*args)
         except ChildFailedError as error:
             raise training_failed_error(_failures_from_child_error(error)) from None
+    return dict(sorted(results.items()))
 
 
-def _run_torchrun_in_process(args: list[str], env: dict[str, str]) -> None:
+def _run_torchrun_in_process(args: list[str], env: dict[str, str], node: NodeSetup,
+                             join_timeout_s: int) -> None:
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     with _environment(**env):
         try:
             torchrun.main(args)
         except ChildFailedError as error:
             raise training_failed_error(_failures_from_child_error(error)) from None
+        except RendezvousError as error:
+            raise rendezvous_error(error, node, join_timeout_s) from None
+        except Exception as error:  # noqa: BLE001 (store errors come in several types)
+            if _is_address_in_use(error):
+                raise rendezvous_error(error, node, join_timeout_s) from None
+            raise
+
+
+def _is_address_in_use(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "address already in use" in text or "eaddrinuse" in text or "errno 98" in text
+
+
+def rendezvous_error(error: BaseException, node: NodeSetup, join_timeout_s: int) -> TmlError:
+    """A launch that never assembled, as one line saying what to do."""
+    endpoint = node.rdzv_endpoint or "localhost"
+    if _is_address_in_use(error):
+        return TmlError(f"the rendezvous port of {endpoint} is already in use on this host "
+                        "(another job?): pick a free port in TML_RDZV_ENDPOINT")
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    if isinstance(error, RendezvousTimeoutError) or "timeout" in str(error).lower():
+        return TmlError(f"not all {node.num_nodes} nodes joined the rendezvous at {endpoint} "
+                        f"(run id {node.run_id}) within {join_timeout_s} s: start every node "
+                        "with the same endpoint and run id, or raise TML_RDZV_TIMEOUT")
+    return TmlError(f"the rendezvous at {endpoint} (run id {node.run_id}) failed: "
+                    f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
 def _run_torchrun_subprocess(args: list[str], env: dict[str, str], log_dir: str) -> None:

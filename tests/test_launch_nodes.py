@@ -1,0 +1,133 @@
+"""maybe_run_training on several nodes (two agents on 127.0.0.1) and with restarts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")
+LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
+CLUSTER_VARS = ("TML_NUM_NODES", "TML_RDZV_ENDPOINT", "TML_RUN_ID", "TML_IS_CHIEF",
+                "TML_RDZV_PORT", "TML_MACHINES_FILE", "TML_MAX_RESTARTS", "SLURM_JOB_NUM_NODES",
+                "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+                "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
+    env.update(PYTHONPATH=REPO)
+    env.setdefault("TML_RDZV_TIMEOUT", "120")
+    env.update(extra)
+    return env
+
+
+def _start_nodes(cmd, envs):
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for env in envs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
+def _reports(out_dir, world):
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def tiny_graph_config(tmp_path_factory):
+    from projects.twhin.data.generate import generate_graph
+
+    root = tmp_path_factory.mktemp("nodes")
+    generate_graph(str(root / "graph"), num_users=2000, num_tweets=500, num_edges=40_000,
+                   num_communities=5, seed=1, validation_fraction=0.05)
+    data = yaml.safe_load(open(LOCAL).read())
+    data["model"]["embeddings"]["tables"][0]["num_embeddings"] = 2000
+    data["model"]["embeddings"]["tables"][1]["num_embeddings"] = 500
+    data["train_data"].update(data_root=str(root / "graph" / "train"), per_replica_batch_size=100)
+    data["validation_data"].update(data_root=str(root / "graph" / "validation"),
+                                   per_replica_batch_size=100)
+    data["training"].update(num_train_steps=30, train_log_every_n=10, num_eval_steps=2,
+                            eval_log_every_n=1000)
+    path = root / "twhin.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_workers_train_twhin_over_c10d(tmp_path, tiny_graph_config):
+    port = _free_port()
+    common = dict(TML_NUM_NODES="2", TML_RDZV_ENDPOINT=f"127.0.0.1:{port}", TML_RUN_ID="job1")
+    cmd = [sys.executable, os.path.join(SCRIPTS, "multinode_twhin.py"), f"--out_dir={tmp_path}",
+           f"--config_yaml_path={tiny_graph_config}", f"--save_dir={tmp_path / 'save'}"]
+    codes, outputs = _start_nodes(cmd, [_env(**common, TML_IS_CHIEF="1"), _env(**common)])
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    reports = _reports(tmp_path, 4)
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    assert {r["world_size"] for r in reports} == {4}
+    assert sorted(r["group_rank"] for r in reports) == [0, 0, 1, 1]
+    assert {r["final_step"] for r in reports} == {30}
+    assert (tmp_path / "save" / "30").is_dir()
+
+
+@pytest.mark.slow
+def test_slurm_environment_drives_the_rendezvous(tmp_path):
+    port = _free_port()
+    common = dict(SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
+                  TML_RDZV_PORT=str(port))
+    cmd = [sys.executable, os.path.join(SCRIPTS, "toy_train.py"), f"--out_dir={tmp_path}",
+           "--nproc=1"]
+    codes, outputs = _start_nodes(cmd, [_env(**common, SLURM_NODEID="0"),
+                                        _env(**common, SLURM_NODEID="1")])
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    reports = _reports(tmp_path, 2)
+    assert {r["world_size"] for r in reports} == {2}
+    assert reports[0]["values"]["token"] != ""
+    assert "(SLURM_JOB_NUM_NODES)" in outputs[0]
+
+
+@pytest.mark.slow
+def test_a_worker_that_crashes_once_is_restarted(tmp_path):
+    cmd = [sys.executable, os.path.join(SCRIPTS, "toy_train.py"), f"--out_dir={tmp_path}",
+           "--crash_once_rank=1", "--max_restarts=1"]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = _reports(tmp_path, 2)
+    assert [r["restart_count"] for r in reports] == [1, 1]
+
+    again = subprocess.run(cmd[:-1] + ["--max_restarts=0"], env=_env(), capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode != 0
+    assert "worker rank 1 failed (exit code 3)" in again.stderr
+
+
+def test_busy_rendezvous_port_and_missing_nodes_fail_clearly(tmp_path):
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    cmd = [sys.executable, os.path.join(SCRIPTS, "toy_train.py"), f"--out_dir={tmp_path}",
+           "--nproc=1"]
+    chief = dict(TML_NUM_NODES="2", TML_IS_CHIEF="1", TML_RDZV_TIMEOUT="5")
+    try:
+        result = subprocess.run(cmd, env=_env(**chief, TML_RDZV_ENDPOINT=f"127.0.0.1:{port}"),
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        busy.close()
+    assert result.returncode != 0
+    assert f"the rendezvous port {port} (127.0.0.1:{port}) is already in use" in result.stderr
+
+    result = subprocess.run(cmd, env=_env(**chief, TML_RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "not all 2 nodes joined the rendezvous" in result.stderr
+    assert "within 5 s" in result.stderr
