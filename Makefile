@@ -40,6 +40,12 @@ test: $(STAMP)
 test-bazel: $(STAMP)
 	bash tools/bazel/test.sh
 
+# Side-by-side benchmark (tml 1 and 2 workers, plain PyTorch, reader, launcher);
+# writes benchmarks/results/$(BENCH_NAME).json and .md.
+BENCH_NAME ?= cpu-$(shell nproc)core
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --name $(BENCH_NAME)
+
 lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests
 
