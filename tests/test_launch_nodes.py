@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -32,9 +33,25 @@ def _env(**extra):
     return env
 
 
-def _start_nodes(cmd, envs):
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for env in envs]
+def _wait_listening(port, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+
+
+def _start_nodes(cmd, envs, port):
+    """Start the chief (first env), wait for its rendezvous store, then the other nodes.
+
+    On one host every agent could bind the endpoint; the chief must be the one that does.
+    """
+    procs = [subprocess.Popen(cmd, env=envs[0], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+    _wait_listening(port)
+    procs += [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for env in envs[1:]]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     return [p.returncode for p in procs], outputs
 
@@ -69,7 +86,7 @@ def test_two_nodes_of_two_workers_train_twhin_over_c10d(tmp_path, tiny_graph_con
     common = dict(TML_NUM_NODES="2", TML_RDZV_ENDPOINT=f"127.0.0.1:{port}", TML_RUN_ID="job1")
     cmd = [sys.executable, os.path.join(SCRIPTS, "multinode_twhin.py"), f"--out_dir={tmp_path}",
            f"--config_yaml_path={tiny_graph_config}", f"--save_dir={tmp_path / 'save'}"]
-    codes, outputs = _start_nodes(cmd, [_env(**common, TML_IS_CHIEF="1"), _env(**common)])
+    codes, outputs = _start_nodes(cmd, [_env(**common, TML_IS_CHIEF="1"), _env(**common)], port)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     reports = _reports(tmp_path, 4)
     assert [r["rank"] for r in reports] == [0, 1, 2, 3]
@@ -87,7 +104,7 @@ def test_slurm_environment_drives_the_rendezvous(tmp_path):
     cmd = [sys.executable, os.path.join(SCRIPTS, "toy_train.py"), f"--out_dir={tmp_path}",
            "--nproc=1"]
     codes, outputs = _start_nodes(cmd, [_env(**common, SLURM_NODEID="0"),
-                                        _env(**common, SLURM_NODEID="1")])
+                                        _env(**common, SLURM_NODEID="1")], port)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     reports = _reports(tmp_path, 2)
     assert {r["world_size"] for r in reports} == {2}

@@ -326,7 +326,7 @@ def maybe_run_training(
     module_name: str,
     nproc_per_node: int | None = None,
     num_nodes: int | None = None,
-    set_python_path_in_subprocess: bool = False,
+    set_python_path_in_subprocess: bool | None = None,
     is_chief: bool = False,
     max_restarts: int | None = None,
     rdzv_endpoint: str | None = None,
@@ -347,8 +347,8 @@ def maybe_run_training(
         environment variables, then SLURM's, then the machines file (`tml.common.cluster_env`
         gives the precedence).
       set_python_path_in_subprocess: run torchrun as a subprocess with PYTHONPATH set from
-        `sys.path` (Bazel-stubbed binaries need this; under `bazel run`/`bazel test` it is
-        switched on automatically).
+        `sys.path` (Bazel-stubbed binaries need this). None (default): on when running under
+        Bazel (`bazel run`, `bazel test`, a built binary), else off.
       max_restarts: restarts of the whole worker group after a failure (torch elastic);
         default `TML_MAX_RESTARTS` or 0. Workers see the attempt in
         `TORCHELASTIC_RESTART_COUNT`.
@@ -387,7 +387,8 @@ def maybe_run_training(
     env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs)),
            **worker_environment(nproc_per_node, restarts)}
     join_timeout = int(os.environ.get("TML_RDZV_TIMEOUT", "600"))
-    subprocess_mode = set_python_path_in_subprocess or running_under_bazel()
+    subprocess_mode = running_under_bazel() if set_python_path_in_subprocess is None \
+        else set_python_path_in_subprocess
 
     with tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
         args = build_torchrun_args(entrypoint, script_args, nproc_per_node, node, restarts,
@@ -432,9 +433,11 @@ def is_interactive_main() -> bool:
 
 
 def running_under_bazel() -> bool:
-    """`bazel run` / `bazel test` of a py_binary: workers need PYTHONPATH from sys.path."""
-    return any(name in os.environ for name in ("BAZEL_TEST", "RUNFILES_DIR",
-                                                "PYTHON_RUNFILES", "BUILD_WORKSPACE_DIRECTORY"))
+    """A Bazel-launched binary or test (its launcher set one of these; children inherit them,
+    which is why an explicit `set_python_path_in_subprocess` wins)."""
+    return any(name in os.environ for name in (
+        "BAZEL_TEST", "RUNFILES_DIR", "RUNFILES_MANIFEST_FILE", "PYTHON_RUNFILES",
+        "BUILD_WORKSPACE_DIRECTORY"))
 
 
 def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
