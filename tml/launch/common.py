@@ -1,0 +1,125 @@
+"""What every backend shares: run ids and directories, the torchrun line, artifacts.
+
+Every backend starts the same thing on each node: one torch elastic agent
+(`python -m torch.distributed.run`) with c10d rendezvous at the master node, which starts
+`nproc_per_node` workers running the workflow's file. We never schedule or rendezvous
+ourselves; the backends differ only in how the agents get their nodes and the endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import secrets
+import shutil
+import sys
+
+from tml.launch.workflow import Workflow
+
+logger = logging.getLogger(__name__)
+
+# Variables of an enclosing torchrun or SLURM step that must not leak into a nested launch.
+_WORKER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                     "TORCHELASTIC_ERROR_FILE", "TML_FORWARDED_KWARGS")
+
+
+def new_run_id() -> str:
+    """Sortable and unique enough: `20261123-031500-a1b2c3`."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def make_run_dir(runs_dir: str, workflow: Workflow, run_id: str) -> str:
+    """`runs_dir/<name>/<run-id>/` with `logs/`, created; returned absolute."""
+    run_dir = os.path.abspath(os.path.join(runs_dir, workflow.name, run_id))
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    return run_dir
+
+
+def torchrun_args(workflow: Workflow, endpoint: str, rdzv_id: str, is_host: str) -> list[str]:
+    """Arguments after `python`: one agent of a c10d rendezvous of `workflow.nodes` nodes.
+
+    `is_host` ("1"/"0", or a shell expression in a script) tells the agent whether it hosts
+    the rendezvous store, instead of letting it guess from the endpoint's host name (nodes
+    that share an address, as in a one-host test cluster, would all guess yes).
+    """
+    return ["-m", "torch.distributed.run",
+            "--nnodes", str(workflow.nodes),
+            "--nproc_per_node", str(workflow.nproc_per_node),
+            "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", endpoint,
+            "--rdzv_id", rdzv_id,
+            "--rdzv_conf", f"is_host={is_host}",
+            "--max_restarts", "0",
+            workflow.file, *workflow.args]
+
+
+def base_environment(workflow: Workflow, cpus_per_node: int | None = None) -> dict[str, str]:
+    """This process's environment without worker variables, plus the workflow's.
+
+    OMP_NUM_THREADS splits the node's cores between its workers unless set (torchrun would
+    set 1 and warn).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _WORKER_VARIABLES}
+    env["PYTHONUNBUFFERED"] = "1"
+    # before_run commands and the script see the launching interpreter first on PATH, as
+    # in an activated virtual environment.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in workflow.environment:
+        cpus = cpus_per_node or workflow.resources.cpu or os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // workflow.nproc_per_node))
+    env.update(workflow.environment)
+    return env
+
+
+def copy_artifacts(workflow: Workflow, run_dir: str) -> list[str]:
+    """Copy the artifacts from working_dir to `run_dir/artifacts/`; returns those missing."""
+    missing = []
+    for artifact in workflow.artifacts:
+        source = os.path.join(workflow.working_path(), artifact)
+        relative = os.path.basename(os.path.normpath(artifact)) if os.path.isabs(artifact) \
+            else os.path.normpath(artifact)
+        target = os.path.join(run_dir, "artifacts", relative)
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif os.path.isfile(source):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(source, target)
+        else:
+            missing.append(artifact)
+            logger.warning("artifact %s not found in %s", artifact, workflow.working_path())
+    return missing
+
+
+def log_tail(path: str, lines: int = 25) -> str:
+    """The last lines of a log file (or a note that there is none).
+
+    The agent's own traceback (torchrun raising ChildFailedError) is dropped: it says only
+    that a worker failed, and would push the worker's message out of the tail. The agent's
+    summary box after it (rank, exit code) stays.
+    """
+    try:
+        with open(path, errors="replace") as f:
+            kept = _without_agent_traceback(f.read().splitlines())
+    except OSError:
+        return "(no log)"
+    return "\n".join(kept[-lines:])
+
+
+def _without_agent_traceback(lines: list[str]) -> list[str]:
+    kept: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("Traceback (most recent call last):"):
+            end = next((j for j in range(i + 1, len(lines))
+                        if not lines[j].startswith((" ", "\t"))), len(lines))
+            frames = "\n".join(lines[i:end])
+            if end < len(lines) and "ChildFailedError" in lines[end] \
+                    and "torch/distributed/run.py" in frames:
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return kept
