@@ -16,8 +16,11 @@ from projects.twhin.models.models import (
     TwhinModel,
     TwhinModelAndLoss,
     apply_optimizers,
+    global_negative_logits,
     in_batch_negative_logits,
     labels_and_weights,
+    operator_code,
+    score,
 )
 from projects.twhin.optimizer import build_optimizer
 from tml.common.device import setup_and_get_device
@@ -31,28 +34,32 @@ NEGATIVES = 3
 BATCH = 24
 
 
-def _model_config() -> TwhinModelConfig:
+def _model_config(operators: tuple[str, ...] = ("translation",) * 3) -> TwhinModelConfig:
     return TwhinModelConfig.model_validate({
         "embeddings": {"tables": [
             {"name": name, "num_embeddings": rows, "embedding_dim": DIM,
              "optimizer": {"sgd": {"lr": LR[name]}}} for name, rows in TABLES.items()]},
-        "relations": [{"name": "fav", "lhs": "user", "rhs": "tweet"},
-                      {"name": "follows", "lhs": "user", "rhs": "user"},
-                      {"name": "authored_by", "lhs": "tweet", "rhs": "user"}],
+        "relations": [{"name": name, "lhs": lhs, "rhs": rhs, "operator": op}
+                      for (name, lhs, rhs), op in zip(
+                          [("fav", "user", "tweet"), ("follows", "user", "user"),
+                           ("authored_by", "tweet", "user")], operators)],
         "translation_optimizer": {"sgd": {"lr": TRANSLATION_LR}},
     })
 
 
-def _edges(seed: int, config: TwhinModelConfig):  # noqa: ANN202
+def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0):  # noqa: ANN202
     g = torch.Generator().manual_seed(seed)
     rel = torch.randint(0, len(config.relations), (BATCH,), generator=g)
     rt = relation_tables(config.relations, list(TABLES))
     sizes = torch.tensor(list(TABLES.values()))
     lhs = (torch.rand(BATCH, generator=g) * sizes[rt[rel, 0]]).long()
     rhs = (torch.rand(BATCH, generator=g) * sizes[rt[rel, 1]]).long()
-    batch = EdgeBatch(nodes=edges_to_kjt(lhs, rhs, rel, rt, list(TABLES)),
+    shape = (BATCH, global_negatives)
+    neg_lhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 0]].unsqueeze(1)).long()
+    neg_rhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 1]].unsqueeze(1)).long()
+    batch = EdgeBatch(nodes=edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs),
                       labels=torch.ones(BATCH), rels=rel, weights=torch.ones(BATCH))
-    return lhs, rhs, rel, rt, batch
+    return lhs, rhs, rel, rt, batch, neg_lhs, neg_rhs
 
 
 def _full_tables(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +80,8 @@ def _full_tables(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
-def _reference(weights, translations, lhs, rhs, rel, rt, seed):  # noqa: ANN001, ANN202
+def _reference(weights, translations, lhs, rhs, rel, rt, seed, neg_lhs=None,  # noqa: ANN001, ANN202
+               neg_rhs=None, codes=None):
     """Loss and gradients of one batch computed with plain torch on full tables."""
     names = list(TABLES)
     w = {k: v.clone().requires_grad_() for k, v in weights.items()}
@@ -84,22 +92,48 @@ def _reference(weights, translations, lhs, rhs, rel, rt, seed):  # noqa: ANN001,
         lhs_vec = torch.where((rt[rel, 0] == index)[:, None], w[name][lhs.clamp(max=TABLES[name] - 1)], lhs_vec)
         rhs_vec = torch.where((rt[rel, 1] == index)[:, None], w[name][rhs.clamp(max=TABLES[name] - 1)], rhs_vec)
     torch.manual_seed(seed)
-    positives = (lhs_vec * (rhs_vec + t[rel])).sum(-1)
-    negatives = in_batch_negative_logits(lhs_vec, rhs_vec, rel, t, NEGATIVES)
-    logits = torch.cat([positives, negatives])
+    if codes is None:
+        positives = (lhs_vec * (rhs_vec + t[rel])).sum(-1)
+        negatives = in_batch_negative_logits(lhs_vec, rhs_vec, rel, t, NEGATIVES)
+        logits = torch.cat([positives, negatives])
+    else:
+        # Operators and global negatives: plain per-lookup indexing of the full tables.
+        def rows(side, ids):  # noqa: ANN001, ANN202
+            out = torch.zeros(*ids.shape, DIM)
+            for index, name in enumerate(names):
+                mask = (rt[rel, side] == index).view(-1, *[1] * (ids.dim() - 1))
+                out = torch.where(mask.unsqueeze(-1), w[name][ids.clamp(max=TABLES[name] - 1)],
+                                  out)
+            return out
+
+        positives = score(lhs_vec, t[rel], rhs_vec, codes[rel])
+        negatives = in_batch_negative_logits(lhs_vec, rhs_vec, rel, t, NEGATIVES, codes)
+        global_logits = global_negative_logits(lhs_vec, rhs_vec, rows(0, neg_lhs),
+                                               rows(1, neg_rhs), t[rel], codes[rel])
+        logits = torch.cat([positives, negatives, global_logits])
     labels, loss_weights = labels_and_weights(logits, torch.ones(BATCH), torch.ones(BATCH))
     loss = F.binary_cross_entropy_with_logits(logits, labels, loss_weights)
     loss.backward()
     return float(loss.detach()), {k: v.grad for k, v in w.items()}, t.grad
 
 
-def sharded_matches_unsharded(sharding_types: list[str]) -> dict[str, dict[str, float]]:
-    """For each sharding type: |sharded - reference| of loss, updated tables, translations."""
+def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int = 0,
+                              operators: tuple[str, ...] | None = None
+                              ) -> dict[str, dict[str, float]]:
+    """For each sharding type: |sharded - reference| of loss, updated tables, translations.
+
+    With `global_negatives` and `operators` the batches carry global negative lookups and
+    the relations use the given operators.
+    """
     device = setup_and_get_device()
     rank = dist.get_rank()
-    config = _model_config()
+    config = _model_config(tuple(operators)) if operators else _model_config()
+    codes = None
+    if operators or global_negatives:
+        codes = torch.tensor([operator_code(r.operator) for r in config.relations])
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
-                                  in_batch_negatives=NEGATIVES)
+                                  in_batch_negatives=NEGATIVES,
+                                  global_negatives=global_negatives)
     results = {}
     for sharding_type in sharding_types:
         torch.manual_seed(0)
@@ -112,7 +146,8 @@ def sharded_matches_unsharded(sharding_types: list[str]) -> dict[str, dict[str, 
         optimizer, _ = build_optimizer(dmp, config)
         before = _full_tables(dmp)
         trans_before = translations.detach().clone()
-        edges = [_edges(seed, config) for seed in range(dist.get_world_size())]
+        edges = [_edges(seed, config, global_negatives)
+                 for seed in range(dist.get_world_size())]
 
         optimizer.zero_grad()
         torch.manual_seed(100 + rank)
@@ -122,7 +157,8 @@ def sharded_matches_unsharded(sharding_types: list[str]) -> dict[str, dict[str, 
         after = _full_tables(dmp)
         trans_after = translations.detach().clone()
 
-        refs = [_reference(before, trans_before, *e[:4], seed=100 + r)
+        refs = [_reference(before, trans_before, *e[:4], seed=100 + r, neg_lhs=e[5],
+                           neg_rhs=e[6], codes=codes)
                 for r, e in enumerate(edges)]
         world = len(refs)
         diffs = {"loss": abs(float(loss) - refs[rank][0]), "changed": 0.0}

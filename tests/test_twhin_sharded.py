@@ -28,3 +28,20 @@ def test_forward_backward_and_update_match_reference_for_every_sharding_type():
             for key, value in diffs.items():
                 if key != "changed":
                     assert value < 1e-5, (rank, sharding_type, key, diffs)
+
+
+@pytest.mark.slow
+def test_global_negatives_and_operators_match_reference_when_sharded():
+    """Global negative ids travel in the batch KJT through the sharded tables."""
+    from tests.distributed_checks import sharded_matches_unsharded
+
+    types = ["table_wise", "row_wise"]
+    results = launch_function(sharded_matches_unsharded, 2, types, 2,
+                              ("translation", "diagonal", "complex_diagonal"))
+    for rank, per_type in results.items():
+        for sharding_type in types:
+            diffs = per_type[sharding_type]
+            assert diffs["changed"] > 1e-3, (rank, sharding_type, diffs)
+            for key, value in diffs.items():
+                if key != "changed":
+                    assert value < 1e-5, (rank, sharding_type, key, diffs)

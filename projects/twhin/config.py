@@ -19,3 +19,6 @@ class TwhinConfig(BaseConfig):
     validation_data: TwhinDataConfig | None = Field(None, description="Held-out edges, "
                                                     "evaluated every eval_log_every_n steps "
                                                     "and at the end (AUC, loss).")
+    test_data: TwhinDataConfig | None = Field(None, description="Test edges, read only by "
+                                              "`twhin evaluate --split test` (filtered "
+                                              "link prediction); never used in training.")

@@ -11,6 +11,11 @@ starts its own workers through `maybe_run_training`; the original launch line
 runs the same code in workers torchrun started. Reads like TorchRec's golden example: set
 up the device, build the tables on the meta device with fused optimizers, shard, combine
 optimizers, train.
+
+`--only_evaluate` runs an evaluator beside a training job instead: it follows the save_dir,
+evaluates every new complete checkpoint once (held-out AUC) and writes the metrics to
+`<checkpoint>/evaluation.json`; it stops once the checkpoint of the run's final step (or
+`--evaluate_until_step`) is evaluated. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -33,12 +38,18 @@ from tml.common.device import setup_and_get_device
 from tml.common.run_training import maybe_run_training
 from tml.common.sharding import maybe_shard_model
 from tml.core.config import load_config_from_yaml
+from tml.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult:
-    """Train with `all_config` in this worker (one of WORLD_SIZE); returns what it did."""
+def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: bool = False,
+        evaluate_until_step: int | None = None) -> ctl.TrainResult:
+    """Train with `all_config` in this worker (one of WORLD_SIZE); returns what it did.
+
+    With `only_evaluate`, evaluate the checkpoints in save_dir instead of training (see the
+    module docstring); `final_step` is then the last step evaluated.
+    """
     device = setup_and_get_device()
     if all_config.runtime.enable_tensorfloat32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -60,12 +71,16 @@ def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult
                 "%d steps", len(train_dataset), all_config.train_data.per_replica_batch_size,
                 training.num_epochs, train_steps)
 
+    # Same initial weights in every run of this config: a crashed-and-resumed run can be
+    # compared with an uninterrupted one.
+    torch.manual_seed(training.seed)
     model = TwhinModel(all_config.model, all_config.train_data)
     apply_optimizers(model, all_config.model)
     model_and_loss = TwhinModelAndLoss(model)
     sharding_types = {t.name: t.sharding_type.value
                       for t in all_config.model.embeddings.tables if t.sharding_type}
-    sharded = maybe_shard_model(model_and_loss, device, sharding_types)
+    # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
+    sharded = maybe_shard_model(model_and_loss, device, sharding_types, output_dtensor=True)
     optimizer, scheduler = build_optimizer(sharded, all_config.model)
 
     evaluate_fn = None
@@ -75,6 +90,10 @@ def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult
             logger.info("step %d: held-out AUC %.4f, loss %.5f (%d batches per worker)",
                         step, metrics["auc"], metrics["loss"], metrics["batches"])
             return metrics
+
+    if only_evaluate:
+        return _only_evaluate(sharded, save_dir, evaluate_fn,
+                              evaluate_until_step or train_steps)
 
     result = ctl.train(
         model=sharded,
@@ -92,6 +111,8 @@ def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult
         checkpoint_max_to_keep=training.checkpoint_max_to_keep,
         evaluate_fn=evaluate_fn,
         eval_every_n=training.eval_log_every_n,
+        async_checkpoint=training.async_checkpoint,
+        seed=training.seed,
     )
     if result.final_step > result.start_step:
         logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
@@ -100,14 +121,32 @@ def run(all_config: TwhinConfig, save_dir: str | None = None) -> ctl.TrainResult
     return result
 
 
+def _only_evaluate(model: torch.nn.Module, save_dir: str, evaluate_fn: object,
+                   until_step: int) -> ctl.TrainResult:
+    if evaluate_fn is None:
+        raise ConfigError("--only_evaluate needs validation_data in the config")
+    logger.info("only evaluating: following %s until step %d", save_dir, until_step)
+    evaluated = ctl.evaluate_checkpoints(model, save_dir, evaluate_fn,  # type: ignore[arg-type]
+                                         until_step, poll_interval_s=2.0)
+    last = max(evaluated, default=0)
+    return ctl.TrainResult(0, last, None, None, evaluated.get(last, {}), None)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def train_from_yaml(config_yaml_path: str, save_dir: str | None = None) -> dict:
-    """Worker entry point: load the config and train; returns a summary of the run."""
+def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
+                    only_evaluate: bool = False, evaluate_until_step: int | None = None) -> dict:
+    """Worker entry point: load the config and train (or evaluate); a summary of the run."""
     config = load_config_from_yaml(TwhinConfig, config_yaml_path)
-    result = run(config, save_dir=save_dir)
+    result = run(config, save_dir=save_dir, only_evaluate=only_evaluate,
+                 evaluate_until_step=evaluate_until_step)
+    if dist.is_initialized():
+        # Leave together: rank 0 may host the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+        # and a rank still tearing down its process group when rank 0 exits aborts.
+        dist.barrier()
+        dist.destroy_process_group()
     return {"final_step": result.final_step, "checkpoint": result.checkpoint,
             **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
 
@@ -119,6 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "training.save_dir).")
     parser.add_argument("--nproc_per_node", type=int, default=None,
                         help="Workers to start when not launched by torchrun.")
+    # nargs="?": the self-launched workers receive it back as --only_evaluate=true.
+    parser.add_argument("--only_evaluate", nargs="?", const=True, default=False,
+                        type=lambda text: text.lower() in ("1", "true", "yes"),
+                        help="Evaluate each new complete checkpoint in save_dir once, beside "
+                        "a training job, instead of training.")
+    parser.add_argument("--evaluate_until_step", type=int, default=None,
+                        help="With --only_evaluate: stop after evaluating a checkpoint at "
+                        "this step or later (default: the run's final step).")
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -127,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Validate before starting workers: a bad config fails here, once, with its field.
     load_config_from_yaml(TwhinConfig, args.config_yaml_path)
-    kwargs = {"config_yaml_path": args.config_yaml_path}
+    kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path}
     if args.save_dir is not None:
         kwargs["save_dir"] = args.save_dir
+    if args.only_evaluate:
+        kwargs["only_evaluate"] = True
+        if args.evaluate_until_step is not None:
+            kwargs["evaluate_until_step"] = args.evaluate_until_step
     maybe_run_training(train_from_yaml, __name__, nproc_per_node=args.nproc_per_node, **kwargs)
 
 

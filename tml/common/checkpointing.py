@@ -1,28 +1,63 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), complete or absent.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): complete or absent.
 
-Layout: `save_dir/<global_step>/` holds one DCP checkpoint. A save writes into
-`save_dir/.tmp-<step>/` and rank 0 renames it to `<step>` only after every rank finished
-writing, so a directory named by a number is always complete; a save killed half-way
-leaves a `.tmp-*` directory that `latest_checkpoint` ignores and the next save removes.
+Layout: `save_dir/<global_step>/` holds one DCP checkpoint (one `.distcp` file per rank plus
+`.metadata`). A save writes into `save_dir/.tmp-<step>/`; only when it is complete does rank
+0 rename it to `<step>`. A directory named by a number is therefore always complete: a
+save killed half-way leaves a `.tmp-*` directory that `latest_checkpoint` ignores and that
+the next training run removes (`Checkpointer.prepare`).
 
-What is saved is a dict of Stateful-like parts (anything with `state_dict` /
-`load_state_dict`), e.g. `{"model": dmp, "optim": optimizer, "train": train_state}`. DCP
-reshards on load, so a checkpoint written by N workers loads into M workers.
-Loading never unpickles arbitrary objects: every value saved is a tensor.
+Why the rename is safe, for synchronous and asynchronous saves alike: DCP's save ends with
+a collective "finish" step — every rank reports the result of writing its own file, and the
+coordinator (rank 0) writes `.metadata` only after all of them succeeded; then the result
+(or the first error) is sent back to every rank. So when `dcp.save` returns, or the future
+of `dcp.async_save` resolves, on rank 0 without an error, every rank's file is written and
+the metadata too. Rank 0 alone then renames (an atomic `os.replace` within one directory)
+and applies retention; no other rank touches the directory afterwards, so no extra barrier
+is needed. If any rank fails, every rank gets the error, rank 0 removes the temporary
+directory, and the previous complete checkpoints stay as they were.
+
+Asynchronous saves (`dcp.async_save`, thread executor): the state is first copied to
+memory (staging, in the caller), then written by a background thread, so training goes on
+while files are written. Never two in flight: `save` waits for the previous one first, and
+`wait` (called at the end of training) waits for the last. The background thread runs DCP's
+collectives on a process group of its own (a second gloo group), so they cannot interleave
+with the training step's collectives on the default group. Rank 0 completes a finished save
+(rename, retention) as soon as it notices (`poll`, every step); errors are raised only at
+the points where every rank waits (`save`, `wait`), so all ranks stop together, and those
+end with a barrier, so that after them every rank sees the complete checkpoint. Async
+saving needs DTensor state (`maybe_shard_model(..., output_dtensor=True)`); ShardedTensor
+state falls back to synchronous saves with a warning (DCP cannot stage ShardedTensors).
+
+Only tensors are saved: each part's state dict is reduced to its tensor leaves
+(hyper-parameters such as learning rates come from the config on load). The `.metadata`
+file that DCP pickles is read with an unpickler that accepts only DCP's own metadata
+classes and torch dtypes, so loading never unpickles arbitrary objects.
+
+Resharding: DCP loads a checkpoint written by N workers into M workers and into another
+sharding type; the global shape of every tensor is checked first, so a checkpoint of
+another model (other table sizes) or optimizer state whose layout depends on the sharding
+(row-wise Adagrad saved table_wise, loaded column_wise) fails with one clear line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
+import time
+import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from tml.errors import CheckpointError
 
@@ -30,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^\d+$")
 TMP_PREFIX = ".tmp-"
+EVALUATION_FILE = "evaluation.json"
+# What DCP raises: its CheckpointException (a BaseException carrying each rank's error) or
+# an ordinary exception from a rank's own reader or writer.
+_DCP_ERRORS = (Exception, CheckpointException)
 
 
 class Stateful(Protocol):
@@ -37,6 +76,8 @@ class Stateful(Protocol):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
+
+# --- listing ----------------------------------------------------------------------------
 
 def checkpoint_steps(save_dir: str) -> list[int]:
     """Steps of the complete checkpoints in `save_dir`, ascending."""
@@ -52,50 +93,357 @@ def latest_checkpoint(save_dir: str) -> str | None:
     return os.path.join(save_dir, str(steps[-1])) if steps else None
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
+# --- small distributed helpers ----------------------------------------------------------
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _state(parts: Mapping[str, Stateful]) -> dict[str, Any]:
-    return {name: part.state_dict() for name, part in parts.items()}
+def _rank0_error(error: str) -> str:
+    """Rank 0's error message on every rank (only rank 0 touches the directories), so
+    that all ranks raise the same error together."""
+    if not dist.is_initialized():
+        return error
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
-def save_checkpoint(save_dir: str, step: int, parts: Mapping[str, Stateful],
-                    max_to_keep: int | None = None) -> str:
-    """Save `parts` as `save_dir/<step>` on every rank (collective); returns the path.
+def _one_line(error: BaseException) -> str:
+    """The first line of the root error (DCP wraps each rank's error with its traceback)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, cause = sorted(failures.items())[0]
+        inner = cause[0] if isinstance(cause, tuple) else cause
+        return f"rank {rank}: {_one_line(inner) if isinstance(inner, BaseException) else inner}"
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    return line if len(line) <= 200 else line[:197] + "..."
 
-    Removes leftover temporary directories of interrupted saves, and keeps only the newest
-    `max_to_keep` complete checkpoints when set.
-    """
-    final = os.path.join(save_dir, str(step))
-    tmp = os.path.join(save_dir, f"{TMP_PREFIX}{step}")
-    if _is_rank0():
-        try:
-            os.makedirs(save_dir, exist_ok=True)
-            _remove_stale_tmp(save_dir)
-        except OSError as error:
-            raise CheckpointError(f"cannot write checkpoints to {save_dir}: {error}") from None
-    _barrier()
+
+# --- tensor-only state ------------------------------------------------------------------
+
+def _tensor_tree(value: Any) -> Any:
+    """The tensor leaves of a nested dict (same objects), or None if it holds none."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        tree = {str(k): t for k, t in ((k, _tensor_tree(v)) for k, v in value.items())
+                if t is not None}
+        return tree or None
+    return None
+
+
+def _merge(full: dict[str, Any], tree: Mapping[str, Any]) -> None:
+    """Put the (loaded) tensor leaves of `tree` back into the state dict `full`."""
+    for key in list(full):
+        if str(key) not in tree:
+            continue
+        if isinstance(full[key], Mapping):
+            _merge(full[key], tree[str(key)])  # type: ignore[arg-type]
+        else:
+            full[key] = tree[str(key)]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """DCP's flat keys (`a.b.c`) of a nested tensor tree."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_sharded_tensor(value: Any) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return isinstance(value, ShardedTensor)
+
+
+def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.size())
+
+
+# --- safe metadata ----------------------------------------------------------------------
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Accepts DCP's metadata classes, torch.Size, dtypes and plain containers only."""
+
+    _BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "int", "float",
+                           "str", "bytes", "bool", "slice"})
+    # torch.serialization._get_layout maps a layout's name to torch's layout object.
+    _OTHERS = frozenset({("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                         ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if name == "Size" or isinstance(value, (torch.dtype, torch.layout,
+                                                    torch.memory_format)):
+                return value
+        if (module, name) in self._OTHERS:
+            return super().find_class(module, name)
+        if module == "builtins" and name in self._BUILTINS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which "
+                                     "a checkpoint never contains")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader whose `.metadata` is read without unpickling arbitrary objects."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as metadata_file:
+            metadata = _MetadataUnpickler(metadata_file).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("the .metadata file holds no DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_metadata(path: str) -> Metadata:
+    """DCP metadata of the checkpoint at `path` (safely unpickled)."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no .metadata file)")
     try:
-        dcp.save(_state(parts), checkpoint_id=tmp)
-    except Exception as error:  # noqa: BLE001 (DCP wraps OSErrors of each rank)
-        raise CheckpointError(f"saving checkpoint {final} failed: {error}") from None
-    _barrier()
-    if _is_rank0():
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if max_to_keep:
-            for old in checkpoint_steps(save_dir)[:-max_to_keep]:
-                shutil.rmtree(os.path.join(save_dir, str(old)), ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+        return SafeFileSystemReader(path).read_metadata()
+    except _DCP_ERRORS as error:  # noqa: BLE001 (truncated or foreign file)
+        raise CheckpointError(f"cannot read checkpoint {path}: the .metadata file is "
+                              f"damaged ({_one_line(error)})") from None
+
+
+# --- loading ----------------------------------------------------------------------------
+
+def _check_compatible(path: str, metadata: Metadata, flat: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor to load exists in the checkpoint with the same global shape."""
+    saved = metadata.state_dict_metadata
+    for key, tensor in flat.items():
+        entry = saved.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"checkpoint {path} has no tensor '{key}': it was saved by "
+                                  "a different model or optimizer configuration")
+        expected, found = _global_shape(tensor), tuple(entry.size)
+        if expected == found:
+            continue
+        if key.startswith("optim.") and ".momentum" in key:
+            raise CheckpointError(
+                f"checkpoint {path}: optimizer state '{key}' has shape {list(found)} but "
+                f"this model needs {list(expected)}: row-wise optimizer state (e.g. "
+                "Adagrad's) differs between column_wise and table_wise/row_wise sharding "
+                "and cannot be resharded; load with the sharding type it was saved with, "
+                "or warm start the weights only (training.initial_checkpoint_dir)")
+        raise CheckpointError(f"checkpoint {path}: '{key}' has shape {list(found)} but this "
+                              f"model needs {list(expected)} (saved from a config with other "
+                              "table sizes?)")
+
+
+def load_checkpoint(path: str, parts: Mapping[str, Stateful]) -> None:
+    """Load the checkpoint at `path` into `parts` in place (collective).
+
+    Works across world sizes and sharding types (DCP reshards); only tensors are read.
+    Raises CheckpointError for a missing, damaged or incompatible checkpoint.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    full = {name: part.state_dict() for name, part in parts.items()}
+    tree = {name: _tensor_tree(state) or {} for name, state in full.items()}
+    metadata = read_metadata(path)
+    _check_compatible(path, metadata, _flatten(tree))
+    try:
+        dcp.load(tree, storage_reader=SafeFileSystemReader(path))
+    except _DCP_ERRORS as error:  # noqa: BLE001 (DCP wraps each rank's error)
+        raise CheckpointError(f"cannot load checkpoint {path}: a file is damaged or "
+                              f"truncated ({_one_line(error)})") from None
+    for name, part in parts.items():
+        _merge(full[name], tree[name])
+        part.load_state_dict(full[name])
+
+
+def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint whose flat key starts with `prefix`, unsharded.
+
+    For inspection and tests in a plain process (no process group, no model): each tensor
+    is assembled at its full global shape, whatever the world size that saved it.
+    """
+    metadata = read_metadata(path)
+    tensors = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+               for key, entry in metadata.state_dict_metadata.items()
+               if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    except _DCP_ERRORS as error:  # noqa: BLE001
+        raise CheckpointError(f"cannot load checkpoint {path}: {_one_line(error)}") from None
+    return tensors
+
+
+# --- saving -----------------------------------------------------------------------------
+
+class Checkpointer:
+    """Saves checkpoints of `parts` into `save_dir`, synchronously or asynchronously.
+
+    Every rank builds one with the same arguments (construction and `prepare` are
+    collective). `save` returns the path the checkpoint will have once complete.
+    """
+
+    def __init__(self, save_dir: str, max_to_keep: int | None = None,
+                 async_save: bool = False) -> None:
+        self.save_dir = save_dir
+        self.max_to_keep = max_to_keep
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._group = None
+        self._warned_sync = False
+        if async_save and dist.is_initialized():
+            # DCP's collectives of a background save get a group of their own.
+            self._group = dist.new_group(backend="gloo")
+
+    def prepare(self) -> None:
+        """Check that `save_dir` is writable and remove leftovers of interrupted saves.
+
+        Called before training starts, so that a bad save_dir fails at once, not at the
+        first checkpoint.
+        """
+        error = ""
+        if _is_rank0():
+            try:
+                os.makedirs(self.save_dir, exist_ok=True)
+                probe = os.path.join(self.save_dir, f"{TMP_PREFIX}probe")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+                _remove_stale_tmp(self.save_dir)
+            except OSError as err:
+                error = f"{type(err).__name__}: {err.strerror or err}"
+        error = _rank0_error(error)
+        if error:
+            raise CheckpointError(f"cannot write checkpoints to {self.save_dir}: {error}")
+
+    def save(self, step: int, parts: Mapping[str, Stateful]) -> str:
+        """Save `parts` as `save_dir/<step>` (collective); returns that path.
+
+        Waits for the previous asynchronous save first (raising its error, if any).
+        """
+        self.wait()
+        final = os.path.join(self.save_dir, str(step))
+        tmp = os.path.join(self.save_dir, f"{TMP_PREFIX}{step}")
+        error = ""
+        if _is_rank0():
+            try:
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)
+                os.makedirs(tmp)
+            except OSError as err:
+                error = f"{type(err).__name__}: {err.strerror or err}"
+        error = _rank0_error(error)
+        if error:
+            raise CheckpointError(f"cannot write checkpoint {final}: {error}")
+        state = {name: _tensor_tree(part.state_dict()) or {} for name, part in parts.items()}
+        use_async = self.async_save and not self._has_sharded_tensors(state)
+        started = time.perf_counter()
+        if not use_async:
+            try:
+                dcp.save(state, checkpoint_id=tmp)
+                failure = None
+            except _DCP_ERRORS as err:  # noqa: BLE001 (DCP wraps each rank's OSError)
+                failure = err
+            _PendingSave(step, tmp, final, self, None, started).complete(failure)
+            return final
+        try:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+        except _DCP_ERRORS as err:  # noqa: BLE001
+            _PendingSave(step, tmp, final, self, None, started).complete(err)  # raises
+            raise
+        if not isinstance(future, Future):  # an AsyncSaveResponse (custom stagers only)
+            future = future.upload_completion
+        self._pending = _PendingSave(step, tmp, final, self, future, started)
+        logger.info("checkpoint %s: state staged in %.2fs, writing in the background", final,
+                    time.perf_counter() - started)
+        return final
+
+    def poll(self) -> None:
+        """Complete a finished background save now (rank 0 renames); never raises."""
+        if self._pending is not None and _is_rank0():
+            self._pending.poll()
+
+    def wait(self) -> str | None:
+        """Wait for the background save in flight (collective); its path, or None."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        return pending.wait()
+
+    def _has_sharded_tensors(self, state: Mapping[str, Any]) -> bool:
+        if not any(_is_sharded_tensor(t) for t in _flatten(state).values()):
+            return False
+        if not self._warned_sync:
+            logger.warning("the model state holds ShardedTensors, which DCP cannot save "
+                           "asynchronously: saving synchronously (shard the model with "
+                           "output_dtensor=True for asynchronous checkpoints)")
+            self._warned_sync = True
+        return True
+
+    def _retain(self) -> None:
+        if self.max_to_keep:
+            for old in checkpoint_steps(self.save_dir)[:-self.max_to_keep]:
+                shutil.rmtree(os.path.join(self.save_dir, str(old)), ignore_errors=True)
+                logger.info("removed the old checkpoint %s (max_to_keep=%d)",
+                            os.path.join(self.save_dir, str(old)), self.max_to_keep)
+
+
+class _PendingSave:
+    """One save: its future (None when synchronous) and the completion step."""
+
+    def __init__(self, step: int, tmp: str, final: str, owner: Checkpointer,
+                 future: Future | None, started: float) -> None:
+        self.step, self.tmp, self.final, self.owner = step, tmp, final, owner
+        self.future, self.started = future, started
+        self.finalized = False
+
+    def poll(self) -> None:
+        if self.future is not None and self.future.done() and not self.finalized \
+                and self.future.exception() is None:
+            self._finalize()
+
+    def wait(self) -> str:
+        assert self.future is not None
+        try:
+            self.future.result()
+            failure = None
+        except _DCP_ERRORS as err:  # noqa: BLE001
+            failure = err
+        return self.complete(failure)
+
+    def complete(self, failure: BaseException | None) -> str:
+        if failure is not None:
+            if _is_rank0():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint {self.final} failed ({_one_line(failure)}); "
+                                  "the previous complete checkpoints are intact")
+        if _is_rank0() and not self.finalized:
+            self._finalize()
+        if dist.is_initialized():
+            # Once save/wait returns, every rank sees the complete checkpoint.
+            dist.barrier()
+        return self.final
+
+    def _finalize(self) -> None:
+        if os.path.exists(self.final):
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        self.finalized = True
+        logger.info("saved checkpoint %s (%.2fs)", self.final,
+                    time.perf_counter() - self.started)
+        self.owner._retain()
 
 
 def _remove_stale_tmp(save_dir: str) -> None:
@@ -105,28 +453,59 @@ def _remove_stale_tmp(save_dir: str) -> None:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, parts: Mapping[str, Stateful]) -> None:
-    """Load the checkpoint at `path` into `parts` in place (collective)."""
-    state = _state(parts)
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from None
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
+def save_checkpoint(save_dir: str, step: int, parts: Mapping[str, Stateful],
+                    max_to_keep: int | None = None) -> str:
+    """Save `parts` synchronously as `save_dir/<step>` on every rank; returns the path."""
+    checkpointer = Checkpointer(save_dir, max_to_keep)
+    checkpointer.prepare()
+    return checkpointer.save(step, parts)
 
+
+# --- the loop's own state ---------------------------------------------------------------
 
 class TrainState:
-    """The small state of the loop that must survive a restart: step and data position."""
+    """The small state of the loop that must survive a restart.
+
+    step: the last completed step; batches_consumed: the data position; wall_time: seconds
+    spent training so far, summed over restarts.
+    """
 
     def __init__(self) -> None:
         self.step = 0
         self.batches_consumed = 0
+        self.wall_time = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": torch.tensor(self.step), "batches_consumed":
-                torch.tensor(self.batches_consumed)}
+                torch.tensor(self.batches_consumed),
+                "wall_time": torch.tensor(self.wall_time, dtype=torch.float64)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
         self.batches_consumed = int(state_dict["batches_consumed"])
+        self.wall_time = float(state_dict.get("wall_time", 0.0))
+
+
+class SchedulerState:
+    """The LR scheduler's position as a tensor (its own state dict holds Python objects).
+
+    On load the scheduler is moved to the saved step and the learning rates recomputed.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": torch.tensor(int(self.scheduler.last_epoch))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_schedule_step(self.scheduler, int(state_dict["last_epoch"]))
+
+
+def set_schedule_step(scheduler: Any, step: int) -> None:
+    """Put `scheduler` at `step` and set each group's learning rate for that step."""
+    if scheduler is None:
+        return
+    scheduler.last_epoch = step
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr

@@ -4,16 +4,30 @@
 `TrainPipelineSparseDist` (which overlaps the next batch's embedding all-to-all with the
 current step, on CPU as on GPU), logs step / loss / steps/s / examples/s every
 `logging_interval` steps, evaluates through a callback, saves a DCP checkpoint every
-`checkpoint_frequency` steps and at the end, and resumes from the newest complete
-checkpoint in `save_dir` — at the same step, the same optimizer state and the same place in
-the data (the dataset must offer `state_dict` / `load_state_dict` of its position).
+`checkpoint_frequency` steps and at the end (asynchronously when asked: training goes on
+while the files are written), and resumes from the newest complete checkpoint in
+`save_dir` — at the same step, the same optimizer state, the same LR schedule position and
+the same place in the data (the dataset must offer `state_dict` / `load_state_dict` of its
+position). `evaluate_checkpoints` is the `only_evaluate` mode: it follows a save_dir and
+evaluates each new complete checkpoint once.
+
+Determinism across restarts: with `seed` set, the torch RNG is re-seeded before every step
+from (seed, step, world size, rank), so a run resumed from a checkpoint draws the same
+random numbers (TwHIN's in-batch negatives) as a run that was never interrupted.
+
+Test hook: `TML_TEST_CRASH_AT_STEP=N` makes rank 1 (rank 0 in a 1-worker run) kill itself
+with SIGKILL right after step N, on the first attempt of a torch elastic group only
+(`TORCHELASTIC_RESTART_COUNT` 0). The fault-tolerance test uses it to crash a worker at a
+known step; it has no other use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -24,11 +38,16 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from tml.common.checkpointing import (
+    EVALUATION_FILE,
+    Checkpointer,
+    SchedulerState,
     TrainState,
+    checkpoint_steps,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    set_schedule_step,
 )
+from tml.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +102,29 @@ def _progress_bar(total: int, initial: int):  # noqa: ANN202
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def _set_schedule_step(scheduler: Any, step: int) -> None:
-    if scheduler is None:
+CRASH_AT_STEP_ENV = "TML_TEST_CRASH_AT_STEP"
+
+
+def _maybe_crash_for_test(step: int) -> None:
+    """The fault-tolerance test hook (see the module docstring)."""
+    crash_at = os.environ.get(CRASH_AT_STEP_ENV)
+    if not crash_at or int(crash_at) != step:
         return
-    scheduler.last_epoch = step
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
-        group["lr"] = lr
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == min(1, world_size - 1):
+        logger.warning("%s=%s: killing rank %d at step %d (test hook)", CRASH_AT_STEP_ENV,
+                       crash_at, rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Seed torch's RNG for the step after `step`, distinct per rank, equal across restarts."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(seed + step * world_size + rank)
 
 
 def train(
@@ -108,6 +144,8 @@ def train(
     checkpoint_max_to_keep: int | None = None,
     evaluate_fn: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
     eval_every_n: int | None = None,
+    async_checkpoint: bool = False,
+    seed: int | None = None,
 ) -> TrainResult:
     """Train `model` (returns `(loss, outputs)`) for up to `train_steps` steps.
 
@@ -115,36 +153,50 @@ def train(
       model: the DMP-wrapped model-and-loss.
       optimizer: the combined optimizer (fused tables + dense).
       device: this worker's device.
-      save_dir: checkpoints go to `save_dir/<step>`; the newest is resumed.
+      save_dir: checkpoints go to `save_dir/<step>`; the newest complete one is resumed.
       logging_interval: log every N steps.
       train_steps: the last step; training also ends when `dataset` runs out.
       checkpoint_frequency: save every N steps (and always at the end).
       dataset: iterable of Pipelineable batches, with `state_dict`/`load_state_dict` of its
         position and `len()` (batches per epoch) when resumable.
       worker_batch_size: examples per step summed over workers (for examples/s).
-      scheduler: stepped once per step.
+      scheduler: stepped once per step; its position is saved and restored.
       initial_checkpoint_dir: warm start (weights only, step 0) when save_dir has none.
       gradient_accumulation: step the dense optimizer every N batches.
       evaluate_fn: `evaluate_fn(model, step) -> metrics`, called every `eval_every_n` steps
         and at the end, on every rank (it may run collectives).
+      async_checkpoint: write checkpoints in the background (needs DTensor state: shard
+        with `output_dtensor=True`); at most one in flight, waited for at the end.
+      seed: re-seed torch's RNG before every step (see the module docstring).
     """
     del num_workers  # reading happens in the dataset's own iterator
     train_state = TrainState()
     parts: dict[str, Any] = {"model": model, "optim": optimizer, "train": train_state}
+    if scheduler is not None:
+        parts["scheduler"] = SchedulerState(scheduler)
+    checkpointer = Checkpointer(save_dir, checkpoint_max_to_keep, async_save=async_checkpoint)
     resumed_from = latest_checkpoint(save_dir)
+    if dist.is_initialized():
+        # Every rank must resume from the same checkpoint: rank 0's listing decides.
+        listing = [resumed_from]
+        dist.broadcast_object_list(listing, src=0)
+        resumed_from = listing[0]
     if resumed_from is not None:
         load_checkpoint(resumed_from, parts)
-        logger.info("resumed from %s at step %d", resumed_from, train_state.step)
+        logger.info("resumed from %s at step %d (%.1fs of training so far)", resumed_from,
+                    train_state.step, train_state.wall_time)
     elif initial_checkpoint_dir:
         load_checkpoint(initial_checkpoint_dir, {"model": model})
         logger.info("warm start: weights from %s, starting at step 0", initial_checkpoint_dir)
     start_step = train_state.step
-    _set_schedule_step(scheduler, start_step)
+    if resumed_from is None or scheduler is None:
+        set_schedule_step(scheduler, start_step)
 
     if start_step >= train_steps:
         logger.info("the checkpoint %s already reached step %d (the run ends at step %d); "
                     "nothing to train", resumed_from, start_step, train_steps)
         return TrainResult(start_step, start_step, None, resumed_from, {}, resumed_from)
+    checkpointer.prepare()
 
     _seek(dataset, train_state.batches_consumed)
     step_optimizer = optimizer if not gradient_accumulation or gradient_accumulation == 1 \
@@ -160,7 +212,10 @@ def train(
     checkpoint: str | None = resumed_from
     bar = _progress_bar(train_steps, start_step)
     interval_start, interval_steps = time.perf_counter(), 0
+    wall_start, wall_base = time.perf_counter(), train_state.wall_time
     while step < train_steps:
+        if seed is not None:
+            seed_step(seed, step)
         try:
             outputs = pipeline.progress(data_iter)
         except StopIteration:
@@ -170,6 +225,7 @@ def train(
         interval_steps += 1
         train_state.step = step
         train_state.batches_consumed += 1
+        train_state.wall_time = wall_base + time.perf_counter() - wall_start
         if scheduler is not None:
             scheduler.step()
         losses.append(outputs["loss"].detach())
@@ -186,7 +242,9 @@ def train(
                 and step < train_steps:
             eval_metrics = _evaluate(pipeline, evaluate_fn, step)
         if step % checkpoint_frequency == 0 and step < train_steps:
-            checkpoint = save_checkpoint(save_dir, step, parts, checkpoint_max_to_keep)
+            checkpoint = checkpointer.save(step, parts)
+        checkpointer.poll()
+        _maybe_crash_for_test(step)
     if bar is not None:
         bar.close()
     if losses:
@@ -197,8 +255,79 @@ def train(
         eval_metrics = evaluate_fn(model, step)
         model.train()
     if step > start_step and checkpoint != os.path.join(save_dir, str(step)):
-        checkpoint = save_checkpoint(save_dir, step, parts, checkpoint_max_to_keep)
+        checkpoint = checkpointer.save(step, parts)
+    checkpointer.wait()
     return TrainResult(start_step, step, last_loss, checkpoint, eval_metrics, resumed_from)
+
+
+def evaluate_checkpoints(
+    model: torch.nn.Module,
+    save_dir: str,
+    evaluate_fn: Callable[[torch.nn.Module, int], dict[str, float]],
+    until_step: int,
+    poll_interval_s: float = 10.0,
+    timeout_s: float | None = None,
+) -> dict[int, dict[str, float]]:
+    """The `only_evaluate` mode: evaluate each new complete checkpoint in `save_dir` once.
+
+    Runs beside a training job (its own workers, same model config). Every complete
+    checkpoint without an `evaluation.json` is loaded (weights only) and evaluated; rank 0
+    then writes the metrics to `<checkpoint>/evaluation.json`, which marks it evaluated, so a
+    restarted evaluator skips it. Stops once a checkpoint at step >= `until_step` was
+    evaluated (or found evaluated), or after `timeout_s` without a new checkpoint.
+    Returns `{step: metrics}` of the checkpoints evaluated by this call.
+    """
+    results: dict[int, dict[str, float]] = {}
+    last_new = time.monotonic()
+    while True:
+        pending, finished = _unevaluated_steps(save_dir, until_step)
+        for step in pending:
+            path = os.path.join(save_dir, str(step))
+            try:
+                load_checkpoint(path, {"model": model})
+            except CheckpointError:
+                if not os.path.isdir(path):  # removed by the trainer's retention meanwhile
+                    logger.warning("checkpoint %s went away before evaluation", path)
+                    continue
+                raise
+            metrics = evaluate_fn(model, step)
+            results[step] = metrics
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                _write_json(os.path.join(path, EVALUATION_FILE),
+                            {"step": step, "metrics": metrics})
+            logger.info("evaluated checkpoint %s: %s", path, metrics)
+            last_new = time.monotonic()
+            finished = finished or step >= until_step
+        if finished:
+            logger.info("a checkpoint at step >= %d is evaluated; done", until_step)
+            if dist.is_initialized():
+                dist.barrier()
+            return results
+        if timeout_s is not None and time.monotonic() - last_new > timeout_s:
+            logger.info("no new checkpoint in %s for %.0fs; stopping", save_dir, timeout_s)
+            return results
+        time.sleep(poll_interval_s)
+
+
+def _unevaluated_steps(save_dir: str, until_step: int) -> tuple[list[int], bool]:
+    """Steps to evaluate and whether the final one is already evaluated; rank 0 decides."""
+    steps = checkpoint_steps(save_dir)
+    done = [s for s in steps
+            if os.path.isfile(os.path.join(save_dir, str(s), EVALUATION_FILE))]
+    pending = [s for s in steps if s not in done]
+    finished = any(s >= until_step for s in done)
+    if dist.is_initialized():
+        shared = [(pending, finished)]
+        dist.broadcast_object_list(shared, src=0)
+        pending, finished = shared[0]
+    return pending, finished
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _seek(dataset: Any, batches_consumed: int) -> None:

@@ -19,7 +19,10 @@ class TwhinDataConfig(BaseConfig):
                            "(any fsspec URL). A directory means all *.parquet inside it.")
     per_replica_batch_size: pydantic.PositiveInt = Field(..., description="Positive edges "
                                                          "per rank per step.")
-    global_negatives: int = Field(0, description="Not supported yet; must be 0.")
+    global_negatives: pydantic.NonNegativeInt = Field(
+        0, description="Negatives per positive edge and side drawn uniformly from the whole "
+        "table of that side (lhs table for the lhs side, rhs table for the rhs side); looked "
+        "up through the sharded tables with the batch.")
     in_batch_negatives: pydantic.NonNegativeInt = Field(
         ..., description="Negatives per positive edge and side, drawn from the same "
         "relation's rows of the batch.")
@@ -28,11 +31,3 @@ class TwhinDataConfig(BaseConfig):
     offset: pydantic.NonNegativeInt | None = Field(None, description="Skip this many batches "
                                                    "per rank first (to hold out a split of "
                                                    "the same files).")
-
-    @pydantic.field_validator("global_negatives")
-    @classmethod
-    def _no_global_negatives(cls, value: int) -> int:
-        if value != 0:
-            raise ValueError("global_negatives is not supported yet; set it to 0 and use "
-                             "in_batch_negatives")
-        return value

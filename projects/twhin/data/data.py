@@ -42,4 +42,5 @@ def create_dataset(data_config: TwhinDataConfig, model_config: TwhinModelConfig,
         limit=data_config.limit,
         offset=data_config.offset,
         num_epochs=num_epochs,
+        global_negatives=data_config.global_negatives,
     )

@@ -79,6 +79,9 @@ class EdgesDataset:
       offset: skip this many batches per rank per epoch first.
       num_epochs: how many times iteration goes over the share (same order each time).
       lhs_column, rhs_column, rel_column, weight_column: column names; weight is optional.
+      global_negatives: per edge and side, this many ids drawn uniformly from the edge's lhs
+        and rhs tables and appended to the batch's lookups (`edges_to_kjt`). Drawn from a
+        generator seeded by `seed`, rank, epoch and batch, so a resumed run draws the same.
 
     Iteration: each `iter()` starts at the beginning, or exactly at the position given to
     `load_state_dict` just before. While iterating, `state_dict()` is the next batch to yield.
@@ -88,7 +91,8 @@ class EdgesDataset:
                  batch_size: int, rank: int = 0, world_size: int = 1,
                  limit: int | None = None, offset: int | None = None, num_epochs: int = 1,
                  lhs_column: str = "lhs", rhs_column: str = "rhs", rel_column: str = "rel",
-                 weight_column: str = "weight") -> None:
+                 weight_column: str = "weight", global_negatives: int = 0,
+                 seed: int = 0) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -99,6 +103,8 @@ class EdgesDataset:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if offset is not None and offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
+        if global_negatives < 0:
+            raise ValueError(f"global_negatives must be >= 0, got {global_negatives}")
         if not relations:
             raise ConfigError("at least one relation is required")
         self.data_root = data_root
@@ -119,6 +125,8 @@ class EdgesDataset:
         self.rhs_column = rhs_column
         self.rel_column = rel_column
         self.weight_column = weight_column
+        self.global_negatives = global_negatives
+        self.seed = seed
 
         self._relation_tables = relation_tables(self.relations, self.table_names)
         self._lhs_sizes = np.array([self.table_sizes[r.lhs] for r in self.relations], np.int64)
@@ -191,16 +199,25 @@ class EdgesDataset:
                 if batch == self._num_batches:
                     epoch, batch = epoch + 1, 0
                 self._epoch, self._batch = epoch, batch
-                yield self._to_batch(*arrays)
+                yield self._to_batch(*arrays, position=(epoch, batch))
             if batch:  # the files changed under us: fewer rows than their footers said
                 raise DataError(f"{self.data_root}: the files ended before the rows their "
                                 "metadata announced; were they rewritten during training?")
         self._epoch, self._batch = max(epoch, self.num_epochs), 0
 
     def _to_batch(self, lhs: np.ndarray, rhs: np.ndarray, rel: np.ndarray,
-                  weight: np.ndarray) -> EdgeBatch:
+                  weight: np.ndarray, position: tuple[int, int] = (0, 0)) -> EdgeBatch:
         lhs_t, rhs_t, rel_t = (torch.from_numpy(a) for a in (lhs, rhs, rel))
-        nodes = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables, self.table_names)
+        negative_lhs = negative_rhs = None
+        if self.global_negatives:
+            rng = np.random.default_rng([self.seed, self.rank, *position])
+            shape = (len(lhs), self.global_negatives)
+            sizes = (self._lhs_sizes[rel][:, None], self._rhs_sizes[rel][:, None])
+            negative_lhs, negative_rhs = (
+                torch.from_numpy((rng.random(shape) * size).astype(np.int64))
+                for size in sizes)
+        nodes = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables, self.table_names,
+                             negative_lhs, negative_rhs)
         return EdgeBatch(nodes=nodes, labels=torch.ones(len(lhs_t)), rels=rel_t,
                          weights=torch.from_numpy(weight))
 

@@ -5,6 +5,11 @@ so a batch of B edges is 2B lookups. The KJT has one key per table; each lookup 
 under the key of its table and 0 under the others; values are grouped by table, in lookup
 order within a table. Pooled (SUM) output is then (2B, T*D) with zeros in the T-1 tables a
 lookup does not use, and summing over tables gives each lookup's vector.
+
+Global negatives (`global_negatives = G > 0`) are more lookups appended after the 2B
+positive ones, edge by edge: G ids of the edge's lhs table, then G ids of its rhs table, so
+the batch has 2B(1 + G) lookups. They go through the same (sharded) tables as the positives,
+which is why they are part of the batch and not drawn inside the model.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ def relation_tables(relations: list, table_names: list[str]) -> torch.Tensor:
 
 
 def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
-                 relation_tables_t: torch.Tensor, table_names: list[str]) -> KeyedJaggedTensor:
+                 relation_tables_t: torch.Tensor, table_names: list[str],
+                 negative_lhs: torch.Tensor | None = None,
+                 negative_rhs: torch.Tensor | None = None) -> KeyedJaggedTensor:
     """The lookup KJT of a batch of edges (vectorised; no Python loop over edges).
 
     Args:
@@ -48,9 +55,19 @@ def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
       rel: (B,) int64 relation indices.
       relation_tables_t: (R, 2) from `relation_tables`.
       table_names: KJT keys, in config order.
+      negative_lhs, negative_rhs: optional (B, G) global negatives: rows of each edge's lhs
+        and rhs table, appended after the positives (see module docstring).
     """
     lookup_tables = relation_tables_t[rel].reshape(-1)          # (2B,) lhs, rhs interleaved
     lookup_rows = torch.stack((lhs, rhs), dim=1).reshape(-1)    # (2B,)
+    if negative_lhs is not None and negative_rhs is not None and negative_lhs.shape[1]:
+        g = negative_lhs.shape[1]
+        tables = relation_tables_t[rel]                          # (B, 2)
+        negative_tables = torch.cat([tables[:, :1].expand(-1, g), tables[:, 1:].expand(-1, g)],
+                                    dim=1).reshape(-1)           # (2BG,)
+        negative_rows = torch.cat([negative_lhs, negative_rhs], dim=1).reshape(-1)
+        lookup_tables = torch.cat([lookup_tables, negative_tables])
+        lookup_rows = torch.cat([lookup_rows, negative_rows])
     order = torch.argsort(lookup_tables, stable=True)
     values = lookup_rows[order]
     num_tables = len(table_names)

@@ -33,17 +33,30 @@ class TwhinEmbeddingsConfig(LargeEmbeddingsConfig):
 
 
 class Operator(str, enum.Enum):
+    """How a relation's vector r combines an edge's lhs and rhs into a score.
+
+    translation: dot(lhs, rhs + r); identity: dot(lhs, rhs) (r unused); diagonal (DistMult):
+    sum(lhs * r * rhs); complex_diagonal (ComplEx): Re(sum(lhs * r * conj(rhs))) with the
+    first half of each vector the real part and the second half the imaginary part.
+    """
+
     TRANSLATION = "translation"
+    IDENTITY = "identity"
+    DIAGONAL = "diagonal"
+    COMPLEX_DIAGONAL = "complex_diagonal"
 
 
 class Relation(BaseConfig):
-    """An edge type: `lhs` and `rhs` name tables; the score is dot(lhs, rhs + t_relation)."""
+    """An edge type: `lhs` and `rhs` name tables; `operator` says how it scores an edge."""
 
     name: str = Field(..., description="Relation name.")
     lhs: str = Field(..., description="Table of the left-hand entity.")
     rhs: str = Field(..., description="Table of the right-hand entity.")
-    operator: Operator = Field(Operator.TRANSLATION, description="Applied to rhs before the "
-                               "dot product.")
+    operator: Operator = Field(Operator.TRANSLATION, description="Scoring: translation "
+                               "dot(lhs, rhs + r), identity dot(lhs, rhs), diagonal "
+                               "sum(lhs * r * rhs) (DistMult), complex_diagonal "
+                               "Re(sum(lhs * r * conj(rhs))) (ComplEx; even embedding_dim, "
+                               "real half then imaginary half).")
 
 
 class TwhinModelConfig(BaseConfig):
@@ -64,6 +77,11 @@ class TwhinModelConfig(BaseConfig):
                 if table not in names:
                     raise ValueError(f"relations[{index}] ('{relation.name}'): {side} names "
                                      f"unknown table '{table}' (tables: {', '.join(names)})")
+        dim = self.embeddings.tables[0].embedding_dim
+        for index, relation in enumerate(self.relations):
+            if relation.operator == Operator.COMPLEX_DIAGONAL and dim % 2:
+                raise ValueError(f"relations[{index}] ('{relation.name}'): operator "
+                                 f"complex_diagonal needs an even embedding_dim, got {dim}")
         seen = set()
         for relation in self.relations:
             if relation.name in seen:

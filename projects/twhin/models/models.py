@@ -1,12 +1,23 @@
 """The TwHIN model, its loss wrapper and its per-table fused optimizers.
 
-Score of an edge (lhs, rel, rhs): `dot(lhs, rhs + t_rel)`, with one learned translation
-vector `t_rel` per relation. Negatives are drawn from the batch itself: for every relation
-in the batch, `in_batch_negatives` rows of that relation's lhs and rhs are sampled, and each
-positive's lhs is scored against the sampled rhs (and each rhs against the sampled lhs) with
-the same operator. Fixes against the original tml: the translation is a trained parameter
-(the original read `.data`, so it never learned), negatives use the relation's translation,
-and negatives are labelled 0 (the original labelled them 1).
+Each relation has one learned vector r (a row of `all_trans_embs`, named so for checkpoint
+compatibility) and an operator (`models.config.Operator`) saying how r combines an edge's
+lhs and rhs: translation dot(lhs, rhs + r) (the default), identity dot(lhs, rhs), diagonal
+sum(lhs * r * rhs) (DistMult), complex_diagonal Re(sum(lhs * r * conj(rhs))) (ComplEx).
+
+All scoring goes through `relation_query`: every operator is linear in each side, so
+score(lhs, r, rhs) = dot(q, rhs) + b with (q, b) = relation_query(lhs, r, "tail"), and
+= dot(q', lhs) + b' with (q', b') = relation_query(rhs, r, "head"). Positives, in-batch and
+global negatives, link-prediction ranking and nearest-neighbour queries all use it, so they
+cannot disagree; ranking a million candidates is then one matrix product.
+
+Negatives: in-batch (for every relation in the batch, `in_batch_negatives` rows of that
+relation's lhs and rhs are sampled and each positive's lhs is scored against the sampled
+rhs and each rhs against the sampled lhs) and global (ids drawn uniformly from the right
+table by the dataset and looked up with the batch, see `data.edges`). Fixes against the
+original tml: the translation is a trained parameter (the original read `.data`, so it never
+learned), negatives use the relation's operator, and negatives are labelled 0 (the original
+labelled them 1).
 """
 
 from __future__ import annotations
@@ -20,14 +31,87 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.data.edges import EdgeBatch
-from projects.twhin.models.config import TwhinModelConfig
+from projects.twhin.models.config import Operator, TwhinModelConfig
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.errors import ConfigError
 from tml.optimizers.optimizer import get_optimizer_class, optimizer_kwargs
 
+# Operator codes as stored in tensors (position in this tuple).
+OPERATORS: tuple[Operator, ...] = (Operator.TRANSLATION, Operator.IDENTITY, Operator.DIAGONAL,
+                                   Operator.COMPLEX_DIAGONAL)
+
+
+def operator_code(operator: Operator | str) -> int:
+    """The integer code of an operator (its position in `OPERATORS`)."""
+    return OPERATORS.index(Operator(operator))
+
+
+def initial_relation_vector(operator: Operator | str, dim: int) -> torch.Tensor:
+    """The neutral r of an operator: the score starts as dot(lhs, rhs) whichever it is."""
+    operator = Operator(operator)
+    if operator == Operator.DIAGONAL:
+        return torch.ones(dim)
+    if operator == Operator.COMPLEX_DIAGONAL:
+        return torch.cat([torch.ones(dim // 2), torch.zeros(dim - dim // 2)])
+    return torch.zeros(dim)
+
+
+def _query_one(x: torch.Tensor, r: torch.Tensor, code: int,
+               side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    operator = OPERATORS[code]
+    zero = x.new_zeros(x.shape[:-1])
+    if operator == Operator.IDENTITY:
+        return x, zero
+    if operator == Operator.TRANSLATION:
+        # tail: dot(lhs, rhs + r) = dot(lhs, rhs) + dot(lhs, r); head: dot(rhs + r, lhs).
+        return (x, (x * r).sum(-1)) if side == "tail" else (x + r, zero)
+    if operator == Operator.DIAGONAL:
+        return x * r, zero
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    re, im = r[..., :half], r[..., half:]
+    if side == "tail":   # lhs * r, as a complex product: then Re(<., conj(rhs)>) is a dot
+        return torch.cat([a * re - b * im, a * im + b * re], dim=-1), zero
+    # head: r * conj(rhs), then Re(<lhs, .>) is a dot
+    return torch.cat([re * a + im * b, re * b - im * a], dim=-1), zero
+
+
+def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor, codes: torch.Tensor,
+                   side: str = "tail") -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, b) with score = dot(q, other side) + b: THE scoring function of TwHIN.
+
+    Args:
+      x: (N, D) the known side: lhs vectors when `side="tail"` (scoring candidate rhs),
+        rhs vectors when `side="head"` (scoring candidate lhs).
+      relation_vectors: (N, D) each row's relation vector.
+      codes: (N,) each row's operator code (`operator_code`).
+      side: "tail" or "head".
+    Returns q (N, D) and b (N,).
+    """
+    if side not in ("tail", "head"):
+        raise ValueError(f"side must be 'tail' or 'head', got {side!r}")
+    present = torch.unique(codes).tolist()
+    if len(present) == 1:
+        return _query_one(x, relation_vectors, int(present[0]), side)
+    q = torch.zeros_like(x)
+    b = x.new_zeros(x.shape[:-1])
+    for code in present:
+        mask = codes == code
+        q_code, b_code = _query_one(x, relation_vectors, int(code), side)
+        q = torch.where(mask.unsqueeze(-1), q_code, q)
+        b = torch.where(mask, b_code, b)
+    return q, b
+
+
+def score(lhs: torch.Tensor, relation_vectors: torch.Tensor, rhs: torch.Tensor,
+          codes: torch.Tensor) -> torch.Tensor:
+    """(N,) scores of N edges (row i: lhs[i], relation_vectors[i], rhs[i], codes[i])."""
+    q, b = relation_query(lhs, relation_vectors, codes, "tail")
+    return (q * rhs).sum(-1) + b
+
 
 class TwhinModel(nn.Module):
-    """Embedding tables (one per entity type) plus a translation vector per relation."""
+    """Embedding tables (one per entity type) plus a vector and an operator per relation."""
 
     def __init__(self, model_config: TwhinModelConfig, data_config: TwhinDataConfig) -> None:
         super().__init__()
@@ -35,49 +119,89 @@ class TwhinModel(nn.Module):
         self.embedding_dim = model_config.embeddings.tables[0].embedding_dim
         self.num_relations = len(model_config.relations)
         self.in_batch_negatives = data_config.in_batch_negatives
+        self.operators = [Operator(r.operator) for r in model_config.relations]
         self.large_embeddings = LargeEmbeddings(model_config.embeddings)
         self.all_trans_embs = nn.Parameter(
             torch.empty(self.num_relations, self.embedding_dim))
+        # Not a parameter, not in the state dict: the config says it.
+        self.register_buffer("operator_codes", torch.tensor(
+            [operator_code(op) for op in self.operators], dtype=torch.long), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Translations start at zero: the score starts as a plain dot product."""
+        """Each relation vector starts neutral for its operator: the score is dot(lhs, rhs)."""
         with torch.no_grad():
-            self.all_trans_embs.zero_()
+            for index, operator in enumerate(self.operators):
+                self.all_trans_embs[index].copy_(
+                    initial_relation_vector(operator, self.embedding_dim))
 
     def lookup(self, batch: EdgeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lhs, rhs) embeddings, each (B, D), read from the tables by name.
+        """(lhs, rhs) embeddings, each (B, D), read from the tables by name."""
+        lhs, rhs, _, _ = self.lookup_all(batch)
+        return lhs, rhs
+
+    def lookup_all(self, batch: EdgeBatch) -> tuple[torch.Tensor, ...]:
+        """(lhs, rhs) (B, D) and the global negatives (negative_lhs, negative_rhs) (B, G, D).
 
         Each lookup is non-empty in exactly one table, so summing the per-table pooled
         outputs gives its vector; by name because sharding reorders the output keys.
         """
         pooled = self.large_embeddings(batch.nodes).to_dict()
         x = torch.stack([pooled[name] for name in self.table_names], dim=0).sum(dim=0)
-        x = x.view(-1, 2, self.embedding_dim)
-        return x[:, 0, :], x[:, 1, :]
+        return split_lookups(x, batch.rels)
 
     def forward(self, batch: EdgeBatch) -> dict[str, torch.Tensor]:
-        """Logits of the B positives, then of the in-batch negatives (relation by relation)."""
-        lhs, rhs = self.lookup(batch)
-        translated = rhs + self.all_trans_embs[batch.rels]
-        positives = (lhs * translated).sum(-1)
+        """Logits of the B positives, the in-batch negatives, then the global negatives."""
+        lhs, rhs, negative_lhs, negative_rhs = self.lookup_all(batch)
+        relation_vectors = self.all_trans_embs[batch.rels]
+        codes = self.operator_codes[batch.rels]
+        positives = score(lhs, relation_vectors, rhs, codes)
         negatives = in_batch_negative_logits(lhs, rhs, batch.rels, self.all_trans_embs,
-                                             self.in_batch_negatives)
-        logits = torch.cat([positives, negatives])
+                                             self.in_batch_negatives, self.operator_codes)
+        global_negatives = global_negative_logits(lhs, rhs, negative_lhs, negative_rhs,
+                                                  relation_vectors, codes)
+        logits = torch.cat([positives, negatives, global_negatives])
         return {"logits": logits, "probabilities": torch.sigmoid(logits)}
 
 
+def split_lookups(x: torch.Tensor, rels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(lhs, rhs, negative_lhs, negative_rhs) from the 2B(1 + G) looked-up vectors."""
+    num_edges, dim = rels.shape[0], x.shape[-1]
+    positives = x[:2 * num_edges].view(num_edges, 2, dim)
+    g = (x.shape[0] - 2 * num_edges) // (2 * num_edges) if num_edges else 0
+    negatives = x[2 * num_edges:].view(num_edges, 2, g, dim)
+    return positives[:, 0], positives[:, 1], negatives[:, 0], negatives[:, 1]
+
+
+def global_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, negative_lhs: torch.Tensor,
+                           negative_rhs: torch.Tensor, relation_vectors: torch.Tensor,
+                           codes: torch.Tensor) -> torch.Tensor:
+    """`2 * B * G` logits: each lhs against its G negative rhs, each rhs against G lhs."""
+    if negative_lhs.shape[1] == 0:
+        return lhs.new_zeros(0)
+    q, b = relation_query(lhs, relation_vectors, codes, "tail")
+    tails = torch.einsum("bd,bgd->bg", q, negative_rhs) + b.unsqueeze(1)
+    q, b = relation_query(rhs, relation_vectors, codes, "head")
+    heads = torch.einsum("bd,bgd->bg", q, negative_lhs) + b.unsqueeze(1)
+    return torch.cat([tails.reshape(-1), heads.reshape(-1)])
+
+
 def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
-                             translations: torch.Tensor, n: int) -> torch.Tensor:
+                             translations: torch.Tensor, n: int,
+                             operator_codes: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of `n` in-batch negatives per positive and side, relation by relation.
 
     For each relation in the batch: every lhs row is scored against `n` sampled rhs rows of
     the same relation and every rhs row against `n` sampled lhs rows (a permutation,
-    repeated when the relation has fewer than `n` rows), with the relation's translation.
+    repeated when the relation has fewer than `n` rows), with the relation's vector
+    (`translations`, (R, D)) and operator (`operator_codes`, (R,); default translation).
     Returns `2 * B * n` logits.
     """
     if not n:
         return lhs.new_zeros(0)
+    if operator_codes is None:
+        operator_codes = torch.zeros(translations.shape[0], dtype=torch.long,
+                                     device=translations.device)
     negatives = []
     for relation in torch.unique(rels).tolist():
         rows = torch.nonzero(rels == relation).squeeze(1)
@@ -85,9 +209,12 @@ def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.T
         repeats = math.ceil(n / count)
         lhs_sample = rows[torch.randperm(count, device=rows.device).repeat(repeats)[:n]]
         rhs_sample = rows[torch.randperm(count, device=rows.device).repeat(repeats)[:n]]
-        t = translations[relation]
-        negatives.append((lhs[rows] @ (rhs[rhs_sample] + t).T).reshape(-1))
-        negatives.append(((rhs[rows] + t) @ lhs[lhs_sample].T).reshape(-1))
+        r = translations[relation].expand(count, -1)
+        codes = operator_codes[relation].expand(count)
+        q, b = relation_query(lhs[rows], r, codes, "tail")
+        negatives.append((q @ rhs[rhs_sample].T + b.unsqueeze(1)).reshape(-1))
+        q, b = relation_query(rhs[rows], r, codes, "head")
+        negatives.append((q @ lhs[lhs_sample].T + b.unsqueeze(1)).reshape(-1))
     return torch.cat(negatives)
 
 
@@ -107,6 +234,9 @@ def labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
 # these functions hold data-dependent shapes, so the tracer records them as calls.
 torch.fx.wrap("in_batch_negative_logits")
 torch.fx.wrap("labels_and_weights")
+torch.fx.wrap("relation_query")
+torch.fx.wrap("split_lookups")
+torch.fx.wrap("global_negative_logits")
 
 
 def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> TwhinModel:

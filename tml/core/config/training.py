@@ -41,3 +41,10 @@ class TrainingConfig(BaseConfig):
         None, description="Step the dense optimizer every N batches. Embedding tables with "
         "fused optimizers update in every backward regardless.")
     num_epochs: pydantic.PositiveInt = Field(1, description="Passes over the training data.")
+    async_checkpoint: bool = Field(
+        True, description="Write checkpoints in the background (torch.distributed.checkpoint "
+        "async_save) while training goes on; at most one save in flight. False: training "
+        "waits for each save.")
+    seed: int = Field(0, description="Seed of the model's initial weights and of the per-step "
+                      "random numbers (in-batch negatives), re-seeded from (seed, step, rank) "
+                      "every step so that a resumed run draws what an uninterrupted one does.")

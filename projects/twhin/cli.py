@@ -1,0 +1,240 @@
+"""`twhin`: import triples, train, evaluate, export and query TwHIN embeddings.
+
+    twhin import --triples edges.tsv --out data/mygraph
+    twhin train --config data/mygraph/config.yaml --save_dir runs/mygraph [--set k=v ...]
+    twhin evaluate --config data/mygraph/config.yaml --checkpoint runs/mygraph [--json]
+    twhin export --config data/mygraph/config.yaml --checkpoint runs/mygraph --out emb/
+    twhin neighbors --embeddings emb/ --entity user:alice [--relation follows] [--k 10]
+
+See docs/twhin_cli.md. User errors print one `error: ...` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from tml.common.cli import run_cli
+from tml.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twhin", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("import", help="String triples (TSV/CSV/parquet) to training data.")
+    p.add_argument("--triples", required=True, help="Training triples: head, relation, tail.")
+    p.add_argument("--valid", help="Validation triples (default: split from --triples).")
+    p.add_argument("--test", help="Test triples (default: split from --triples).")
+    p.add_argument("--split", default="0.9,0.05,0.05", help="train,validation,test fractions "
+                   "of --triples when --valid and --test are not given.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the split.")
+    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--dim", type=int, default=32, help="embedding_dim in the written config.")
+    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+
+    p = commands.add_parser("train", help="Train (same as projects/twhin/run.py).")
+    p.add_argument("--config", required=True, help="TwHIN YAML config.")
+    p.add_argument("--save_dir", required=True, help="Checkpoint directory.")
+    p.add_argument("--nproc_per_node", type=int, default=None, help="Workers to start.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config value, e.g. training.num_epochs=3 (repeatable).")
+
+    p = commands.add_parser("evaluate", help="Filtered link prediction (MRR, Hits@k).")
+    p.add_argument("--config", required=True, help="TwHIN YAML config.")
+    p.add_argument("--checkpoint", required=True, help="A checkpoint or a save_dir (newest).")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    p.add_argument("--strict", action="store_true", help="Fail on edges whose entities or "
+                   "relation never occur in training (default: skip and count them).")
+    p.add_argument("--nproc_per_node", type=int, default=1, help="Workers sharing the edges.")
+
+    p = commands.add_parser("export", help="Embeddings to parquet (id, vector).")
+    p.add_argument("--config", required=True, help="TwHIN YAML config.")
+    p.add_argument("--checkpoint", required=True, help="A checkpoint or a save_dir (newest).")
+    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--vocab", help="The importer's vocab/ directory (default: vocab/ beside "
+                   "--config); without one, ids are row numbers.")
+
+    p = commands.add_parser("neighbors", help="Best-scoring entities for an entity.")
+    p.add_argument("--embeddings", required=True, help="Directory written by `twhin export`.")
+    p.add_argument("--entity", required=True, help="Entity id (as imported).")
+    p.add_argument("--relation", help="Rank tails of (entity, relation, ?) by its operator.")
+    p.add_argument("--table", help="The entity's table, when its id is in several.")
+    p.add_argument("--k", type=int, default=10, help="How many.")
+    return parser
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """Set `dotted.key=value` items (values parsed as YAML scalars) in a config dict.
+
+    A key must name a field of the config (checked by validation afterwards) and its path
+    must go through mappings or list indices; anything else is an error naming the key.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key part")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{source}: --set {key}: '{where}' is not a section")
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:-1])}' is not a "
+                              "section")
+    return data
+
+
+def _train(args: argparse.Namespace) -> None:
+    from projects.twhin.config import TwhinConfig
+    from projects.twhin.run import train_from_yaml
+    from tml.common.run_training import maybe_run_training
+    from tml.core.config import load_config_from_yaml
+
+    try:
+        raw = open(args.config).read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {args.config}") from None
+    # ${CONFIG_DIR} must keep meaning the directory of the user's file, not of the copy.
+    config_dir = os.path.dirname(os.path.abspath(args.config))
+    try:
+        data = yaml.safe_load(raw.replace("${CONFIG_DIR}", config_dir))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{args.config}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: expected a mapping of config sections")
+    apply_overrides(data, args.set, args.config)
+    save_dir = os.path.abspath(args.save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+    effective = os.path.join(save_dir, "twhin_config.yaml")
+    with open(effective, "w") as handle:
+        yaml.safe_dump(data, handle, sort_keys=False)
+    # Export reads the importer's vocabularies beside the config: keep them reachable.
+    vocab = os.path.join(config_dir, "vocab")
+    link = os.path.join(save_dir, "vocab")
+    if os.path.isdir(vocab) and not os.path.lexists(link):
+        os.symlink(vocab, link)
+    try:
+        load_config_from_yaml(TwhinConfig, effective)
+    except ConfigError as error:
+        # Name the user's file (and the --set keys), not the copy.
+        raise ConfigError(str(error).replace(effective, f"{args.config} (with --set)"
+                                             if args.set else args.config)) from None
+    maybe_run_training(train_from_yaml, "projects.twhin.run",
+                       nproc_per_node=args.nproc_per_node, config_yaml_path=effective,
+                       save_dir=save_dir)
+
+
+def _print_metrics(result: dict) -> None:
+    def row(name: str, m: dict) -> str:
+        if not m.get("count"):
+            return f"{name:<24} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>10} {0:>8}"
+        return (f"{name:<24} {m['mrr']:>8.4f} {m['hits_at_1']:>8.4f} {m['hits_at_3']:>8.4f} "
+                f"{m['hits_at_10']:>8.4f} {m['mean_rank']:>10.1f} {m['count']:>8}")
+
+    print(f"filtered link prediction on {result['split']} ({result['num_edges']} edges, "
+          f"{result['num_skipped_unseen']} skipped as unseen in training)")
+    print(f"{'':<24} {'MRR':>8} {'Hits@1':>8} {'Hits@3':>8} {'Hits@10':>8} {'mean rank':>10} "
+          f"{'ranks':>8}")
+    print(row("all", result))
+    for side in ("head", "tail"):
+        print(row(f"  {side}", result[side]))
+    for name, metrics in result["per_relation"].items():
+        print(row(name, metrics))
+        for side in ("head", "tail"):
+            print(row(f"  {side}", metrics[side]))
+    auc = result.get("auc")
+    print(f"AUC vs in-batch negatives: {'n/a' if auc is None else f'{auc:.4f}'}")
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from projects.twhin.config import TwhinConfig
+    from projects.twhin.link_prediction import evaluate_checkpoint
+    from tml.core.config import load_config_from_yaml
+
+    load_config_from_yaml(TwhinConfig, args.config)   # fail here, once, not in every worker
+    config = os.path.abspath(args.config)
+    if args.nproc_per_node and args.nproc_per_node > 1:
+        from tml.common.run_training import launch_function
+
+        results = launch_function(evaluate_checkpoint, args.nproc_per_node, config,
+                                  args.checkpoint, args.split, args.strict)
+        result = results[0]
+    else:
+        result = evaluate_checkpoint(config, args.checkpoint, args.split, args.strict)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        _print_metrics(result)
+    return result
+
+
+def _export(args: argparse.Namespace) -> dict:
+    from projects.twhin.config import TwhinConfig
+    from projects.twhin.export import export_embeddings
+    from tml.core.config import load_config_from_yaml
+
+    config = load_config_from_yaml(TwhinConfig, args.config)
+    result = export_embeddings(config, args.config, args.checkpoint, args.out, args.force,
+                               args.vocab)
+    print(f"wrote {', '.join(f'{n} ({r} rows)' for n, r in result['tables'].items())} and "
+          f"relations to {result['out']}")
+    return result
+
+
+def _import(args: argparse.Namespace) -> dict:
+    from projects.twhin.importer import import_triples
+
+    result = import_triples(args.triples, args.out, args.valid, args.test, args.split,
+                            args.seed, args.dim, args.force)
+    edges = ", ".join(f"{k} {v}" for k, v in result["edges"].items())
+    tables = ", ".join(f"{k} {v}" for k, v in result["tables"].items())
+    print(f"imported {edges} edges; tables: {tables}; {result['relations']} relation(s)\n"
+          f"config: {os.path.join(result['out'], 'config.yaml')}")
+    return result
+
+
+def _neighbors(args: argparse.Namespace) -> list:
+    from projects.twhin.neighbors import format_table, neighbors
+
+    rows = neighbors(args.embeddings, args.entity, args.relation, args.k, args.table)
+    print(format_table(rows))
+    return rows
+
+
+def dispatch(argv: list[str] | None = None) -> Any:
+    """Parse `argv` and run the subcommand; returns its result (for tests)."""
+    args = _parser().parse_args(argv)
+    handlers = {"import": _import, "train": _train, "evaluate": _evaluate,
+                "export": _export, "neighbors": _neighbors}
+    return handlers[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    import tml  # noqa: F401  (logging set-up before torchrec is imported)
+
+    run_cli(lambda: dispatch(argv if argv is not None else sys.argv[1:]))

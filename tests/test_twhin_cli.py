@@ -1,0 +1,275 @@
+"""The `twhin` command line: import, train overrides, evaluate, export, neighbors.
+
+Fast tests run the commands in-process (`dispatch`) on a checkpoint written with DCP in
+this process; one slow test runs the documented walkthrough with 2 real workers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from projects.twhin.cli import apply_overrides, dispatch
+from projects.twhin.config import TwhinConfig
+from projects.twhin.data.data import create_dataset
+from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
+from projects.twhin.models.models import operator_code, score
+from tml.core.config import load_config_from_yaml
+from tml.errors import ConfigError, DataError, TmlError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _triples(n_users=12, n_items=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = set()
+    while len(rows) < 150:
+        u, i = int(rng.integers(n_users)), int(rng.integers(n_items))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            rows.add((f"user:u{u}", "buys", f"item:i{i}"))
+        elif kind == 1:
+            rows.add((f"user:u{u}", "follows", f"user:u{(u + 1 + i) % n_users}"))
+        else:
+            rows.add((f"tag{i}", "related", f"tag{(i + 1) % n_items}"))   # untyped: 'entity'
+    return sorted(rows)
+
+
+def _write_tsv(path, rows, sep="\t", header=False):
+    lines = ([sep.join(("head", "relation", "tail"))] if header else []) + \
+        [sep.join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def imported(tmp_path):
+    tsv = _write_tsv(tmp_path / "edges.tsv", _triples(), header=True)
+    out = tmp_path / "data"
+    result = dispatch(["import", "--triples", tsv, "--out", str(out), "--dim", "4",
+                       "--seed", "1"])
+    return out, result
+
+
+def test_import_writes_vocab_splits_and_a_config_that_loads(imported, tmp_path):
+    out, result = imported
+    assert result["tables"] == {"user": 12, "item": 6, "entity": 6}
+    assert sum(result["edges"].values()) == 150
+    assert all(result["edges"][s] > 0 for s in ("train", "validation", "test"))
+    assert sorted(os.listdir(out)) == ["config.yaml", "test", "train", "validation", "vocab"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    config = load_config_from_yaml(TwhinConfig, str(out / "config.yaml"))
+    assert "${CONFIG_DIR}" in (out / "config.yaml").read_text()   # the directory can move
+    assert sorted((r.name, r.lhs, r.rhs) for r in config.model.relations) == [
+        ("buys", "user", "item"), ("follows", "user", "user"), ("related", "entity", "entity")]
+    assert config.test_data is not None and config.validation_data is not None
+    # The id-mapped splits read back through the training reader, and decode to the input.
+    dataset = create_dataset(config.train_data, config.model)
+    assert len(dataset) >= 1
+    vocab = pq.read_table(out / "vocab" / "user.parquet").to_pydict()
+    ids = dict(zip(vocab["row"], vocab["id"]))
+    relations = pq.read_table(out / "vocab" / "relations.parquet").to_pydict()["name"]
+    items = dict(zip(*[pq.read_table(out / "vocab" / "item.parquet").to_pydict()[k]
+                       for k in ("row", "id")]))
+    train = pq.read_table(out / "train").to_pydict()
+    decoded = set()
+    for lhs, rel, rhs in zip(train["lhs"], train["rel"], train["rhs"]):
+        if relations[rel] == "buys":
+            decoded.add((ids[lhs], "buys", items[rhs]))
+    assert decoded and decoded <= set(_triples())
+
+
+def test_import_with_given_splits_csv_and_parquet(tmp_path):
+    rows = _triples()
+    train = _write_tsv(tmp_path / "train.csv", rows[:100], sep=",")
+    valid = _write_tsv(tmp_path / "valid.txt", rows[100:120], sep=",")   # sniffed
+    table = pa.table({"head": [r[0] for r in rows[120:]], "relation": [r[1] for r in rows[120:]],
+                      "tail": [r[2] for r in rows[120:]]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    result = dispatch(["import", "--triples", train, "--valid", valid, "--test",
+                       str(tmp_path / "test.parquet"), "--out", str(tmp_path / "d")])
+    assert result["edges"] == {"train": 100, "validation": 20, "test": 30}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("user:a\tlikes\titem:b\nuser:a\tlikes\n", "edges.tsv: line 2: expected 3 fields "
+     "(head, relation, tail), got 2"),
+    ("", "edges.tsv: holds no triples (empty file?)"),
+    ("user:a\tlikes\titem:b\n\nuser:a\tlikes\tuser:c\n", "edges.tsv: line 3: relation "
+     "'likes' links tables user -> user, but earlier rows link user -> item; a relation must "
+     "connect the same tables every time"),
+])
+def test_import_rejects_bad_input_with_file_and_line_and_writes_nothing(tmp_path, content,
+                                                                        message):
+    path = tmp_path / "edges.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        dispatch(["import", "--triples", str(path), "--out", str(tmp_path / "out")])
+    assert str(error.value) == f"{path}: {message.split(': ', 1)[1]}"
+    assert sorted(os.listdir(tmp_path)) == ["edges.tsv"]
+
+
+def test_import_refuses_a_non_empty_out_without_force(imported):
+    out, _ = imported
+    tsv = out.parent / "edges.tsv"
+    with pytest.raises(TmlError, match="exists and is not empty; pass --force"):
+        dispatch(["import", "--triples", str(tsv), "--out", str(out)])
+    dispatch(["import", "--triples", str(tsv), "--out", str(out), "--force"])
+
+
+def test_overrides_are_yaml_scalars_and_unknown_keys_are_named(tmp_path, imported):
+    data = {"training": {"num_epochs": 1}, "model": {"relations": [{"name": "a"}]}}
+    apply_overrides(data, ["training.num_epochs=3", "training.save_dir=/x",
+                           "model.relations.0.operator=diagonal", "runtime.enable_amp=false"],
+                    "c.yaml")
+    assert data["training"] == {"num_epochs": 3, "save_dir": "/x"}
+    assert data["model"]["relations"][0]["operator"] == "diagonal"
+    assert data["runtime"] == {"enable_amp": False}
+    with pytest.raises(ConfigError, match="'training.num_epochs' is not a section"):
+        apply_overrides(data, ["training.num_epochs.x=1"], "c.yaml")
+    out, _ = imported
+    config = str(out / "config.yaml")
+    with pytest.raises(ConfigError) as error:
+        dispatch(["train", "--config", config, "--save_dir", str(tmp_path / "s"),
+                  "--set", "training.num_epoch=2"])
+    assert str(error.value) == (f"{config} (with --set): training.num_epoch: unknown field "
+                                "(not allowed here; check the spelling)")
+
+
+def _fake_checkpoint(out, path):
+    """A DCP checkpoint of the imported config, written by this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    config = load_config_from_yaml(TwhinConfig, str(out / "config.yaml"))
+    g = torch.Generator().manual_seed(0)
+    state = {TABLE_KEY.format(t.name): torch.randn(t.num_embeddings, 4, generator=g)
+             for t in config.model.embeddings.tables}
+    state[RELATIONS_KEY] = torch.randn(len(config.model.relations), 4, generator=g)
+    dcp.save(state, checkpoint_id=str(path / "7"), no_dist=True)
+    return config, state
+
+
+def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsys):
+    out, _ = imported
+    config, state = _fake_checkpoint(out, tmp_path / "save")
+    emb = tmp_path / "emb"
+    dispatch(["export", "--config", str(out / "config.yaml"), "--checkpoint",
+              str(tmp_path / "save"), "--out", str(emb)])
+    users = pq.read_table(emb / "user.parquet")
+    assert users.column_names == ["id", "vector"]
+    vectors = np.array(users.column("vector").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(vectors, state[TABLE_KEY.format("user")].numpy())
+    vocab = pq.read_table(out / "vocab" / "user.parquet").to_pydict()
+    assert users.column("id").to_pylist() == vocab["id"]
+    relations = pq.read_table(emb / "relations.parquet").to_pydict()
+    assert relations["name"] == [r.name for r in config.model.relations]
+    assert relations["operator"] == ["translation"] * 3
+    with pytest.raises(TmlError, match="exists and is not empty; pass --force"):
+        dispatch(["export", "--config", str(out / "config.yaml"), "--checkpoint",
+                  str(tmp_path / "save"), "--out", str(emb)])
+
+    # neighbors with a relation: the best tails by the model's score, brute force.
+    capsys.readouterr()
+    rows = dispatch(["neighbors", "--embeddings", str(emb), "--entity", vocab["id"][3],
+                     "--relation", "buys", "--k", "3"])
+    items = state[TABLE_KEY.format("item")]
+    r = state[RELATIONS_KEY][[x.name for x in config.model.relations].index("buys")]
+    scores = score(torch.from_numpy(vectors[3]).expand(len(items), -1), r.expand(len(items), -1),
+                   items, torch.full((len(items),), operator_code("translation")))
+    best = torch.argsort(scores, descending=True)[:3].tolist()
+    item_ids = pq.read_table(emb / "item.parquet").column("id").to_pylist()
+    assert [i for i, _ in rows] == [item_ids[b] for b in best]
+    np.testing.assert_allclose([s for _, s in rows], scores[best].numpy(), rtol=1e-5)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["rank", "id", "score"] and len(printed) == 4
+    # without a relation: dot product within the table, itself excluded
+    rows = dispatch(["neighbors", "--embeddings", str(emb), "--entity", vocab["id"][3]])
+    assert vocab["id"][3] not in [i for i, _ in rows] and len(rows) == 10
+    for bad, message in ((["--entity", "user:nobody"], "entity 'user:nobody' is in none"),
+                         (["--entity", vocab["id"][3], "--relation", "nope"],
+                          "unknown relation 'nope'")):
+        with pytest.raises(TmlError, match=message):
+            dispatch(["neighbors", "--embeddings", str(emb), *bad])
+
+    capsys.readouterr()
+    result = dispatch(["evaluate", "--config", str(out / "config.yaml"), "--checkpoint",
+                       str(tmp_path / "save"), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert {"mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mean_rank", "auc", "head", "tail",
+            "per_relation"} <= set(printed)
+    assert printed["num_edges"] == result["num_edges"] > 0
+    assert 0 < printed["mrr"] <= 1 and printed["mean_rank"] >= 1
+
+
+def test_evaluate_skips_or_rejects_entities_unseen_in_training(tmp_path):
+    rows = _triples()
+    train = _write_tsv(tmp_path / "train.tsv", rows[:120])
+    test = _write_tsv(tmp_path / "test.tsv", rows[120:] + [("user:new", "buys", "item:i0")])
+    out = tmp_path / "d"
+    dispatch(["import", "--triples", train, "--test", test, "--out", str(out), "--dim", "4"])
+    _fake_checkpoint(out, tmp_path / "save")
+    args = ["evaluate", "--config", str(out / "config.yaml"), "--checkpoint",
+            str(tmp_path / "save"), "--json"]
+    result = dispatch(args)
+    assert result["num_skipped_unseen"] >= 1
+    assert result["count"] == 2 * (result["num_edges"] - result["num_skipped_unseen"])
+    with pytest.raises(DataError, match="never occurs in training .* drop --strict"):
+        dispatch(args + ["--strict"])
+    with pytest.raises(DataError, match="the config has no validation_data section"):
+        dispatch(args[:-1] + ["--split", "validation"])
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("a,r,b\na,r\n")
+    result = subprocess.run([sys.executable, "-m", "projects.twhin", "import", "--triples",
+                             str(path), "--out", str(tmp_path / "o")], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: line 2: expected 3 fields (head, " \
+                                    "relation, tail), got 2"
+
+
+@pytest.mark.slow
+def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path):
+    """docs/twhin_cli.md, for real: sharded training on 2 workers, evaluation on 2."""
+    tsv = _write_tsv(tmp_path / "edges.tsv", _triples(n_users=40, n_items=20, seed=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO
+
+    def twhin(*args):
+        done = subprocess.run([sys.executable, "-m", "projects.twhin", *args], env=env,
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    data, save, emb = tmp_path / "data", tmp_path / "save", tmp_path / "emb"
+    twhin("import", "--triples", tsv, "--out", str(data), "--dim", "8")
+    twhin("train", "--config", str(data / "config.yaml"), "--save_dir", str(save),
+          "--nproc_per_node", "2", "--set", "training.num_epochs=2",
+          "--set", "train_data.per_replica_batch_size=8", "--set", "train_data.global_negatives=2",
+          "--set", "model.relations.1.operator=diagonal")
+    assert (save / "twhin_config.yaml").is_file()
+    assert any(name.isdigit() for name in os.listdir(save))
+    # The effective config (with the --set operator) is the one to evaluate with.
+    two = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
+                           "--checkpoint", str(save), "--json", "--nproc_per_node", "2"))
+    one = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
+                           "--checkpoint", str(save), "--json"))
+    assert two["workers"] == 2 and one["workers"] == 1
+    for key in ("mrr", "hits_at_1", "hits_at_10", "mean_rank", "count"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    twhin("export", "--config", str(save / "twhin_config.yaml"), "--checkpoint", str(save),
+          "--out", str(emb))
+    out = twhin("neighbors", "--embeddings", str(emb), "--entity", "user:u1", "--relation",
+                "buys", "--k", "5")
+    assert len(out.strip().splitlines()) == 6 and "item:" in out
+    assert yaml.safe_load((save / "twhin_config.yaml").read_text())["model"]["relations"][1][
+        "operator"] == "diagonal"
