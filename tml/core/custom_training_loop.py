@@ -62,6 +62,9 @@ class TrainResult:
     checkpoint: str | None
     eval_metrics: dict[str, float]
     resumed_from: str | None
+    # Seconds in the training loop itself (data reading included; set-up, the final
+    # evaluation and checkpoint excluded): what throughput figures divide by.
+    train_seconds: float = 0.0
 
 
 class _AccumulatingOptimizer:
@@ -245,6 +248,7 @@ def train(
             checkpoint = checkpointer.save(step, parts)
         checkpointer.poll()
         _maybe_crash_for_test(step)
+    train_seconds = time.perf_counter() - wall_start
     if bar is not None:
         bar.close()
     if losses:
@@ -257,7 +261,8 @@ def train(
     if step > start_step and checkpoint != os.path.join(save_dir, str(step)):
         checkpoint = checkpointer.save(step, parts)
     checkpointer.wait()
-    return TrainResult(start_step, step, last_loss, checkpoint, eval_metrics, resumed_from)
+    return TrainResult(start_step, step, last_loss, checkpoint, eval_metrics, resumed_from,
+                       train_seconds)
 
 
 def evaluate_checkpoints(
