@@ -22,23 +22,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
-import tml.core.custom_training_loop as ctl
 from projects.twhin.config import TwhinConfig
-from projects.twhin.data.data import create_dataset
-from projects.twhin.metrics import evaluate
-from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
-from projects.twhin.optimizer import build_optimizer
 from tml.common.cli import run_cli
-from tml.common.device import setup_and_get_device
 from tml.common.run_training import maybe_run_training
-from tml.common.sharding import maybe_shard_model
 from tml.core.config import load_config_from_yaml
 from tml.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    import tml.core.custom_training_loop as ctl
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +46,19 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     With `only_evaluate`, evaluate the checkpoints in save_dir instead of training (see the
     module docstring); `final_step` is then the last step evaluated.
     """
+    # Imported here, in the workers: the launcher process only validates the config and
+    # starts them, and skipping torchrec and fbgemm there saves seconds on every launch.
+    import torch
+    import torch.distributed as dist
+
+    import tml.core.custom_training_loop as ctl
+    from projects.twhin.data.data import create_dataset
+    from projects.twhin.metrics import evaluate
+    from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
+    from projects.twhin.optimizer import build_optimizer
+    from tml.common.device import setup_and_get_device
+    from tml.common.sharding import maybe_shard_model
+
     device = setup_and_get_device()
     if all_config.runtime.enable_tensorfloat32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -123,6 +132,8 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
 
 def _only_evaluate(model: torch.nn.Module, save_dir: str, evaluate_fn: object,
                    until_step: int) -> ctl.TrainResult:
+    import tml.core.custom_training_loop as ctl
+
     if evaluate_fn is None:
         raise ConfigError("--only_evaluate needs validation_data in the config")
     logger.info("only evaluating: following %s until step %d", save_dir, until_step)
@@ -139,6 +150,8 @@ def _fmt(value: float | None) -> str:
 def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
                     only_evaluate: bool = False, evaluate_until_step: int | None = None) -> dict:
     """Worker entry point: load the config and train (or evaluate); a summary of the run."""
+    import torch.distributed as dist
+
     config = load_config_from_yaml(TwhinConfig, config_yaml_path)
     result = run(config, save_dir=save_dir, only_evaluate=only_evaluate,
                  evaluate_until_step=evaluate_until_step)
