@@ -148,3 +148,19 @@ def test_busy_rendezvous_port_and_missing_nodes_fail_clearly(tmp_path):
     assert result.returncode != 0
     assert "not all 2 nodes joined the rendezvous" in result.stderr
     assert "within 5 s" in result.stderr
+
+
+@pytest.mark.slow
+def test_max_restarts_from_the_config_survives_a_killed_worker(tmp_path, tiny_graph_config):
+    data = yaml.safe_load(open(tiny_graph_config))
+    data["training"].update(max_restarts=1, checkpoint_every_n=10)
+    config = tmp_path / "restarts.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run = os.path.join(REPO, "projects", "twhin", "run.py")
+    result = subprocess.run(
+        [sys.executable, run, f"--config_yaml_path={config}", f"--save_dir={tmp_path / 'save'}",
+         "--nproc_per_node=2"],
+        env=_env(TML_TEST_CRASH_AT_STEP="15"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    assert (tmp_path / "save" / "30").is_dir()

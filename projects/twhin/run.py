@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Validate before starting workers: a bad config fails here, once, with its field.
-    load_config_from_yaml(TwhinConfig, args.config_yaml_path)
+    config = load_config_from_yaml(TwhinConfig, args.config_yaml_path)
     kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path}
     if args.save_dir is not None:
         kwargs["save_dir"] = args.save_dir
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs["only_evaluate"] = True
         if args.evaluate_until_step is not None:
             kwargs["evaluate_until_step"] = args.evaluate_until_step
-    maybe_run_training(train_from_yaml, __name__, nproc_per_node=args.nproc_per_node, **kwargs)
+    maybe_run_training(train_from_yaml, __name__, nproc_per_node=args.nproc_per_node,
+                       max_restarts=config.training.max_restarts, **kwargs)
 
 
 if __name__ == "__main__":

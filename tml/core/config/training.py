@@ -45,6 +45,10 @@ class TrainingConfig(BaseConfig):
         True, description="Write checkpoints in the background (torch.distributed.checkpoint "
         "async_save) while training goes on; at most one save in flight. False: training "
         "waits for each save.")
+    max_restarts: pydantic.NonNegativeInt | None = Field(
+        None, description="Restarts of the whole worker group after a failure (torch "
+        "elastic), resuming from the latest checkpoint; default TML_MAX_RESTARTS or 0. Read "
+        "by the launcher of projects' run.py.")
     seed: int = Field(0, description="Seed of the model's initial weights and of the per-step "
                       "random numbers (in-batch negatives), re-seeded from (seed, step, rank) "
                       "every step so that a resumed run draws what an uninterrupted one does.")
