@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 
 import numpy as np
@@ -33,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from projects.twhin.config import TwhinConfig
+from tml.common.atomic_directory import atomic_directory, refuse_non_empty
 from tml.common.checkpointing import latest_checkpoint
 from tml.errors import CheckpointError, TmlError
 
@@ -102,8 +101,7 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
     from projects.twhin.importer import read_vocabulary
 
     out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
-        raise TmlError(f"{out} exists and is not empty; pass --force to replace it")
+    refuse_non_empty(out, force)
     path = resolve_checkpoint(checkpoint)
     tables, relation_vectors = load_embeddings(config, path)
     vocab_tables: dict[str, np.ndarray] = {}
@@ -112,10 +110,7 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
         raise TmlError(f"--vocab {vocab}: no such directory")
     if directory:
         vocab_tables, _ = read_vocabulary(directory)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(out) as tmp:
         for name, weights in tables.items():
             rows = weights.shape[0]
             ids = vocab_tables.get(name)
@@ -136,10 +131,4 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
                     "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}
         with open(os.path.join(tmp, "metadata.json"), "w") as handle:
             json.dump(metadata, handle, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": out, **metadata}

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from tml.common.atomic_directory import atomic_directory, refuse_non_empty
 from tml.errors import DataError
 
 UNTYPED_TABLE = "entity"
@@ -173,20 +172,10 @@ def import_triples(train: str, out: str, valid: str | None = None, test: str | N
     out = os.path.abspath(out)
     if dim < 1:
         raise DataError(f"--dim must be >= 1, got {dim}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
-        raise DataError(f"{out} exists and is not empty; pass --force to replace it")
+    refuse_non_empty(out, force, DataError)
     fractions = parse_split(split) if valid is None and test is None else None
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(out) as tmp:
         summary = _import(train, valid, test, fractions, seed, dim, tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["out"] = out
     return summary
 
