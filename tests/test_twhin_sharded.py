@@ -45,3 +45,13 @@ def test_global_negatives_and_operators_match_reference_when_sharded():
             for key, value in diffs.items():
                 if key != "changed":
                     assert value < 1e-5, (rank, sharding_type, key, diffs)
+
+
+@pytest.mark.slow
+def test_adam_on_the_tables_is_refused_on_cpu_by_table_name():
+    from tests.distributed_checks import adam_tables_train
+    from tml.errors import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="ConfigError: table 'user': adam is not "
+                                                  "available for embedding tables on CPU"):
+        launch_function(adam_tables_train, 1)

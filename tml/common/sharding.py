@@ -27,6 +27,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from tml.common.topology import create_topology, host_memory_bytes
+from tml.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,23 @@ def _constraints(model: nn.Module, sharding_types: Mapping[str, str],
                 sharding_types=[sharding_type], compute_kernels=["fused"],
                 min_partition=min_partition)
     return constraints
+
+
+def check_fused_optimizers(model: nn.Module, device: torch.device) -> None:
+    """Refuse, by table name, optimizers that fbgemm's kernels lack on this device.
+
+    fbgemm's CPU kernels fuse SGD and Adagrad but not Adam ("Optimizer adam is not
+    supported in CPU mode", deep inside sharding otherwise).
+    """
+    if device.type != "cpu":
+        return
+    for ebc in _embedding_bag_collections(model):
+        for name, bag in ebc.embedding_bags.items():
+            for optimizer_class in getattr(bag.weight, "_optimizer_classes", []):
+                if optimizer_class is torch.optim.Adam:
+                    raise ConfigError(f"table '{name}': adam is not available for embedding "
+                                      "tables on CPU (fbgemm's CPU kernels fuse sgd and "
+                                      "adagrad); use adagrad, or train on CUDA")
 
 
 def table_bytes(model: nn.Module) -> int:
@@ -129,6 +147,7 @@ def maybe_shard_model(model: nn.Module, device: torch.device,
     if not dist.is_initialized():
         raise RuntimeError("maybe_shard_model needs an initialised process group "
                            "(call tml.common.device.setup_and_get_device first)")
+    check_fused_optimizers(model, device)
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     sharder = AllShardingTypesSharder(

@@ -254,11 +254,17 @@ def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> Twhin
         if table.optimizer.sgd is not None and table.optimizer.sgd.momentum:
             raise ConfigError(f"model.embeddings.tables '{table.name}': sgd momentum is not "
                               "supported by fused embedding optimizers; use adagrad or adam")
+        weight = ebc.embedding_bags[table.name].weight
         apply_optimizer_in_backward(
             optimizer_class=get_optimizer_class(table.optimizer),
-            params=[ebc.embedding_bags[table.name].weight],
+            params=[weight],
             optimizer_kwargs=optimizer_kwargs(table.optimizer),
         )
+        # TorchRec hands these kwargs to fbgemm's fused kernel when it shards the table;
+        # fbgemm spells Adam's `betas` as beta1 / beta2 (else: unexpected keyword 'betas').
+        for kwargs in getattr(weight, "_optimizer_kwargs", []):
+            if "betas" in kwargs:
+                kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
     return model
 
 
