@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-import yaml
 
+from tests.twhin_setup import launcher_env, small_twhin_config
 from tml.common.checkpointing import (
     TMP_PREFIX,
     SchedulerState,
@@ -119,23 +119,14 @@ def test_two_workers_async_atomic_reshard_retention_and_bad_input(tmp_path):
 # --- crash and resume with torch elastic, and the evaluator -----------------------------
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=REPO, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
-    return env
+    return launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
 
 
 def _twhin_config(tmp_path, graph, **training):
-    data = yaml.safe_load(open(LOCAL).read())
-    data["model"]["embeddings"]["tables"][0]["num_embeddings"] = 600
-    data["model"]["embeddings"]["tables"][1]["num_embeddings"] = 200
-    data["train_data"].update(data_root=f"{graph}/train", per_replica_batch_size=100)
-    data["validation_data"].update(data_root=f"{graph}/validation", per_replica_batch_size=100)
-    data["training"].update({"train_log_every_n": 10, "eval_log_every_n": 100000,
-                             "num_eval_steps": 2, "num_epochs": 1, "num_train_steps": 30,
-                             "checkpoint_every_n": 10, **training})
-    path = tmp_path / "twhin.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return small_twhin_config(
+        tmp_path / "twhin.yaml", graph, 600, 200, 100,
+        **{"train_log_every_n": 10, "eval_log_every_n": 100000, "num_eval_steps": 2,
+           "num_epochs": 1, "num_train_steps": 30, "checkpoint_every_n": 10, **training})
 
 
 def _torchrun(config, save_dir, *extra, env=None, max_restarts=0, background=False):

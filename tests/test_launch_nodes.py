@@ -10,6 +10,8 @@ import time
 import pytest
 import yaml
 
+from tests.twhin_setup import launcher_env, small_twhin_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
@@ -26,11 +28,7 @@ def _free_port():
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
-    env.update(PYTHONPATH=REPO)
-    env.setdefault("TML_RDZV_TIMEOUT", "120")
-    env.update(extra)
-    return env
+    return launcher_env(CLUSTER_VARS, **{"TML_RDZV_TIMEOUT": "120", **extra})
 
 
 def _wait_listening(port, timeout=60.0):
@@ -67,17 +65,9 @@ def tiny_graph_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("nodes")
     generate_graph(str(root / "graph"), num_users=2000, num_tweets=500, num_edges=40_000,
                    num_communities=5, seed=1, validation_fraction=0.05)
-    data = yaml.safe_load(open(LOCAL).read())
-    data["model"]["embeddings"]["tables"][0]["num_embeddings"] = 2000
-    data["model"]["embeddings"]["tables"][1]["num_embeddings"] = 500
-    data["train_data"].update(data_root=str(root / "graph" / "train"), per_replica_batch_size=100)
-    data["validation_data"].update(data_root=str(root / "graph" / "validation"),
-                                   per_replica_batch_size=100)
-    data["training"].update(num_train_steps=30, train_log_every_n=10, num_eval_steps=2,
-                            eval_log_every_n=1000)
-    path = root / "twhin.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return small_twhin_config(root / "twhin.yaml", root / "graph", 2000, 500, 100,
+                              num_train_steps=30, train_log_every_n=10, num_eval_steps=2,
+                              eval_log_every_n=1000)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.twhin_setup import launcher_env
 from tml.common.cluster_env import expand_slurm_nodelist, resolve_node_setup
 from tml.common.run_training import (
     args_to_kwargs,
@@ -23,9 +24,7 @@ SCRIPT = os.path.join(REPO, "tests", "scripts", "toy_train.py")
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = REPO
-    return env
+    return launcher_env()
 
 
 @pytest.mark.parametrize("value", [3, 0.5, True, False, None, "plain", "42", "true", "null",

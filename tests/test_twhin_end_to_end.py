@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from projects.twhin.data.generate import generate_graph
+from tests.twhin_setup import launcher_env, small_twhin_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
@@ -16,9 +16,7 @@ LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = REPO
-    return env
+    return launcher_env()
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +28,10 @@ def small_graph(tmp_path_factory):
 
 
 def _config(tmp_path, graph, **training):
-    data = yaml.safe_load(open(LOCAL).read())
-    data["model"]["embeddings"]["tables"][0]["num_embeddings"] = 3000
-    data["model"]["embeddings"]["tables"][1]["num_embeddings"] = 600
-    data["train_data"].update(data_root=f"{graph}/train", per_replica_batch_size=200)
-    data["validation_data"].update(data_root=f"{graph}/validation", per_replica_batch_size=200)
-    data["training"].update({"train_log_every_n": 20, "eval_log_every_n": 100000,
-                             "num_eval_steps": -1, "num_epochs": 2, **training})
-    path = tmp_path / "twhin.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+    return small_twhin_config(
+        tmp_path / "twhin.yaml", graph, 3000, 600, 200,
+        **{"train_log_every_n": 20, "eval_log_every_n": 100000, "num_eval_steps": -1,
+           "num_epochs": 2, **training})
 
 
 def _run(args, timeout=300):
