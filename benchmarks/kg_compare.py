@@ -8,9 +8,13 @@ and the same metric: filtered ranks over train + valid + test, ties at the mean 
 "realistic" rank, tml's 1 + #greater + #equal/2), both sides (head and tail) together.
 
     # once: python3 -m venv /tmp/kgvenv && /tmp/kgvenv/bin/pip install torch==2.13.0 pykeen
-    .venv/bin/python -m benchmarks.kg_compare [/tmp/kgvenv] [--dataset nations] [--quick]
+    .venv/bin/python -m benchmarks.kg_compare [/tmp/kgvenv] [--dataset nations umls]
+        [--seeds 0 1 2] [--rows defaults,old,tuned] [--skip-pykeen] [--quick]
 
-Writes benchmarks/results/kg_compare.json (or --out) and prints a markdown table.
+Writes benchmarks/results/kg_compare.json (or --out) and prints a markdown table. Each tml
+row is evaluated on the validation split too (`validation_mrr`): choose settings by that,
+report the test figures. `--skip-pykeen` keeps the PyKEEN rows already in --out (same
+dataset, dim, epochs and seed) instead of running PyKEEN again (slow).
 train_s is the wall-clock of the whole `twhin train` command for tml (launcher, sharding
 planner and checkpoints included) and PyKEEN's own training-loop time for PyKEEN (its
 process and dataset set-up excluded); wall_s is each side's command-to-finish.
@@ -33,21 +37,28 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = {"nations": "Nations", "umls": "UMLS", "kinships": "Kinships"}
 
-# tml runs: (label, operator, --set overrides). "imported" is `twhin import`'s config as
-# written (translation operator, 10 in-batch + 5 global negatives, Adagrad 0.5, SGD 0.05
-# for the relation vectors); the tuned ones drop in-batch negatives (with ~50 relations
-# per batch of 79 edges, a relation's in-batch "negative" is mostly the positive itself),
-# draw global negatives instead and raise both learning rates (tried: Adagrad 0.05 to
-# 20, SGD 0.05 to 500, 50 to 200 epochs; Adam for tables fails on CPU: fbgemm refuses
-# `betas`).
+# tml runs: (kind, label, operator or None for the config's own, --set overrides, whether
+# --epochs applies). "importer defaults" is `twhin import`'s config exactly as written
+# (its own epochs, negatives, learning rates and operators: the rule in
+# projects/twhin/importer.py). "old import defaults" is what the importer wrote before
+# that rule (translation, 10 in-batch + 5 global negatives, Adagrad 0.5, SGD 0.05 for the
+# relation vectors), trained for --epochs. The tuned ones drop in-batch negatives (with
+# ~50 relations per batch of 79 edges, a relation's in-batch "negative" is mostly the
+# positive itself), draw global negatives instead and raise both learning rates (tried:
+# Adagrad 0.05 to 20, SGD 0.05 to 500, 50 to 200 epochs; Adam for tables fails on CPU:
+# fbgemm refuses `betas`).
+OLD_DEFAULTS = {"train_data.in_batch_negatives": 10, "train_data.global_negatives": 5,
+                "model.embeddings.tables.0.optimizer.adagrad.lr": 0.5,
+                "model.translation_optimizer.sgd.lr": 0.05}
 TUNED = {"train_data.in_batch_negatives": 0, "train_data.global_negatives": 13,
          "model.embeddings.tables.0.optimizer.adagrad.lr": 5,
          "model.translation_optimizer.sgd.lr": 50}
 TML_RUNS = [
-    ("imported config", "translation", {}),
-    ("tuned", "translation", TUNED),
-    ("tuned", "diagonal", TUNED),
-    ("tuned", "complex_diagonal", TUNED),
+    ("defaults", "importer defaults", None, {}, False),
+    ("old", "old import defaults", "translation", OLD_DEFAULTS, True),
+    ("tuned", "tuned", "translation", TUNED, True),
+    ("tuned", "tuned", "diagonal", TUNED, True),
+    ("tuned", "tuned", "complex_diagonal", TUNED, True),
 ]
 # PyKEEN runs: (model, kwargs for pipeline()). Default pipeline = sLCWA, 1 negative per
 # positive, Adam lr 1e-3; the "lcwa" ones score every tail (1-N) with Adam lr 5e-2
@@ -112,7 +123,15 @@ def extract_dataset(venv_python: str, name: str, work: str) -> dict[str, str]:
     return paths
 
 
-def tml_side(paths: dict[str, str], work: str, dim: int, epochs: int, seed: int,
+def _evaluate(twhin: list[str], save_dir: str, split: str, log: str, env: dict
+              ) -> tuple[dict, float]:
+    out, seconds = run(twhin + ["evaluate", "--config",
+                                os.path.join(save_dir, "twhin_config.yaml"), "--checkpoint",
+                                save_dir, "--split", split, "--json"], log, env)
+    return json.loads(out), seconds
+
+
+def tml_side(paths: dict[str, str], work: str, dim: int, epochs: int, seeds: list[int],
              runs: list, env: dict) -> list[dict]:
     twhin = [sys.executable, "-m", "projects.twhin"]
     data = os.path.join(work, "tml_data")
@@ -121,32 +140,44 @@ def tml_side(paths: dict[str, str], work: str, dim: int, epochs: int, seed: int,
         os.path.join(work, "tml_import.log"), env)
     config = os.path.join(data, "config.yaml")
     with open(config) as f:
-        num_relations = len(yaml.safe_load(f)["model"]["relations"])
+        written = yaml.safe_load(f)
+    num_relations = len(written["model"]["relations"])
     rows = []
-    for index, (label, operator, overrides) in enumerate(runs):
-        save_dir = os.path.join(work, f"tml_run{index}")
-        sets = {f"model.relations.{i}.operator": operator for i in range(num_relations)}
-        sets.update({"training.num_epochs": epochs, "training.seed": seed}, **overrides)
-        flags = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-        _, train_s = run(twhin + ["train", "--config", config, "--save_dir", save_dir,
-                                  "--nproc_per_node", "1"] + flags,
-                         os.path.join(work, f"tml_run{index}_train.log"), env)
-        out, eval_s = run(twhin + ["evaluate", "--config",
-                                   os.path.join(save_dir, "twhin_config.yaml"),
-                                   "--checkpoint", save_dir, "--split", "test", "--json"],
-                          os.path.join(work, f"tml_run{index}_eval.log"), env)
-        metrics = json.loads(out)
-        rows.append({"side": "tml", "model": f"{operator} ({label})", "dim": dim,
-                     "epochs": epochs, "mrr": metrics["mrr"],
-                     "hits_at_1": metrics["hits_at_1"], "hits_at_3": metrics["hits_at_3"],
-                     "hits_at_10": metrics["hits_at_10"], "mean_rank": metrics["mean_rank"],
-                     "head_mrr": metrics["head"]["mrr"], "tail_mrr": metrics["tail"]["mrr"],
-                     "train_seconds": train_s, "wall_seconds": train_s + eval_s,
-                     "num_edges": metrics["num_edges"],
-                     "skipped_unseen": metrics["num_skipped_unseen"],
-                     "overrides": {k: v for k, v in sets.items()
-                                   if not k.startswith("model.relations.")}})
-        print(f"tml {rows[-1]['model']}: MRR {metrics['mrr']:.3f}", flush=True)
+    for index, (_, label, operator, overrides, set_epochs) in enumerate(runs):
+        for seed in seeds:
+            name = f"tml_run{index}_seed{seed}"
+            save_dir = os.path.join(work, name)
+            sets: dict = {} if operator is None else {
+                f"model.relations.{i}.operator": operator for i in range(num_relations)}
+            sets.update({"training.seed": seed}, **overrides)
+            if set_epochs:
+                sets["training.num_epochs"] = epochs
+            flags = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+            _, train_s = run(twhin + ["train", "--config", config, "--save_dir", save_dir,
+                                      "--nproc_per_node", "1"] + flags,
+                             os.path.join(work, f"{name}_train.log"), env)
+            metrics, eval_s = _evaluate(twhin, save_dir, "test",
+                                        os.path.join(work, f"{name}_eval.log"), env)
+            valid, _ = _evaluate(twhin, save_dir, "validation",
+                                 os.path.join(work, f"{name}_valid.log"), env)
+            with open(os.path.join(save_dir, "twhin_config.yaml")) as f:
+                effective = yaml.safe_load(f)
+            operators = sorted({r["operator"] for r in effective["model"]["relations"]})
+            rows.append({"side": "tml", "model": f"{'/'.join(operators)} ({label})",
+                         "dim": dim, "epochs": effective["training"]["num_epochs"],
+                         "seed": seed, "mrr": metrics["mrr"],
+                         "validation_mrr": valid["mrr"],
+                         "hits_at_1": metrics["hits_at_1"], "hits_at_3": metrics["hits_at_3"],
+                         "hits_at_10": metrics["hits_at_10"],
+                         "mean_rank": metrics["mean_rank"],
+                         "head_mrr": metrics["head"]["mrr"], "tail_mrr": metrics["tail"]["mrr"],
+                         "train_seconds": train_s, "wall_seconds": train_s + eval_s,
+                         "num_edges": metrics["num_edges"],
+                         "skipped_unseen": metrics["num_skipped_unseen"],
+                         "overrides": {k: v for k, v in sets.items()
+                                       if not k.startswith("model.relations.")}})
+            print(f"tml {rows[-1]['model']} seed {seed}: MRR {metrics['mrr']:.3f} "
+                  f"(validation {valid['mrr']:.3f})", flush=True)
     return rows
 
 
@@ -164,32 +195,59 @@ def pykeen_side(venv_python: str, dataset: str, dim: int, epochs: int, seed: int
         loop = kwargs.get("training_loop", "slcwa")
         lr = kwargs.get("optimizer_kwargs", {}).get("lr", 0.001)
         rows.append({"side": "pykeen", "model": f"{model} ({loop}, Adam {lr})", "dim": dim,
-                     "pykeen_embedding_dim": model_dim, "epochs": epochs, **metrics,
+                     "pykeen_embedding_dim": model_dim, "epochs": epochs, "seed": seed,
+                     **metrics,
                      "wall_seconds": wall, "kwargs": kwargs})
         print(f"pykeen {rows[-1]['model']}: MRR {metrics['mrr']:.3f}", flush=True)
     return rows
 
 
-def table(dataset: str, rows: list[dict]) -> str:
-    lines = ["| dataset | library | model / operator | dim | epochs | MRR | Hits@1 | Hits@3 "
-             "| Hits@10 | mean rank | train s | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict]) -> str:
+    lines = ["| dataset | library | model / operator | dim | epochs | seed | valid MRR | MRR "
+             "| Hits@1 | Hits@3 | Hits@10 | mean rank | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {dataset} | {r['side']} | {r['model']} | {r['dim']} | {r['epochs']} "
+        valid = r.get("validation_mrr")
+        lines.append(f"| {r['dataset']} | {r['side']} | {r['model']} | {r['dim']} "
+                     f"| {r['epochs']} | {r.get('seed', '')} "
+                     f"| {'' if valid is None else f'{valid:.3f}'} "
                      f"| {r['mrr']:.3f} | {r['hits_at_1']:.3f} | {r['hits_at_3']:.3f} "
                      f"| {r['hits_at_10']:.3f} | {r['mean_rank']:.2f} "
                      f"| {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} |")
     return "\n".join(lines)
 
 
+def earlier_rows(path: str) -> list[dict]:
+    """The rows of an earlier report at `path`, each with its dataset and seed."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        report = json.load(f)
+    return [dict(row, dataset=row.get("dataset", report.get("dataset")),
+                 seed=row.get("seed", report.get("seed"))) for row in report.get("rows", [])]
+
+
+def _key(row: dict) -> tuple:
+    return row["dataset"], row["side"], row["model"], row["dim"], row["epochs"], row["seed"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("venv", nargs="?", default="/tmp/kgvenv",
                         help="virtual environment with pykeen installed")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="nations")
+    parser.add_argument("--dataset", nargs="+", choices=sorted(DATASETS), default=["nations"])
     parser.add_argument("--dim", type=int, default=32, help="real numbers per embedding")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100,
+                        help="epochs of every run except 'importer defaults' (its own)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="tml runs repeat for each; PyKEEN runs use the first")
+    parser.add_argument("--rows", default="defaults,old,tuned",
+                        help="which tml rows: defaults, old, tuned (comma-separated)")
+    parser.add_argument("--skip-pykeen", action="store_true",
+                        help="do not run PyKEEN; keep the PyKEEN rows of --out for these "
+                        "datasets")
+    parser.add_argument("--append", action="store_true",
+                        help="keep every row of --out that this run does not redo")
     parser.add_argument("--quick", action="store_true",
                         help="one run per side (tuned ComplEx / ComplEx lcwa)")
     parser.add_argument("--work", help="keep data, checkpoints and logs here")
@@ -200,26 +258,42 @@ def main() -> None:
     if not os.path.exists(venv_python):
         sys.exit(f"error: {venv_python} not found (create the PyKEEN venv first)")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    tml_runs = TML_RUNS[-1:] if args.quick else TML_RUNS
+    kinds = set(args.rows.split(","))
+    tml_runs = TML_RUNS[-1:] if args.quick else [r for r in TML_RUNS if r[0] in kinds]
     pykeen_runs = PYKEEN_RUNS[-1:] if args.quick else PYKEEN_RUNS
     work = args.work or tempfile.mkdtemp(prefix="kg_compare_")
     os.makedirs(work, exist_ok=True)
-    paths = extract_dataset(venv_python, args.dataset, work)
     version = subprocess.run([venv_python, "-c", "import pykeen; print(pykeen.get_version())"],
                              capture_output=True, text=True).stdout.strip()
-    rows = tml_side(paths, work, args.dim, args.epochs, args.seed, tml_runs, env)
-    rows += pykeen_side(venv_python, DATASETS[args.dataset], args.dim, args.epochs,
-                        args.seed, pykeen_runs, work, env)
-    report = {"dataset": DATASETS[args.dataset], "dim": args.dim, "epochs": args.epochs,
-              "seed": args.seed, "pykeen_version": version, "threads": 1,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+    earlier = earlier_rows(args.out)
+    names = [DATASETS[d] for d in args.dataset]
+    rows = []
+    for dataset in args.dataset:
+        folder = os.path.join(work, dataset)
+        os.makedirs(folder, exist_ok=True)
+        paths = extract_dataset(venv_python, dataset, folder)
+        found = tml_side(paths, folder, args.dim, args.epochs, args.seeds, tml_runs, env)
+        if not args.skip_pykeen:
+            found += pykeen_side(venv_python, DATASETS[dataset], args.dim, args.epochs,
+                                 args.seeds[0], pykeen_runs, folder, env)
+        rows += [dict(row, dataset=DATASETS[dataset]) for row in found]
+    redone = {_key(row) for row in rows}
+    kept = [row for row in earlier if _key(row) not in redone and (
+        args.append or (args.skip_pykeen and row["side"] == "pykeen"
+                        and row["dataset"] in names))]
+    rows = kept + rows
+    report = {"datasets": sorted({row["dataset"] for row in rows}), "dim": args.dim,
+              "epochs": args.epochs, "seeds": sorted({row["seed"] for row in rows}),
+              "pykeen_version": version,
+              "threads": 1, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
               "metric": "filtered (train+valid+test), realistic rank (ties at the mean), "
-                        "head and tail together, test split",
+                        "head and tail together, test split (validation_mrr: the same on "
+                        "the validation split)",
               "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(table(DATASETS[args.dataset], rows))
+    print(table(rows))
     print(f"\nwritten: {args.out}; logs and checkpoints: {work}")
 
 

@@ -131,3 +131,62 @@ def test_auc_matches_pair_counting():
     pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
     assert auc(pos, neg) == pytest.approx(np.mean(pairs))
     assert auc(pos, np.array([])) is None
+
+
+def _thread_reduce(workers):
+    """An all-reduce (sum, in place) among `workers` threads: the collective the sharded
+    algorithm needs, without processes."""
+    import threading
+
+    barrier = threading.Barrier(workers)
+    slots = [None] * workers
+
+    def make(rank):
+        def reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = slots[0].clone()
+            for other in slots[1:]:
+                total += other
+            barrier.wait()
+            tensor.copy_(total)
+        return reduce
+    return [make(rank) for rank in range(workers)]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 6])
+def test_sharded_tables_give_the_same_ranks_and_auc_as_whole_tables(workers):
+    """Each worker holds a contiguous share of every table (with 6 workers one share of the
+    5-row table is empty) and walks all edges; the sums and AUC scores are identical on
+    every worker and equal to one worker's with whole tables (threads stand for workers)."""
+    import threading
+
+    from projects.twhin.link_prediction import TableShard, auc_scores, share
+
+    tables, relation_vectors, test, known = _graph(3)
+    index = KnownEdges(known, max(SIZES.values()))
+    whole = rank_sums(tables, relation_vectors, RELATIONS, test, index, query_chunk=2,
+                      candidate_chunk=2)
+    whole_auc = auc_scores(tables, relation_vectors, RELATIONS, test, chunk=4)
+    reduces = _thread_reduce(workers)
+    results: list = [None] * workers
+
+    def worker(rank):
+        shards = {name: TableShard(table[slice(*share(SIZES[name], rank, workers))],
+                                   share(SIZES[name], rank, workers)[0], SIZES[name])
+                  for name, table in tables.items()}
+        results[rank] = (rank_sums(shards, relation_vectors, RELATIONS, test, index,
+                                   query_chunk=2, candidate_chunk=2, reduce=reduces[rank]),
+                         auc_scores(shards, relation_vectors, RELATIONS, test, chunk=4,
+                                    reduce=reduces[rank]))
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert whole[..., 0].sum() == 2 * len(test[0])
+    for sums, (positives, _) in results:
+        np.testing.assert_array_equal(sums, whole)
+        # The negatives' sampling uses torch's process-wide RNG, which threads share: they
+        # are compared across real processes in tests/test_checkpoint_rows.py.
+        np.testing.assert_array_equal(positives, whole_auc[0])

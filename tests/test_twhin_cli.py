@@ -22,7 +22,7 @@ from projects.twhin.data.data import create_dataset
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
 from projects.twhin.models.models import operator_code, score
 from tml.core.config import load_config_from_yaml
-from tml.errors import ConfigError, DataError, TmlError
+from tml.errors import CheckpointError, ConfigError, DataError, TmlError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +170,9 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
     assert users.column("id").to_pylist() == vocab["id"]
     relations = pq.read_table(emb / "relations.parquet").to_pydict()
     assert relations["name"] == [r.name for r in config.model.relations]
-    assert relations["operator"] == ["translation"] * 3
+    # The importer's operator for this small many-relation graph (tests/test_importer_defaults.py).
+    operators = [r.operator.value for r in config.model.relations]
+    assert relations["operator"] == operators
     with pytest.raises(TmlError, match="exists and is not empty; pass --force"):
         dispatch(["export", "--config", str(out / "config.yaml"), "--checkpoint",
                   str(tmp_path / "save"), "--out", str(emb)])
@@ -182,7 +184,8 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
     items = state[TABLE_KEY.format("item")]
     r = state[RELATIONS_KEY][[x.name for x in config.model.relations].index("buys")]
     scores = score(torch.from_numpy(vectors[3]).expand(len(items), -1), r.expand(len(items), -1),
-                   items, torch.full((len(items),), operator_code("translation")))
+                   items, torch.full((len(items),), operator_code(operators[
+                       [x.name for x in config.model.relations].index("buys")])))
     best = torch.argsort(scores, descending=True)[:3].tolist()
     item_ids = pq.read_table(emb / "item.parquet").column("id").to_pylist()
     assert [i for i, _ in rows] == [item_ids[b] for b in best]
@@ -206,6 +209,42 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
             "per_relation"} <= set(printed)
     assert printed["num_edges"] == result["num_edges"] > 0
     assert 0 < printed["mrr"] <= 1 and printed["mean_rank"] >= 1
+
+
+def test_export_in_small_chunks_equals_one_chunk_and_writes_row_groups(imported, tmp_path):
+    """Streaming: a 5-row chunk gives the same files as one chunk, in several row groups."""
+    from projects.twhin.export import export_embeddings
+
+    out, _ = imported
+    config, state = _fake_checkpoint(out, tmp_path / "save")
+    config_path = str(out / "config.yaml")
+    small = export_embeddings(config, config_path, str(tmp_path / "save"),
+                              str(tmp_path / "small"), chunk_rows=5)
+    big = export_embeddings(config, config_path, str(tmp_path / "save"), str(tmp_path / "big"))
+    assert {k: v for k, v in small.items() if k != "out"} == \
+        {k: v for k, v in big.items() if k != "out"}
+    for name in ("user", "item", "entity", "relations"):
+        assert pq.read_table(tmp_path / "small" / f"{name}.parquet").equals(
+            pq.read_table(tmp_path / "big" / f"{name}.parquet")), name
+    users = pq.ParquetFile(tmp_path / "small" / "user.parquet")
+    assert users.metadata.num_row_groups == 3                      # 12 rows: 5 + 5 + 2
+    assert pq.ParquetFile(tmp_path / "big" / "user.parquet").metadata.num_row_groups == 1
+    vector_type = users.schema_arrow.field("vector").type
+    assert pa.types.is_fixed_size_list(vector_type) and vector_type.list_size == 4
+    assert vector_type.value_type == pa.float32()
+    np.testing.assert_array_equal(
+        np.array(users.read().column("vector").to_pylist(), dtype=np.float32),
+        state[TABLE_KEY.format("user")].numpy())
+    other = config.model_copy(deep=True)
+    other.model.embeddings.tables[0].num_embeddings += 1
+    key = TABLE_KEY.format(other.model.embeddings.tables[0].name)
+    with pytest.raises(CheckpointError) as error:
+        export_embeddings(other, config_path, str(tmp_path / "save"), str(tmp_path / "x"))
+    assert str(error.value) == (f"checkpoint {tmp_path / 'save' / '7'}: '{key}' has shape "
+                                f"[{other.model.embeddings.tables[0].num_embeddings - 1}, 4], "
+                                f"the config says "
+                                f"[{other.model.embeddings.tables[0].num_embeddings}, 4]")
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_skips_or_rejects_entities_unseen_in_training(tmp_path):
@@ -264,8 +303,10 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
     one = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
                            "--checkpoint", str(save), "--json"))
     assert two["workers"] == 2 and one["workers"] == 1
-    for key in ("mrr", "hits_at_1", "hits_at_10", "mean_rank", "count"):
-        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    # Sharded evaluation (each worker holds half of every table) gives the same ranks.
+    for key in ("hits_at_1", "hits_at_10", "mean_rank", "count", "auc"):
+        assert two[key] == one[key], key
+    assert two["mrr"] == pytest.approx(one["mrr"], rel=1e-9)
     twhin("export", "--config", str(save / "twhin_config.yaml"), "--checkpoint", str(save),
           "--out", str(emb))
     out = twhin("neighbors", "--embeddings", str(emb), "--entity", "user:u1", "--relation",
@@ -273,3 +314,27 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
     assert len(out.strip().splitlines()) == 6 and "item:" in out
     assert yaml.safe_load((save / "twhin_config.yaml").read_text())["model"]["relations"][1][
         "operator"] == "diagonal"
+
+
+def test_export_and_evaluate_refuse_a_config_with_another_operator(imported, tmp_path):
+    from projects.twhin.signature import checkpoint_extra
+    from tml.common.checkpointing import EXTRA_FILE
+
+    out, _ = imported
+    config, _ = _fake_checkpoint(out, tmp_path / "save")
+    with open(tmp_path / "save" / "7" / EXTRA_FILE, "w") as f:
+        json.dump(checkpoint_extra(config), f)
+    data = yaml.safe_load((out / "config.yaml").read_text())
+    trained = data["model"]["relations"][0]["operator"]
+    other = "translation" if trained != "translation" else "diagonal"
+    data["model"]["relations"][0]["operator"] = other
+    changed = tmp_path / "other.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    name = data["model"]["relations"][0]["name"]
+    message = (f"relation '{name}' was trained with operator '{trained}', the config says "
+               f"'{other}'")
+    for command in (["export", "--out", str(tmp_path / "emb")], ["evaluate"]):
+        with pytest.raises(CheckpointError, match=message):
+            dispatch([command[0], "--config", str(changed), "--checkpoint",
+                      str(tmp_path / "save"), *command[1:]])
+    assert not (tmp_path / "emb").exists()

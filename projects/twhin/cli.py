@@ -213,6 +213,7 @@ def _import(args: argparse.Namespace) -> dict:
     edges = ", ".join(f"{k} {v}" for k, v in result["edges"].items())
     tables = ", ".join(f"{k} {v}" for k, v in result["tables"].items())
     print(f"imported {edges} edges; tables: {tables}; {result['relations']} relation(s)\n"
+          f"training settings: {result['defaults']}\n"
           f"config: {os.path.join(result['out'], 'config.yaml')}")
     return result
 

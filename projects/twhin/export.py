@@ -13,17 +13,18 @@ Why a fixed-size list column: one column whatever D, read back as a (N, D) array
 The ids are the importer's original strings when `vocab/` lies beside the config (as
 `twhin import` writes it), else the row number as a string.
 
-Loading: `torch.distributed.checkpoint.load(..., no_dist=True)` into full-size empty tensors
-reads a checkpoint written by any number of workers and any sharding (DCP reassembles the
-shards) in this one process; the tables must fit in its memory. The output is written to a
-temporary sibling directory renamed into place, so a failed export leaves nothing behind.
+Loading: each table is streamed in row chunks (`tml.common.checkpoint_rows.load_rows`,
+`chunk_rows` rows at a time, by default about `CHUNK_BYTES` of vectors), each written as
+one parquet row group, so peak memory is one chunk (plus the importer's id strings), not
+one table. `load_rows` reads a checkpoint written by any number of workers and any
+sharding, in this one process. The output is written to a temporary sibling directory
+renamed into place, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -31,12 +32,15 @@ import pyarrow.parquet as pq
 import torch
 
 from projects.twhin.config import TwhinConfig
+from projects.twhin.signature import check_checkpoint_matches
 from tml.common.atomic_directory import atomic_directory, refuse_non_empty
+from tml.common.checkpoint_rows import load_row_ranges, load_rows, tensor_shapes
 from tml.common.checkpointing import latest_checkpoint
 from tml.errors import CheckpointError, TmlError
 
 TABLE_KEY = "model.model.large_embeddings.ebc.embedding_bags.{}.weight"
 RELATIONS_KEY = "model.model.all_trans_embs"
+CHUNK_BYTES = 256 << 20   # vectors per export chunk (float32 rows of D values)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -49,37 +53,37 @@ def resolve_checkpoint(path: str) -> str:
     return latest
 
 
-def load_embeddings(config: TwhinConfig, checkpoint: str
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(table name -> (rows, D) tensor, (R, D) relation vectors) read from `checkpoint`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    path = resolve_checkpoint(checkpoint)
-    try:
-        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as error:  # noqa: BLE001 (DCP raises several kinds)
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+def check_checkpoint(config: TwhinConfig, checkpoint: str) -> dict[str, tuple[int, int]]:
+    """Checkpoint key -> (rows, D) of every table and the relation vectors, checked against
+    the config (present, same shape) from the metadata alone; CheckpointError otherwise.
+    Also refuses a config that scores differently from the trained run (another operator,
+    relation order, tables: `signature.check_checkpoint_matches`), which shapes miss."""
+    check_checkpoint_matches(config, checkpoint)
+    saved = tensor_shapes(checkpoint)   # CheckpointError if missing or damaged
     dim = config.model.embeddings.tables[0].embedding_dim
     wanted = {TABLE_KEY.format(t.name): (t.num_embeddings, dim)
               for t in config.model.embeddings.tables}
     wanted[RELATIONS_KEY] = (len(config.model.relations), dim)
-    state = {}
     for key, shape in wanted.items():
-        if key not in metadata:
-            raise CheckpointError(f"checkpoint {path} has no '{key}': was it written with "
+        if key not in saved:
+            raise CheckpointError(f"checkpoint {checkpoint} has no '{key}': was it written with "
                                   "this config?")
-        saved = tuple(metadata[key].size)
-        if saved != shape:
-            raise CheckpointError(f"checkpoint {path}: '{key}' has shape {list(saved)}, the "
-                                  f"config says {list(shape)}")
-        state[key] = torch.empty(shape, dtype=torch.float32)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load")
-            dcp.load(state, checkpoint_id=path, no_dist=True)
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from None
+        if saved[key] != shape:
+            raise CheckpointError(f"checkpoint {checkpoint}: '{key}' has shape "
+                                  f"{list(saved[key])}, the config says {list(shape)}")
+    return wanted
+
+
+def load_embeddings(config: TwhinConfig, checkpoint: str
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(table name -> (rows, D) tensor, (R, D) relation vectors) read whole from `checkpoint`.
+
+    For small tables and tests; `twhin export` and `twhin evaluate` read row ranges instead.
+    """
+    path = resolve_checkpoint(checkpoint)
+    shapes = check_checkpoint(config, path)
+    state = load_row_ranges(path, {key: (0, rows) for key, (rows, _) in shapes.items()},
+                            torch.float32)
     tables = {t.name: state[TABLE_KEY.format(t.name)] for t in config.model.embeddings.tables}
     return tables, state[RELATIONS_KEY]
 
@@ -96,38 +100,57 @@ def _vectors(array: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, out: str,
-                      force: bool = False, vocab: str | None = None) -> dict:
-    """Write the export (see module docstring) to `out`; returns what it wrote."""
+                      force: bool = False, vocab: str | None = None,
+                      chunk_rows: int | None = None) -> dict:
+    """Write the export (see module docstring) to `out`; returns what it wrote.
+
+    `chunk_rows`: rows read and written at a time (one parquet row group each); default:
+    `CHUNK_BYTES` worth of vectors.
+    """
     from projects.twhin.importer import read_vocabulary
 
     out = os.path.abspath(out)
     refuse_non_empty(out, force)
     path = resolve_checkpoint(checkpoint)
-    tables, relation_vectors = load_embeddings(config, path)
+    shapes = check_checkpoint(config, path)
+    dim = shapes[RELATIONS_KEY][1]
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * dim))
+    if chunk_rows < 1:
+        raise TmlError(f"chunk_rows must be at least 1, got {chunk_rows}")
     vocab_tables: dict[str, np.ndarray] = {}
     directory = vocab or vocab_dir(config_path)
     if vocab and not os.path.isdir(vocab):
         raise TmlError(f"--vocab {vocab}: no such directory")
     if directory:
         vocab_tables, _ = read_vocabulary(directory)
+    schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
+    sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
     with atomic_directory(out) as tmp:
-        for name, weights in tables.items():
-            rows = weights.shape[0]
+        for name, rows in sizes.items():
             ids = vocab_tables.get(name)
-            if ids is None or len(ids) != rows:
-                ids = np.arange(rows).astype(str)
-            pq.write_table(pa.table({"id": pa.array(list(ids), pa.string()),
-                                     "vector": _vectors(weights.numpy())}),
-                           os.path.join(tmp, f"{name}.parquet"))
+            if ids is not None and len(ids) != rows:
+                ids = None
+            key = TABLE_KEY.format(name)
+            with pq.ParquetWriter(os.path.join(tmp, f"{name}.parquet"), schema) as writer:
+                for start in range(0, rows, chunk_rows):
+                    end = min(rows, start + chunk_rows)
+                    part = (ids[start:end] if ids is not None
+                            else np.arange(start, end).astype(str))
+                    vectors = load_rows(path, key, start, end, torch.float32)
+                    writer.write_table(pa.table({"id": pa.array(list(part), pa.string()),
+                                                 "vector": _vectors(vectors.numpy())},
+                                                schema=schema), row_group_size=end - start)
+                    del vectors
         relations = config.model.relations
+        relation_vectors = load_rows(path, RELATIONS_KEY, 0, len(relations), torch.float32)
         pq.write_table(pa.table({
             "name": [r.name for r in relations],
             "operator": [r.operator.value for r in relations],
             "lhs": [r.lhs for r in relations], "rhs": [r.rhs for r in relations],
             "vector": _vectors(relation_vectors.numpy())}),
             os.path.join(tmp, "relations.parquet"))
-        metadata = {"embedding_dim": int(relation_vectors.shape[1]),
-                    "tables": {n: int(w.shape[0]) for n, w in tables.items()},
+        metadata = {"embedding_dim": int(dim), "tables": {n: int(r) for n, r in sizes.items()},
                     "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}
         with open(os.path.join(tmp, "metadata.json"), "w") as handle:
             json.dump(metadata, handle, indent=2)

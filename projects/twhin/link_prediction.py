@@ -9,13 +9,24 @@ relation and overall, plus the AUC of the true edges against in-batch negatives 
 the model's own `in_batch_negative_logits`).
 
 How it scales: candidates are scored with the model's `relation_query` as one matrix
-product per (query chunk x candidate chunk), so memory is bounded by `query_chunk *
-candidate_chunk` scores whatever the table size. The true entity's score is taken from the
-same matrix product as the candidates' (a first pass over the chunks), so rounding cannot
-make it beat or lose to itself. With several workers, each loads the checkpoint's tables
-whole (DCP reassembles any sharding: a checkpoint from N workers loads anywhere), takes a
-contiguous share of the evaluated edges, and the metric sums are all-reduced; the filter
-index (all known edges) is on every worker, so its memory is 24 bytes per known edge.
+product per (query chunk x candidate chunk), so score memory is bounded by `query_chunk *
+candidate_chunk` whatever the table size. The true entity's score is taken from the same
+matrix product as the candidates' (a first pass over the chunks), so rounding cannot make
+it beat or lose to itself.
+
+Sharded over W workers (torch elastic, gloo): each worker reads only its contiguous row
+share of every table (`tml.common.checkpoint_rows`, from a checkpoint of any world size and
+sharding), so its memory is table_bytes / W plus chunk buffers plus the filter index (all
+known edges, 24 bytes each, on every worker). Every worker walks ALL evaluated edges in
+the same query chunks. Per chunk: the anchor vectors are assembled by each worker writing
+the rows it owns into a zero (Q, D) buffer and all-reducing (sum; adding zeros is exact,
+so every worker holds bit-identical queries); each worker scores them against its own
+candidate rows (candidate chunks on one global grid); the true entity's score comes from
+its owner's matrix product (the others add 0); each worker counts greater / equal among
+its candidates after removing the filtered ones; the counts are all-reduced. Ranks are
+therefore identical on every worker and equal to one worker's (W = 1 is the same
+algorithm with the whole table local). The AUC edges are gathered the same way and scored
+identically on every worker (same seed), so it does not depend on W either.
 
 Edges whose head, tail or relation never occur in the training split are skipped and
 counted (their vectors are untrained), or rejected with `strict`.
@@ -25,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -87,43 +100,103 @@ class KnownEdges:
         return positions, values[np.repeat(start, counts) + offsets]
 
 
+Reduce = Callable[[torch.Tensor], None]
+"""Sums a tensor in place over the workers (`dist.all_reduce`); None with one worker."""
+
+
+@dataclass
+class TableShard:
+    """Rows [start, start + len(rows)) of a `num_rows`-row table, held by this worker."""
+
+    rows: torch.Tensor
+    start: int
+    num_rows: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows.shape[0]
+
+
+def _shard(table: torch.Tensor | TableShard) -> TableShard:
+    return table if isinstance(table, TableShard) else TableShard(table, 0, table.shape[0])
+
+
+def share(num_rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Worker `rank`'s contiguous row range [start, end) of a `num_rows`-row table."""
+    return num_rows * rank // world, num_rows * (rank + 1) // world
+
+
+def gather_rows(table: torch.Tensor | TableShard, ids: np.ndarray,
+                reduce: Reduce | None = None) -> torch.Tensor:
+    """(len(ids), D) rows of a table sharded over the workers, on every worker.
+
+    Each worker fills the rows it owns into zeros and the buffers are summed: adding zeros
+    is exact, so every worker gets the same bits as a whole-table lookup.
+    """
+    shard = _shard(table)
+    ids_t = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    if reduce is None and shard.start == 0 and shard.end == shard.num_rows:
+        return shard.rows[ids_t]
+    out = shard.rows.new_zeros((len(ids_t), shard.rows.shape[1]))
+    mine = (ids_t >= shard.start) & (ids_t < shard.end)
+    out[mine] = shard.rows[ids_t[mine] - shard.start]
+    if reduce is not None:
+        reduce(out)
+    return out
+
+
+def _chunks(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, end) cut on the global grid of multiples of `size` (the same cuts whatever
+    the shard boundaries)."""
+    while start < end:
+        stop = min(end, (start // size + 1) * size)
+        yield start, stop
+        start = stop
+
+
 @torch.no_grad()
 def filtered_ranks(anchor_vectors: torch.Tensor, relation_vector: torch.Tensor, code: int,
                    side: str, candidates: torch.Tensor, truths: np.ndarray,
                    filter_positions: np.ndarray, filter_entities: np.ndarray,
-                   candidate_chunk: int = 8192) -> np.ndarray:
+                   candidate_chunk: int = 8192, candidate_start: int = 0,
+                   reduce: Reduce | None = None) -> np.ndarray:
     """Realistic filtered ranks of `truths` among `candidates` for one chunk of queries.
 
     anchor_vectors: (Q, D) the known side of each query; side "tail" ranks rhs candidates
     for lhs anchors, "head" lhs candidates for rhs anchors. (filter_positions,
     filter_entities): candidates to remove per query (the true entity is always removed and
-    compared against separately).
+    compared against separately). `candidates` are the entities [candidate_start,
+    candidate_start + len) of this worker; with `reduce` the true scores and the counts
+    are summed over the workers (each owns a disjoint range), so all return the same ranks.
     """
     q_count = anchor_vectors.shape[0]
     rv = relation_vector.expand(q_count, -1)
     q, b = relation_query(anchor_vectors, rv, torch.full((q_count,), code), side)
+    lo, hi = candidate_start, candidate_start + candidates.shape[0]
     truths_t = torch.from_numpy(truths)
     rows = torch.arange(q_count)
-    true_score = torch.full((q_count,), float("nan"))
-    num = candidates.shape[0]
-    for start in range(0, num, candidate_chunk):
-        end = min(num, start + candidate_chunk)
+    # Summed over the workers: 0 where this worker does not own the truth.
+    true_score = torch.full((q_count,), float("nan") if reduce is None else 0.0,
+                            dtype=q.dtype)
+    for start, end in _chunks(lo, hi, candidate_chunk):
         inside = (truths_t >= start) & (truths_t < end)
         if inside.any():
-            s = q @ candidates[start:end].T + b.unsqueeze(1)
+            s = q @ candidates[start - lo:end - lo].T + b.unsqueeze(1)
             true_score[inside] = s[rows[inside], truths_t[inside] - start]
+    if reduce is not None:
+        reduce(true_score)   # only the owner's value is non-zero: exact
     positions = torch.from_numpy(np.concatenate([filter_positions, np.arange(q_count)]))
     entities = torch.from_numpy(np.concatenate([filter_entities, truths]))
-    greater = torch.zeros(q_count, dtype=torch.float64)
-    equal = torch.zeros(q_count, dtype=torch.float64)
-    for start in range(0, num, candidate_chunk):
-        end = min(num, start + candidate_chunk)
-        s = q @ candidates[start:end].T + b.unsqueeze(1)
+    counts = torch.zeros(2, q_count, dtype=torch.float64)   # greater, equal
+    for start, end in _chunks(lo, hi, candidate_chunk):
+        s = q @ candidates[start - lo:end - lo].T + b.unsqueeze(1)
         sel = (entities >= start) & (entities < end)
         s[positions[sel], entities[sel] - start] = float("-inf")
-        greater += (s > true_score.unsqueeze(1)).sum(1)
-        equal += (s == true_score.unsqueeze(1)).sum(1)
-    return (1.0 + greater + equal / 2.0).numpy()
+        counts[0] += (s > true_score.unsqueeze(1)).sum(1)
+        counts[1] += (s == true_score.unsqueeze(1)).sum(1)
+    if reduce is not None:
+        reduce(counts)
+    return (1.0 + counts[0] + counts[1] / 2.0).numpy()
 
 
 def _add(sums: np.ndarray, ranks: np.ndarray) -> None:
@@ -131,10 +204,15 @@ def _add(sums: np.ndarray, ranks: np.ndarray) -> None:
              (ranks <= 3).sum(), (ranks <= 10).sum()]
 
 
-def rank_sums(tables: dict[str, torch.Tensor], relation_vectors: torch.Tensor,
+def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors: torch.Tensor,
               relations: list[Relation], edges: Edges, known: KnownEdges,
-              query_chunk: int = 1024, candidate_chunk: int = 8192) -> np.ndarray:
-    """(R, 2, len(COLUMNS)) metric sums of `edges`, per relation and side (head, tail)."""
+              query_chunk: int = 1024, candidate_chunk: int = 8192,
+              reduce: Reduce | None = None) -> np.ndarray:
+    """(R, 2, len(COLUMNS)) metric sums of `edges`, per relation and side (head, tail).
+
+    `tables`: whole tables, or with `reduce` this worker's `TableShard`s; every worker
+    passes all `edges` and gets the same sums.
+    """
     lhs, rel, rhs = edges
     sums = np.zeros((len(relations), 2, len(COLUMNS)))
     for r, relation in enumerate(relations):
@@ -143,26 +221,30 @@ def rank_sums(tables: dict[str, torch.Tensor], relation_vectors: torch.Tensor,
         for side_index, side in enumerate(SIDES):
             if side == "tail":
                 anchors, truths = lhs[chosen], rhs[chosen]
-                anchor_table, candidates = tables[relation.lhs], tables[relation.rhs]
+                anchor_table, candidates = tables[relation.lhs], _shard(tables[relation.rhs])
             else:
                 anchors, truths = rhs[chosen], lhs[chosen]
-                anchor_table, candidates = tables[relation.rhs], tables[relation.lhs]
+                anchor_table, candidates = tables[relation.rhs], _shard(tables[relation.lhs])
             for start in range(0, len(chosen), query_chunk):
                 a = anchors[start:start + query_chunk]
                 t = truths[start:start + query_chunk]
                 positions, entities = known.lookup(side, r, a)
-                ranks = filtered_ranks(anchor_table[torch.from_numpy(a)], relation_vectors[r],
-                                       code, side, candidates, t, positions, entities,
-                                       candidate_chunk)
+                ranks = filtered_ranks(gather_rows(anchor_table, a, reduce), relation_vectors[r],
+                                       code, side, candidates.rows, t, positions, entities,
+                                       candidate_chunk, candidates.start, reduce)
                 _add(sums[r, side_index], ranks)
     return sums
 
 
 @torch.no_grad()
-def auc_scores(tables: dict[str, torch.Tensor], relation_vectors: torch.Tensor,
+def auc_scores(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors: torch.Tensor,
                relations: list[Relation], edges: Edges, chunk: int = 1000,
-               seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of the true edges and of their in-batch negatives (as in training)."""
+               seed: int = 1234, reduce: Reduce | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the true edges and of their in-batch negatives (as in training).
+
+    With sharded tables (`reduce`) every worker passes all `edges` and gets the same scores.
+    """
     lhs, rel, rhs = edges
     codes = torch.tensor([operator_code(r.operator) for r in relations])
     generator_state = torch.random.get_rng_state()
@@ -173,8 +255,8 @@ def auc_scores(tables: dict[str, torch.Tensor], relation_vectors: torch.Tensor,
             chosen = np.nonzero(rel == r)[0]
             for start in range(0, len(chosen), chunk):
                 idx = chosen[start:start + chunk]
-                lv = tables[relation.lhs][torch.from_numpy(lhs[idx])]
-                rv = tables[relation.rhs][torch.from_numpy(rhs[idx])]
+                lv = gather_rows(tables[relation.lhs], lhs[idx], reduce)
+                rv = gather_rows(tables[relation.rhs], rhs[idx], reduce)
                 rels = torch.from_numpy(rel[idx])
                 positives.append(score(lv, relation_vectors[rels], rv, codes[rels]).numpy())
                 if len(idx) > 1:
@@ -296,13 +378,33 @@ def _check_range(edges: Edges, sizes: dict[str, int], relations: list[Relation],
                         f"tables of relation '{relations[rel[row]].name}'")
 
 
+def load_shards(config: TwhinConfig, checkpoint: str, rank: int = 0, world: int = 1
+                ) -> tuple[dict[str, TableShard], torch.Tensor]:
+    """Worker `rank`'s row share of every table, and the (R, D) relation vectors (whole)."""
+    from projects.twhin.export import RELATIONS_KEY, TABLE_KEY, check_checkpoint
+    from tml.common.checkpoint_rows import load_row_ranges
+
+    shapes = check_checkpoint(config, checkpoint)
+    ranges = {key: share(rows, rank, world) for key, (rows, _) in shapes.items()}
+    ranges[RELATIONS_KEY] = (0, shapes[RELATIONS_KEY][0])
+    state = load_row_ranges(checkpoint, ranges, torch.float32)
+    tables = {t.name: TableShard(state[TABLE_KEY.format(t.name)],
+                                 ranges[TABLE_KEY.format(t.name)][0], t.num_embeddings)
+              for t in config.model.embeddings.tables}
+    return tables, state[RELATIONS_KEY]
+
+
 def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
                         strict: bool = False, query_chunk: int = 1024,
                         candidate_chunk: int = 8192) -> dict:
-    """Evaluate in this process; one of WORLD_SIZE workers when started by torch elastic."""
+    """Evaluate in this process; one of WORLD_SIZE workers when started by torch elastic.
+
+    With several workers each holds 1/WORLD_SIZE of every table (see module docstring);
+    every worker returns the same result.
+    """
     import torch.distributed as dist
 
-    from projects.twhin.export import load_embeddings, resolve_checkpoint
+    from projects.twhin.export import resolve_checkpoint
     from tml.core.config import load_config_from_yaml
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -312,24 +414,17 @@ def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
     world = dist.get_world_size() if distributed else 1
     config = load_config_from_yaml(TwhinConfig, config_path)
     path = resolve_checkpoint(checkpoint)
-    tables, relation_vectors = load_embeddings(config, path)
+    tables, relation_vectors = load_shards(config, path, rank, world)
     edges, known, counts = prepare(config, split, strict)
-    share = len(edges[0]) // world
-    start = rank * share
-    end = len(edges[0]) if rank == world - 1 else start + share
-    mine = tuple(column[start:end] for column in edges)
-    relations = config.model.relations
-    sums = rank_sums(tables, relation_vectors, relations, mine, known, query_chunk,
-                     candidate_chunk)
-    positives, negatives = auc_scores(tables, relation_vectors, relations, mine)
+    reduce: Reduce | None = None
     if distributed:
-        total = torch.from_numpy(sums)
-        dist.all_reduce(total)
-        sums = total.numpy()
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (positives, negatives))
-        positives = np.concatenate([g[0] for g in gathered])
-        negatives = np.concatenate([g[1] for g in gathered])
+        def reduce(tensor: torch.Tensor) -> None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    relations = config.model.relations
+    sums = rank_sums(tables, relation_vectors, relations, edges, known, query_chunk,
+                     candidate_chunk, reduce)
+    positives, negatives = auc_scores(tables, relation_vectors, relations, edges,
+                                      reduce=reduce)
     result = summarize(sums, relations)
     result.update(counts)
     result["auc"] = auc(positives, negatives)

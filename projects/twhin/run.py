@@ -32,6 +32,8 @@ from tml.core.config import load_config_from_yaml
 from tml.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     import tml.core.custom_training_loop as ctl
@@ -56,6 +58,7 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     from projects.twhin.metrics import evaluate
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
     from projects.twhin.optimizer import build_optimizer
+    from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.common.device import setup_and_get_device
     from tml.common.sharding import maybe_shard_model
 
@@ -100,9 +103,14 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
                         step, metrics["auc"], metrics["loss"], metrics["batches"])
             return metrics
 
+    # Every checkpoint records how this model scores (operators, tables), and one trained
+    # as another model is refused before it is loaded (same shapes, wrong scores).
+    def verify_checkpoint(path: str) -> None:
+        check_checkpoint_matches(all_config, path)
+
     if only_evaluate:
         return _only_evaluate(sharded, save_dir, evaluate_fn,
-                              evaluate_until_step or train_steps)
+                              evaluate_until_step or train_steps, verify_checkpoint)
 
     result = ctl.train(
         model=sharded,
@@ -122,6 +130,8 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
         eval_every_n=training.eval_log_every_n,
         async_checkpoint=training.async_checkpoint,
         seed=training.seed,
+        checkpoint_extra=checkpoint_extra(all_config),
+        verify_checkpoint=verify_checkpoint,
     )
     if result.final_step > result.start_step:
         logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
@@ -131,14 +141,16 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
 
 
 def _only_evaluate(model: torch.nn.Module, save_dir: str, evaluate_fn: object,
-                   until_step: int) -> ctl.TrainResult:
+                   until_step: int,
+                   verify_checkpoint: Callable[[str], None]) -> ctl.TrainResult:
     import tml.core.custom_training_loop as ctl
 
     if evaluate_fn is None:
         raise ConfigError("--only_evaluate needs validation_data in the config")
     logger.info("only evaluating: following %s until step %d", save_dir, until_step)
     evaluated = ctl.evaluate_checkpoints(model, save_dir, evaluate_fn,  # type: ignore[arg-type]
-                                         until_step, poll_interval_s=2.0)
+                                         until_step, poll_interval_s=2.0,
+                                         verify_checkpoint=verify_checkpoint)
     last = max(evaluated, default=0)
     return ctl.TrainResult(0, last, None, None, evaluated.get(last, {}), None)
 

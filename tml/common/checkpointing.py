@@ -33,6 +33,12 @@ Only tensors are saved: each part's state dict is reduced to its tensor leaves
 file that DCP pickles is read with an unpickler that accepts only DCP's own metadata
 classes and torch dtypes, so loading never unpickles arbitrary objects.
 
+Extra metadata: `save(..., extra=...)` writes a small JSON document (`extra.json`) into
+the checkpoint directory, next to DCP's files and before the atomic rename, so it is part of
+the same complete-or-absent checkpoint; `read_extra` reads it back. Tensors alone cannot say
+how they were meant to be used (a TwHIN relation's operator changes no shape): a project
+records such facts there and checks them when it loads (see projects/twhin/signature.py).
+
 Resharding: DCP loads a checkpoint written by N workers into M workers and into another
 sharding type; the global shape of every tensor is checked first, so a checkpoint of
 another model (other table sizes) or optimizer state whose layout depends on the sharding
@@ -41,6 +47,7 @@ another model (other table sizes) or optimizer state whose layout depends on the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -66,6 +73,8 @@ logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^\d+$")
 TMP_PREFIX = ".tmp-"
 EVALUATION_FILE = "evaluation.json"
+# The optional JSON document a caller saves with a checkpoint (`save(..., extra=...)`).
+EXTRA_FILE = "extra.json"
 # What DCP raises: its CheckpointException (a BaseException carrying each rank's error) or
 # an ordinary exception from a rank's own reader or writer.
 _DCP_ERRORS = (Exception, CheckpointException)
@@ -328,9 +337,12 @@ class Checkpointer:
         if error:
             raise CheckpointError(f"cannot write checkpoints to {self.save_dir}: {error}")
 
-    def save(self, step: int, parts: Mapping[str, Stateful]) -> str:
+    def save(self, step: int, parts: Mapping[str, Stateful],
+             extra: Mapping[str, Any] | None = None) -> str:
         """Save `parts` as `save_dir/<step>` (collective); returns that path.
 
+        `extra`: a JSON-serialisable mapping written (by rank 0) as `EXTRA_FILE` into the
+        checkpoint before it is renamed into place; read it back with `read_extra`.
         Waits for the previous asynchronous save first (raising its error, if any).
         """
         self.wait()
@@ -339,9 +351,16 @@ class Checkpointer:
         error = ""
         if _is_rank0():
             try:
+                text = None if extra is None else json.dumps(dict(extra), indent=1,
+                                                             sort_keys=True)
                 if os.path.exists(tmp):
                     shutil.rmtree(tmp)
                 os.makedirs(tmp)
+                if text is not None:
+                    with open(os.path.join(tmp, EXTRA_FILE), "w") as handle:
+                        handle.write(text + "\n")
+            except (TypeError, ValueError) as err:  # not JSON-serialisable
+                error = f"extra is not JSON-serialisable: {err}"
             except OSError as err:
                 error = f"{type(err).__name__}: {err.strerror or err}"
         error = _rank0_error(error)
@@ -454,11 +473,38 @@ def _remove_stale_tmp(save_dir: str) -> None:
 
 
 def save_checkpoint(save_dir: str, step: int, parts: Mapping[str, Stateful],
-                    max_to_keep: int | None = None) -> str:
-    """Save `parts` synchronously as `save_dir/<step>` on every rank; returns the path."""
+                    max_to_keep: int | None = None,
+                    extra: Mapping[str, Any] | None = None) -> str:
+    """Save `parts` synchronously as `save_dir/<step>` on every rank; returns the path.
+
+    `extra`: see `Checkpointer.save`.
+    """
     checkpointer = Checkpointer(save_dir, max_to_keep)
     checkpointer.prepare()
-    return checkpointer.save(step, parts)
+    return checkpointer.save(step, parts, extra)
+
+
+def read_extra(path: str) -> dict[str, Any] | None:
+    """The `extra` mapping saved with the checkpoint at `path`, or None if it has none.
+
+    None (not an error) for checkpoints written without `extra` or before it existed: the
+    caller decides whether that is acceptable. Raises CheckpointError for a missing
+    checkpoint and for an `EXTRA_FILE` that is not a JSON object.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    file = os.path.join(path, EXTRA_FILE)
+    try:
+        with open(file) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {file}: {_one_line(error)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found "
+                              f"{type(data).__name__}")
+    return data
 
 
 # --- the loop's own state ---------------------------------------------------------------

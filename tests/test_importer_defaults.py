@@ -1,0 +1,91 @@
+"""The rule by which `twhin import` picks the training settings of the config it writes.
+
+Checked on statistics alone (`choose_defaults`) and through real imports of small synthetic
+triples: which settings are chosen, not how well they train (benchmarks/kg_compare.py
+measures that).
+"""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from projects.twhin.importer import MAX_GLOBAL_NEGATIVES, choose_defaults, import_triples
+
+
+def test_large_graph_with_few_relations_keeps_the_in_batch_defaults():
+    # The built-in graph: 2M edges, 4 relations (50/15/20/15 %), 100k users, 20k tweets.
+    n = 1_960_000
+    d = choose_defaults(n, [int(n * p) for p in (0.5, 0.15, 0.2, 0.15)], [100_000, 20_000], 32)
+    assert (d.batch, d.in_batch_negatives, d.global_negatives) == (1000, 10, 5)
+    assert (d.table_lr, d.relation_lr, d.operator, d.epochs) == (0.5, 0.05, "translation", 10)
+    assert d.same_relation == pytest.approx(1000 * (0.25 + 0.0225 + 0.04 + 0.0225))
+
+
+def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagonal():
+    # Nations-like: 1592 edges over 55 relations, one table of 14 entities.
+    counts = [1592 // 55] * 55
+    d = choose_defaults(1592, counts, [14], 32)
+    assert d.batch == 79 and d.same_relation < 5
+    assert (d.in_batch_negatives, d.global_negatives) == (0, 13)   # the whole table
+    assert (d.table_lr, d.relation_lr, d.operator) == (5.0, 50.0, "complex_diagonal")
+    assert d.epochs == 200                                          # 20 steps per epoch
+    assert "global negatives instead of in-batch" in d.reason
+    assert choose_defaults(1592, counts, [14], 31).operator == "diagonal"   # odd dim
+    # global negatives: capped for bigger tables, at least 1 for a 1-row table
+    assert choose_defaults(1592, counts, [500, 14_000], 32).global_negatives == \
+        MAX_GLOBAL_NEGATIVES
+    assert choose_defaults(1592, counts, [1, 20], 32).global_negatives == 1
+
+
+def test_threshold_and_epochs():
+    # One relation: every edge of a batch shares it, so same_relation == batch size.
+    below = choose_defaults(999, [999], [100], 8)             # batch 49 < 50
+    at = choose_defaults(1000, [1000], [100], 8)              # batch 50
+    assert below.in_batch_negatives == 0 and at.in_batch_negatives == 10
+    # Epochs: 10 with in-batch negatives (as before); else at least 4000 steps, 10 to 200.
+    assert choose_defaults(100_000, [100_000], [10], 8).epochs == 10
+    many = [1000] * 1000                                      # same_relation 1: many relations
+    assert choose_defaults(1_000_000, many, [10], 8).epochs == 10     # 1000 steps/epoch
+    assert choose_defaults(100_000, many[:100], [10], 8).epochs == 40   # 100 steps/epoch
+    assert choose_defaults(40, [20, 20], [10], 8).epochs == 200
+
+
+def _write(path, rows):
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
+    rng = np.random.default_rng(0)
+    # Many relations, few edges each: the dense settings.
+    dense = [(f"e{rng.integers(10)}", f"r{rng.integers(12)}", f"e{rng.integers(10)}")
+             for _ in range(400)]
+    result = import_triples(_write(tmp_path / "dense.tsv", dense), str(tmp_path / "dense"),
+                            dim=8)
+    text = (tmp_path / "dense" / "config.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert "# Defaults chosen by the rule in docs/twhin_cli.md: only" in text
+    assert result["defaults"] in text
+    data = config["train_data"]
+    assert (data["in_batch_negatives"], data["global_negatives"]) == (0, 9)   # 10 entities
+    assert config["validation_data"]["global_negatives"] == 9
+    assert {r["operator"] for r in config["model"]["relations"]} == {"complex_diagonal"}
+    assert config["model"]["translation_optimizer"] == {"sgd": {"lr": 50.0}}
+    assert config["model"]["embeddings"]["tables"][0]["optimizer"] == {"adagrad": {"lr": 5.0}}
+    # the statistic is computed from the training split's edges per relation
+    rels = pq.read_table(tmp_path / "dense" / "train").column("rel").to_numpy()
+    p = np.bincount(rels) / len(rels)
+    expected = data["per_replica_batch_size"] * float((p ** 2).sum())
+    assert f"only {expected:.1f} edges of a relation per batch" in result["defaults"]
+
+    # One relation, a batch of 60 edges: in-batch negatives and translation, as before.
+    sparse = [(f"user:u{i % 300}", "likes", f"item:i{(7 * i) % 97}") for i in range(1300)]
+    import_triples(_write(tmp_path / "sparse.tsv", sparse), str(tmp_path / "sparse"),
+                   valid=_write(tmp_path / "v.tsv", sparse[:20]), dim=8)
+    config = yaml.safe_load((tmp_path / "sparse" / "config.yaml").read_text())
+    assert config["train_data"]["per_replica_batch_size"] == 65
+    assert (config["train_data"]["in_batch_negatives"],
+            config["train_data"]["global_negatives"]) == (10, 5)
+    assert config["model"]["relations"][0]["operator"] == "translation"
+    assert config["training"]["num_epochs"] == 10
