@@ -4,7 +4,10 @@ One run measures, side by side and in the same conditions (the machine is noisy,
 report gives ratios within the run):
 * tml TwHIN with 1 and 2 workers, end to end (data reading included): positive edges/s,
   peak RSS per process, held-out AUC;
-* `benchmarks/baselines/plain_twhin.py`, the same model and loss in plain PyTorch;
+* tml with fp16 tables (half the memory; fbgemm converts on the fly on CPU);
+* `benchmarks/baselines/plain_twhin.py`, the same model and loss in plain PyTorch, as a
+  user would run it and again with the glibc malloc settings tml's workers give themselves
+  (`tml.common.allocator`), so the table shows how much of a difference is the allocator's;
 * the data reader alone (batches/s), which must be at least 5x the training rate;
 * command-to-finish of a one-step run: `python projects/twhin/run.py` (self-launch) against
   a direct `torchrun` of the same script (the launcher's own cost).
@@ -35,25 +38,46 @@ LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 FULL = {"num_users": 400_000, "num_tweets": 70_000, "num_edges": 2_000_000,
-        "num_communities": 50, "dim": 64, "batch": 4000, "negatives": 10}
+        "num_communities": 50, "dim": 64, "batch": 4000, "negatives": 10, "epochs": 2}
 QUICK = {"num_users": 4_000, "num_tweets": 700, "num_edges": 40_000,
-         "num_communities": 5, "dim": 16, "batch": 200, "negatives": 10}
+         "num_communities": 5, "dim": 16, "batch": 200, "negatives": 10, "epochs": 2}
+# SGD step per edge. The loss is a mean over the batch's B * (1 + 2 * negatives) logits
+# (84,000 for FULL), so the table lr is this times that count (~50,000 for FULL). Measured
+# on FULL (plain trainer, held-out AUC): lr 1,000 leaves the tables where they started (AUC
+# 0.50 after any number of epochs); 50,000 gives 0.73 after one epoch and 0.87 after two;
+# 100,000 diverges in the second epoch (sampled in-batch negatives are scored against a
+# whole relation, so their rows take ~50x a positive's gradient).
+EDGE_LR = 0.6
+# The relation vectors' gradient sums over every edge of the relation in the batch (~1,000
+# rows each): at lr / 100 they diverge in the first epoch and at lr / 1,000 they cost 0.11
+# AUC after two epochs; at lr / 10,000 they cost 0.01 (against not training them at all).
+TRANSLATION_LR_RATIO = 1e-4
 
 
-def _config(graph: str, sizes: dict, path: str, steps: int | None = None) -> str:
+def _config(graph: str, sizes: dict, path: str, steps: int | None = None,
+            workers: int = 1, data_type: str = "fp32") -> str:
+    """The tml TwHIN YAML; the plain trainer reads the same file (workers=1).
+
+    With N workers TorchRec divides the table gradients by N (as DDP does the dense ones):
+    a step is the mean over N batches, so the lr is N times larger (linear scaling) to make
+    the same progress per edge; measured on FULL, 2 workers at the 1-worker lr reach AUC
+    0.70 where 1 worker reaches 0.87, and 0.87 with it doubled.
+    """
     data = yaml.safe_load(open(LOCAL).read())
-    sgd = {"sgd": {"lr": sizes["lr"]}}
+    lr = sizes["lr"] * workers
+    sgd = {"sgd": {"lr": lr}}
     for table, rows in zip(data["model"]["embeddings"]["tables"],
                            (sizes["num_users"], sizes["num_tweets"])):
-        table.update(num_embeddings=rows, embedding_dim=sizes["dim"], optimizer=sgd)
-    data["model"]["translation_optimizer"] = {"sgd": {"lr": sizes["lr"] / 100}}
+        table.update(num_embeddings=rows, embedding_dim=sizes["dim"], optimizer=sgd,
+                     data_type=data_type)
+    data["model"]["translation_optimizer"] = {"sgd": {"lr": lr * TRANSLATION_LR_RATIO}}
     for section, split in (("train_data", "train"), ("validation_data", "validation")):
         data[section].update(data_root=os.path.join(graph, split),
                              per_replica_batch_size=sizes["batch"],
                              in_batch_negatives=sizes["negatives"])
-    data["training"].update(num_epochs=1, num_eval_steps=40, eval_log_every_n=10**9,
-                            checkpoint_every_n=10**9, train_log_every_n=10**9,
-                            num_train_steps=steps or 10**9)
+    data["training"].update(num_epochs=sizes["epochs"], num_eval_steps=40,
+                            eval_log_every_n=10**9, checkpoint_every_n=10**9,
+                            train_log_every_n=10**9, num_train_steps=steps or 10**9)
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
     return path
@@ -79,10 +103,17 @@ def _run_tml(config: str, nproc: int, work: str) -> dict:
             "threads_per_worker": ranks[0]["threads"]}
 
 
-def _run_plain(config: str, work: str) -> dict:
+def _run_plain(config: str, work: str, tuned_malloc: bool = False) -> dict:
     out = os.path.join(work, "plain.json")
     # Its best setting here: 1 thread (12% faster than 2 on the 2-core box, OpenMP spin).
     env = {**_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if tuned_malloc:
+        # The glibc settings tml's workers apply to themselves (tml.common.allocator), given
+        # to the baseline too: this row shows what is tml's and what is the allocator's.
+        from tml.common import allocator
+        env.update(MALLOC_MMAP_THRESHOLD_=str(allocator.MMAP_THRESHOLD),
+                   MALLOC_TRIM_THRESHOLD_=str(allocator.TRIM_THRESHOLD),
+                   MALLOC_TOP_PAD_=str(allocator.TOP_PAD))
     subprocess.run([sys.executable, "-m", "benchmarks.baselines.plain_twhin",
                     f"--config={config}", f"--out={out}"], env=env, check=True, cwd=REPO,
                    capture_output=True)
@@ -127,9 +158,14 @@ def _table(report: dict) -> str:
     rows = ["| trainer | edges/s | vs plain PyTorch | held-out AUC | peak RSS MiB per process |",
             "|---|---|---|---|---|"]
     plain = report["plain_pytorch"]["edges_per_s"]
-    for name, entry in (("tml, 1 worker", report["tml_1_worker"]),
-                        ("tml, 2 workers", report["tml_2_workers"]),
-                        ("plain PyTorch, 1 process", report["plain_pytorch"])):
+    for name, key in (("tml, 1 worker", "tml_1_worker"),
+                      ("tml, 2 workers", "tml_2_workers"),
+                      ("tml, 1 worker, fp16 tables", "tml_1_worker_fp16"),
+                      ("plain PyTorch, 1 process", "plain_pytorch"),
+                      ("plain PyTorch, with tml's malloc settings", "plain_pytorch_tuned_malloc")):
+        if key not in report:
+            continue
+        entry = report[key]
         rss = entry["peak_rss_mib"]
         rows.append(f"| {name} | {entry['edges_per_s']:,.0f} | {entry['edges_per_s'] / plain:.2f}x"
                     f" | {entry['auc']:.3f} | {rss if isinstance(rss, list) else round(rss)} |")
@@ -148,13 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default=f"cpu-{os.cpu_count()}core")
     parser.add_argument("--quick", action="store_true", help="tiny graph (smoke test)")
+    parser.add_argument("--results", default=RESULTS, help="directory for the report")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--batch", type=int, default=None)
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     sizes["batch"] = args.batch or sizes["batch"]
-    sizes["lr"] = args.lr or 1000.0
-    os.makedirs(RESULTS, exist_ok=True)
+    sizes["lr"] = args.lr or EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    os.makedirs(args.results, exist_ok=True)
     cache = os.path.join(REPO, "benchmarks", ".data")
     graph = os.path.join(cache, "quick" if args.quick else "full")
     generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
@@ -162,19 +199,24 @@ def main(argv: list[str] | None = None) -> dict:
                    seed=0, validation_fraction=0.02)
     with tempfile.TemporaryDirectory(prefix="tml-bench-") as work:
         config = _config(graph, sizes, os.path.join(work, "bench.yaml"))
+        config_2 = _config(graph, sizes, os.path.join(work, "bench-2.yaml"), workers=2)
         one_step = _config(graph, sizes, os.path.join(work, "one_step.yaml"), steps=1)
         report = {"name": args.name, "sizes": sizes, "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}}
         report["plain_pytorch"] = _run_plain(config, work)
         report["tml_1_worker"] = _run_tml(config, 1, work)
-        report["tml_2_workers"] = _run_tml(config, 2, work)
+        report["tml_2_workers"] = _run_tml(config_2, 2, work)
+        report["tml_1_worker_fp16"] = _run_tml(
+            _config(graph, sizes, os.path.join(work, "bench-fp16.yaml"), data_type="fp16"),
+            1, work)
+        report["plain_pytorch_tuned_malloc"] = _run_plain(config, work, tuned_malloc=True)
         report["reader"] = _reader_rate(config)
         report["launch"] = _launch_overhead(one_step, work)
     report["table"] = _table(report)
-    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
+    with open(os.path.join(args.results, f"{args.name}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
+    with open(os.path.join(args.results, f"{args.name}.md"), "w") as f:
         f.write(report["table"] + "\n")
     print(report["table"])
     return report

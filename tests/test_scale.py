@@ -4,14 +4,15 @@ import pytest
 
 
 @pytest.mark.slow
-def test_marginal_memory_of_a_table_is_at_most_1_3x_its_bytes(tmp_path):
+@pytest.mark.parametrize("data_type,rows", [("fp32", 12_000_000), ("fp16", 24_000_000)])
+def test_marginal_memory_of_a_table_is_at_most_1_3x_its_bytes(tmp_path, data_type, rows):
     from benchmarks.scale import measure
 
-    small = measure(5000, 32, str(tmp_path / "small"))  # the graph has 5000 users
-    # 1.5 GB of fp32: over 5% of a 24 GiB host, so the table gets its own kernel (the
-    # memory-safe layout; see tml.common.sharding.one_kernel_per_table)
-    large = measure(12_000_000, 32, str(tmp_path / "large"))
+    small = measure(5000, 32, str(tmp_path / "small"), data_type)  # the graph has 5000 users
+    # 1.5 GB: over 5% of a 24 GiB host, so the table gets its own kernel (the memory-safe
+    # layout; see tml.common.sharding.one_kernel_per_table)
+    large = measure(rows, 32, str(tmp_path / "large"), data_type)
     extra_bytes = (large["peak_rss_gib"] - small["peak_rss_gib"]) * 2**30
-    table_bytes = (12_000_000 - 5000) * 32 * 4
+    table_bytes = (rows - 5000) * 32 * (2 if data_type == "fp16" else 4)
     assert large["steps"] == 20
     assert extra_bytes / table_bytes <= 1.3, (small, large)

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tml.common.allocator import tune_malloc_for_training
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,7 +19,9 @@ def setup_and_get_device(timeout_s: float = 1800.0) -> torch.device:
 
     Outside torchrun (no WORLD_SIZE) a single-process group is started on a free local port,
     so the same training code runs in a plain `python` process, a notebook or a test.
+    Also keeps per-step buffers in the heap (`tml.common.allocator`).
     """
+    tune_malloc_for_training()
     device = torch.device("cpu")
     backend = "gloo"
     if torch.cuda.is_available():

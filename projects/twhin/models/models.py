@@ -76,20 +76,24 @@ def _query_one(x: torch.Tensor, r: torch.Tensor, code: int,
     return torch.cat([re * a + im * b, re * b - im * a], dim=-1), zero
 
 
-def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor, codes: torch.Tensor,
-                   side: str = "tail") -> tuple[torch.Tensor, torch.Tensor]:
+def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor,
+                   codes: torch.Tensor | int, side: str = "tail"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, b) with score = dot(q, other side) + b: THE scoring function of TwHIN.
 
     Args:
       x: (N, D) the known side: lhs vectors when `side="tail"` (scoring candidate rhs),
         rhs vectors when `side="head"` (scoring candidate lhs).
       relation_vectors: (N, D) each row's relation vector.
-      codes: (N,) each row's operator code (`operator_code`).
+      codes: (N,) each row's operator code (`operator_code`), or one int code for all rows
+        (skips finding which operators are present: a sort per call).
       side: "tail" or "head".
     Returns q (N, D) and b (N,).
     """
     if side not in ("tail", "head"):
         raise ValueError(f"side must be 'tail' or 'head', got {side!r}")
+    if isinstance(codes, int):
+        return _query_one(x, relation_vectors, codes, side)
     present = torch.unique(codes).tolist()
     if len(present) == 1:
         return _query_one(x, relation_vectors, int(present[0]), side)
@@ -104,7 +108,7 @@ def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor, codes: torch
 
 
 def score(lhs: torch.Tensor, relation_vectors: torch.Tensor, rhs: torch.Tensor,
-          codes: torch.Tensor) -> torch.Tensor:
+          codes: torch.Tensor | int) -> torch.Tensor:
     """(N,) scores of N edges (row i: lhs[i], relation_vectors[i], rhs[i], codes[i])."""
     q, b = relation_query(lhs, relation_vectors, codes, "tail")
     return (q * rhs).sum(-1) + b
@@ -119,6 +123,7 @@ class TwhinModel(nn.Module):
         self.embedding_dim = model_config.embeddings.tables[0].embedding_dim
         self.num_relations = len(model_config.relations)
         self.in_batch_negatives = data_config.in_batch_negatives
+        self.global_negatives = data_config.global_negatives
         self.operators = [Operator(r.operator) for r in model_config.relations]
         self.large_embeddings = LargeEmbeddings(model_config.embeddings)
         self.all_trans_embs = nn.Parameter(
@@ -126,6 +131,9 @@ class TwhinModel(nn.Module):
         # Not a parameter, not in the state dict: the config says it.
         self.register_buffer("operator_codes", torch.tensor(
             [operator_code(op) for op in self.operators], dtype=torch.long), persistent=False)
+        # One operator for every relation (the usual case): dispatch on an int, no sort.
+        codes = {operator_code(op) for op in self.operators}
+        self.single_operator_code = codes.pop() if len(codes) == 1 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,47 +151,87 @@ class TwhinModel(nn.Module):
     def lookup_all(self, batch: EdgeBatch) -> tuple[torch.Tensor, ...]:
         """(lhs, rhs) (B, D) and the global negatives (negative_lhs, negative_rhs) (B, G, D).
 
-        Each lookup is non-empty in exactly one table, so summing the per-table pooled
-        outputs gives its vector; by name because sharding reorders the output keys.
+        Each lookup is non-empty in exactly one table, so summing the pooled output over
+        its tables gives the lookup's vector. The sum adds the T column blocks of the
+        KeyedTensor's values: independent of the key order (sharding reorders it; all tables
+        share one dim), and its backward is one `cat`. (A `view(N, T, D).sum(1)` measured
+        1.4x slower: its backward copies from an expanded tensor.)
         """
-        pooled = self.large_embeddings(batch.nodes).to_dict()
-        x = pooled[self.table_names[0]]
-        for name in self.table_names[1:]:  # adds, not stack+sum: no (T, 2B, D) copy
-            x = x + pooled[name]
-        return split_lookups(x, batch.rels)
+        values = self.large_embeddings(batch.nodes).values()
+        return split_lookups(sum_table_blocks(values, self.embedding_dim), batch.rels)
 
     def forward(self, batch: EdgeBatch) -> dict[str, torch.Tensor]:
-        """Logits of the B positives, the in-batch negatives, then the global negatives."""
+        """Logits of the B positives, the in-batch negatives, then the global negatives.
+
+        Each side's query (`relation_query`) is computed once and shared by the positives and
+        both kinds of negatives: the same scores as calling `score`,
+        `in_batch_negative_logits` and `global_negative_logits`, with half the work.
+        """
         lhs, rhs, negative_lhs, negative_rhs = self.lookup_all(batch)
         relation_vectors = self.all_trans_embs[batch.rels]
-        codes = self.operator_codes[batch.rels]
-        positives = score(lhs, relation_vectors, rhs, codes)
-        negatives = in_batch_negative_logits(lhs, rhs, batch.rels, self.all_trans_embs,
-                                             self.in_batch_negatives, self.operator_codes)
-        global_negatives = global_negative_logits(lhs, rhs, negative_lhs, negative_rhs,
-                                                  relation_vectors, codes)
-        logits = torch.cat([positives, negatives, global_negatives])
+        codes = self.single_operator_code
+        if codes is None:
+            codes = self.operator_codes[batch.rels]
+        tail_query = relation_query(lhs, relation_vectors, codes, "tail")
+        positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
+        logits = [positives]
+        if self.in_batch_negatives or self.global_negatives:
+            head_query = relation_query(rhs, relation_vectors, codes, "head")
+            logits.append(_in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
+                                           self.in_batch_negatives))
+            logits.append(_global_logits(negative_lhs, negative_rhs, tail_query, head_query))
+        logits = torch.cat(logits)
         return {"logits": logits, "probabilities": torch.sigmoid(logits)}
 
 
+def sum_table_blocks(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, D): the sum of the T column blocks of a pooled (N, T*D) lookup output."""
+    blocks = values.split(dim, dim=1)
+    x = blocks[0]
+    for block in blocks[1:]:
+        x = x + block
+    return x
+
+
 def split_lookups(x: torch.Tensor, rels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(lhs, rhs, negative_lhs, negative_rhs) from the 2B(1 + G) looked-up vectors."""
+    """(lhs, rhs, negative_lhs, negative_rhs) from the 2B(1 + G) looked-up vectors.
+
+    Views and one `unbind` (whose backward is one stack): slicing or selecting instead
+    builds a zero-filled gradient of all of `x` per slice in backward.
+    """
     num_edges, dim = rels.shape[0], x.shape[-1]
-    positives = x[:2 * num_edges].view(num_edges, 2, dim)
     g = (x.shape[0] - 2 * num_edges) // (2 * num_edges) if num_edges else 0
-    negatives = x[2 * num_edges:].view(num_edges, 2, g, dim)
-    return positives[:, 0], positives[:, 1], negatives[:, 0], negatives[:, 1]
+    if g == 0:
+        lhs, rhs = x.view(num_edges, 2, dim).unbind(1)
+        empty = x.new_zeros(num_edges, 0, dim)
+        return lhs, rhs, empty, empty
+    positives, negatives = x.split([2 * num_edges, x.shape[0] - 2 * num_edges])
+    lhs, rhs = positives.view(num_edges, 2, dim).unbind(1)
+    negative_lhs, negative_rhs = negatives.view(num_edges, 2, g, dim).unbind(1)
+    return lhs, rhs, negative_lhs, negative_rhs
+
+
+Query = tuple[torch.Tensor, torch.Tensor]
 
 
 def global_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, negative_lhs: torch.Tensor,
                            negative_rhs: torch.Tensor, relation_vectors: torch.Tensor,
-                           codes: torch.Tensor) -> torch.Tensor:
+                           codes: torch.Tensor | int) -> torch.Tensor:
     """`2 * B * G` logits: each lhs against its G negative rhs, each rhs against G lhs."""
     if negative_lhs.shape[1] == 0:
         return lhs.new_zeros(0)
-    q, b = relation_query(lhs, relation_vectors, codes, "tail")
+    return _global_logits(negative_lhs, negative_rhs,
+                          relation_query(lhs, relation_vectors, codes, "tail"),
+                          relation_query(rhs, relation_vectors, codes, "head"))
+
+
+def _global_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
+                   tail_query: Query, head_query: Query) -> torch.Tensor:
+    if negative_lhs.shape[1] == 0:
+        return negative_lhs.new_zeros(0)
+    q, b = tail_query
     tails = torch.einsum("bd,bgd->bg", q, negative_rhs) + b.unsqueeze(1)
-    q, b = relation_query(rhs, relation_vectors, codes, "head")
+    q, b = head_query
     heads = torch.einsum("bd,bgd->bg", q, negative_lhs) + b.unsqueeze(1)
     return torch.cat([tails.reshape(-1), heads.reshape(-1)])
 
@@ -204,6 +252,15 @@ def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.T
     if operator_codes is None:
         operator_codes = torch.zeros(translations.shape[0], dtype=torch.long,
                                      device=translations.device)
+    relation_vectors, codes = translations[rels], operator_codes[rels]
+    return _in_batch_logits(lhs, rhs, rels, relation_query(lhs, relation_vectors, codes, "tail"),
+                            relation_query(rhs, relation_vectors, codes, "head"), n)
+
+
+def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
+                     tail_query: Query, head_query: Query, n: int) -> torch.Tensor:
+    if not n:
+        return lhs.new_zeros(0)
     # Sampling touches index tensors only; the vectors are then gathered once per side and
     # scored with one matrix product against every relation's samples, of which each row
     # keeps its own relation's n columns. (Gathering per relation costs a zero-filled
@@ -218,10 +275,9 @@ def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.T
         rhs_samples.append(rows[torch.randperm(count, device=rows.device).repeat(repeats)[:n]])
     columns = torch.searchsorted(present, rels).unsqueeze(1) * n + \
         torch.arange(n, device=rels.device).unsqueeze(0)                 # (B, n)
-    relation_vectors, codes = translations[rels], operator_codes[rels]
-    q, b = relation_query(lhs, relation_vectors, codes, "tail")
+    q, b = tail_query
     tails = (q @ rhs[torch.cat(rhs_samples)].T).gather(1, columns) + b.unsqueeze(1)
-    q, b = relation_query(rhs, relation_vectors, codes, "head")
+    q, b = head_query
     heads = (q @ lhs[torch.cat(lhs_samples)].T).gather(1, columns) + b.unsqueeze(1)
     return torch.cat([tails.reshape(-1), heads.reshape(-1)])
 
@@ -244,7 +300,10 @@ torch.fx.wrap("in_batch_negative_logits")
 torch.fx.wrap("labels_and_weights")
 torch.fx.wrap("relation_query")
 torch.fx.wrap("split_lookups")
+torch.fx.wrap("sum_table_blocks")
 torch.fx.wrap("global_negative_logits")
+torch.fx.wrap("_in_batch_logits")
+torch.fx.wrap("_global_logits")
 
 
 def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> TwhinModel:
