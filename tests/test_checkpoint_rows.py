@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
+from tests.twhin_setup import REPO
 from tml.common.checkpoint_rows import load_row_ranges, load_rows, tensor_shapes
 from tml.errors import CheckpointError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save(state, path):

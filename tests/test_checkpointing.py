@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.twhin_setup import launcher_env, small_twhin_config
+from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.common.checkpointing import (
     TMP_PREFIX,
     SchedulerState,
@@ -25,7 +25,6 @@ from tml.common.checkpointing import (
 )
 from tml.common.run_training import launch_function
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 

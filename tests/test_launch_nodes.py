@@ -10,9 +10,8 @@ import time
 import pytest
 import yaml
 
-from tests.twhin_setup import launcher_env, small_twhin_config
+from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 CLUSTER_VARS = ("TML_NUM_NODES", "TML_RDZV_ENDPOINT", "TML_RUN_ID", "TML_IS_CHIEF",

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.twhin_setup import REPO
+
 NOTEBOOK = os.path.join(REPO, "docs", "notebooks", "quickstart.ipynb")
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.twhin_setup import launcher_env
+from tests.twhin_setup import REPO, launcher_env
 from tml.common.cluster_env import expand_slurm_nodelist, resolve_node_setup
 from tml.common.run_training import (
     args_to_kwargs,
@@ -19,7 +19,6 @@ from tml.common.run_training import (
     training_failed_error,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "scripts", "toy_train.py")
 
 

@@ -21,10 +21,9 @@ from projects.twhin.config import TwhinConfig
 from projects.twhin.data.data import create_dataset
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
 from projects.twhin.models.models import operator_code, score
+from tests.twhin_setup import REPO
 from tml.core.config import load_config_from_yaml
 from tml.errors import CheckpointError, ConfigError, DataError, TmlError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _triples(n_users=12, n_items=6, seed=0):

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 from projects.twhin.data.generate import generate_graph
-from tests.twhin_setup import launcher_env, small_twhin_config
+from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 

@@ -4,9 +4,8 @@ import os
 
 import pytest
 
+from tests.twhin_setup import REPO
 from tml.common.run_training import launch_function
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

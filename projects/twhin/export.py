@@ -34,7 +34,7 @@ import torch
 from projects.twhin.config import TwhinConfig
 from projects.twhin.signature import check_checkpoint_matches
 from tml.common.atomic_directory import atomic_directory, refuse_non_empty
-from tml.common.checkpoint_rows import load_row_ranges, load_rows, tensor_shapes
+from tml.common.checkpoint_rows import load_rows, tensor_shapes
 from tml.common.checkpointing import latest_checkpoint
 from tml.errors import CheckpointError, TmlError
 
@@ -72,20 +72,6 @@ def check_checkpoint(config: TwhinConfig, checkpoint: str) -> dict[str, tuple[in
             raise CheckpointError(f"checkpoint {checkpoint}: '{key}' has shape "
                                   f"{list(saved[key])}, the config says {list(shape)}")
     return wanted
-
-
-def load_embeddings(config: TwhinConfig, checkpoint: str
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(table name -> (rows, D) tensor, (R, D) relation vectors) read whole from `checkpoint`.
-
-    For small tables and tests; `twhin export` and `twhin evaluate` read row ranges instead.
-    """
-    path = resolve_checkpoint(checkpoint)
-    shapes = check_checkpoint(config, path)
-    state = load_row_ranges(path, {key: (0, rows) for key, (rows, _) in shapes.items()},
-                            torch.float32)
-    tables = {t.name: state[TABLE_KEY.format(t.name)] for t in config.model.embeddings.tables}
-    return tables, state[RELATIONS_KEY]
 
 
 def vocab_dir(config_path: str) -> str | None:
