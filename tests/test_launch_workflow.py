@@ -245,7 +245,7 @@ def test_local_dry_run_shows_one_c10d_agent_per_node(tmp_path: Path,
 def test_slurm_script_asks_for_the_resources_and_is_valid_bash(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_workflow(tmp_path, nodes=4, environment={"A": "x y"},
-                          artifacts=["out/model", "/abs/log.txt"],
+                          artifacts=["out/model", "logs/x.txt"],
                           resources={"cpu": 8, "memory": "16Gi", "time": "02:00:00",
                                      "interruptible": True,
                                      "gpu": {"count": 2, "name": "a100"}})

@@ -49,8 +49,12 @@ def is_inside(root: str, path: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
-def confine(root: str, relative: str, what: str, error: type[TmlError] = TmlError) -> str:
-    """`root/relative`, refusing absolute paths, `..`, control characters and symlink escapes."""
+def check_relative(relative: str, what: str, root: str, error: type[TmlError] = TmlError) -> str:
+    """The syntax half of `confine`, for paths whose root is not known yet (a workflow's
+    artifacts before its run): non-empty, relative, no `..`, no control characters.
+
+    `root` only names the root in the message ("working_dir").
+    """
     if not isinstance(relative, str) or not relative.strip():
         raise error(f"{what}: an empty path is not allowed")
     if _CONTROL.search(relative):
@@ -61,6 +65,12 @@ def confine(root: str, relative: str, what: str, error: type[TmlError] = TmlErro
     if ".." in parts:
         raise error(f"{what} {relative!r}: '..' is not allowed; the path must stay inside "
                     f"{root}")
+    return relative
+
+
+def confine(root: str, relative: str, what: str, error: type[TmlError] = TmlError) -> str:
+    """`root/relative`, refusing absolute paths, `..`, control characters and symlink escapes."""
+    check_relative(relative, what, root, error)
     path = os.path.join(root, relative)
     if not is_inside(root, path):
         raise error(f"{what} {relative!r}: resolves outside {root} (through a symbolic link)")

@@ -15,7 +15,7 @@ import sys
 
 from tml.common.cli import run_cli
 from tml.launch import kubernetes, local, slurm
-from tml.launch.common import make_run_dir, new_run_id
+from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
     LaunchError,
     Workflow,
@@ -116,7 +116,8 @@ def launch(args: argparse.Namespace) -> str | None:
         local.run(workflow, run_dir, run_id)
         return run_dir
 
-    run_dir = os.path.abspath(os.path.join(args.runs_dir, workflow.name, run_id))
+    slurm.check_partition(args.partition)
+    run_dir = run_dir_path(args.runs_dir, workflow, run_id)
     if args.dry_run:
         batch, node = slurm.render_scripts(workflow, run_dir, args.partition,
                                            args.install_requirements)

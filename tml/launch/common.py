@@ -12,10 +12,12 @@ import datetime
 import logging
 import os
 import secrets
-import shutil
 import sys
 
-from tml.launch.workflow import Workflow
+from tml.common.safe_paths import check_name
+from tml.launch import artifacts
+from tml.launch.artifacts import Copied
+from tml.launch.workflow import LaunchError, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,16 @@ def new_run_id() -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
+def run_dir_path(runs_dir: str, workflow: Workflow, run_id: str) -> str:
+    """`runs_dir/<name>/<run-id>`, absolute. The name is checked here too, since a Workflow
+    built with `model_construct` skips the model's validation."""
+    check_name(workflow.name, "workflow name", error=LaunchError)
+    return os.path.abspath(os.path.join(runs_dir, workflow.name, run_id))
+
+
 def make_run_dir(runs_dir: str, workflow: Workflow, run_id: str) -> str:
     """`runs_dir/<name>/<run-id>/` with `logs/`, created; returned absolute."""
-    run_dir = os.path.abspath(os.path.join(runs_dir, workflow.name, run_id))
+    run_dir = run_dir_path(runs_dir, workflow, run_id)
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     return run_dir
 
@@ -74,23 +83,9 @@ def base_environment(workflow: Workflow, cpus_per_node: int | None = None) -> di
     return env
 
 
-def copy_artifacts(workflow: Workflow, run_dir: str) -> list[str]:
-    """Copy the artifacts from working_dir to `run_dir/artifacts/`; returns those missing."""
-    missing = []
-    for artifact in workflow.artifacts:
-        source = os.path.join(workflow.working_path(), artifact)
-        relative = os.path.basename(os.path.normpath(artifact)) if os.path.isabs(artifact) \
-            else os.path.normpath(artifact)
-        target = os.path.join(run_dir, "artifacts", relative)
-        if os.path.isdir(source):
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        elif os.path.isfile(source):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(source, target)
-        else:
-            missing.append(artifact)
-            logger.warning("artifact %s not found in %s", artifact, workflow.working_path())
-    return missing
+def copy_artifacts(workflow: Workflow, run_dir: str) -> Copied:
+    """Copy the artifacts from working_dir to `run_dir/artifacts/` (tml.launch.artifacts)."""
+    return artifacts.copy_artifacts(workflow.working_path(), workflow.artifacts, run_dir)
 
 
 def log_tail(path: str, lines: int = 25) -> str:

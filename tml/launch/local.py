@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from tml.launch.artifacts import refused_error
 from tml.launch.common import base_environment, copy_artifacts, log_tail, torchrun_args
 from tml.launch.workflow import LaunchFailedError, Workflow
 
@@ -154,6 +155,9 @@ def run(workflow: Workflow, run_dir: str, run_id: str) -> None:
               file=sys.stderr)
         raise LaunchFailedError(f"node {node} failed (exit code {code}); logs and artifacts "
                                 f"in {run_dir}")
+    refused = refused_error(run_dir)
+    if refused is not None:
+        raise refused
     logger.info("finished; artifacts and logs in %s", run_dir)
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from tml.launch.artifacts import refused_error
 from tml.launch.common import _WORKER_VARIABLES, log_tail, torchrun_args
 from tml.launch.workflow import LaunchError, LaunchFailedError, Workflow, memory_mebibytes
 
@@ -41,11 +42,24 @@ def check_tools() -> None:
                           "on a SLURM login node, or use --dry-run to only write the script)")
 
 
-def sbatch_directives(workflow: Workflow, run_dir: str, partition: str | None) -> list[str]:
+# A partition name (the --partition option): SLURM's names are plain words.
+PARTITION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_partition(partition: str | None) -> None:
+    if partition is not None and not PARTITION.fullmatch(partition):
+        raise LaunchError(f"--partition {partition!r} is not a SLURM partition name (letters, "
+                          "digits, '_', '.', '-')")
+
+
+def sbatch_directives(workflow: Workflow, partition: str | None) -> list[str]:
+    """The `#SBATCH` options. Only validated words go here (names, numbers, times): sbatch
+    reads these lines itself, not the shell, so paths go on the sbatch command line
+    (`sbatch_command`) instead, where no parser splits them."""
+    check_partition(partition)
     resources = workflow.resources
     lines = [f"--job-name={workflow.name}", f"--nodes={workflow.nodes}",
-             "--ntasks-per-node=1", f"--output={run_dir}/logs/batch-%j.log",
-             f"--chdir={workflow.working_path()}"]
+             "--ntasks-per-node=1"]
     if resources.cpu:
         lines.append(f"--cpus-per-task={resources.cpu}")
     if resources.memory:
@@ -62,22 +76,49 @@ def sbatch_directives(workflow: Workflow, run_dir: str, partition: str | None) -
         lines.append("--no-requeue")
     if partition:
         lines.append(f"--partition={partition}")
+    for line in lines:  # the model's checks, asserted where the lines are written
+        if not re.fullmatch(r"--[a-z-]+(=[A-Za-z0-9_.:+-]+)?", line):
+            raise LaunchError(f"internal: unexpected #SBATCH value {line!r}")
     return lines
+
+
+def _filename_pattern(path: str) -> str:
+    """A literal path for SLURM's --output, where % starts a replacement (%j, %n)."""
+    return path.replace("%", "%%")
+
+
+def sbatch_command(workflow: Workflow, run_dir: str, batch_path: str) -> list[str]:
+    """The sbatch argv: paths as separate arguments, never parsed by a shell or by sbatch."""
+    return ["sbatch", "--parsable", f"--chdir={workflow.working_path()}",
+            f"--output={_filename_pattern(run_dir)}/logs/batch-%j.log", batch_path]
+
+
+def _tml_root() -> str:
+    """The directory holding this `tml` package, for the artifact copy on the master node."""
+    import tml
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(tml.__file__)))
 
 
 def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = None,
                    install_requirements: bool = False) -> tuple[str, str]:
-    """(batch script, node script) for this workflow, as written to `run_dir`."""
+    """(batch script, node script) for this workflow, as written to `run_dir`.
+
+    Every value from the workflow is either checked to be a plain word by the model (the
+    name, times, GPU type, variable names) or written with `shlex.quote`; `before_run`
+    alone is written as shell, since it is shell.
+    """
     q = shlex.quote
     python = sys.executable
     node_script = os.path.join(run_dir, "node.sh")
     batch = ["#!/bin/bash"]
-    batch += [f"#SBATCH {line}" for line in sbatch_directives(workflow, run_dir, partition)]
+    batch += [f"#SBATCH {line}" for line in sbatch_directives(workflow, partition)]
     if workflow.resources.gpu.memory:
         batch.append(f"# gpu.memory {workflow.resources.gpu.memory}: SLURM has no standard "
                      "request for it; pick a partition or gres type that has it")
     batch += [
-        f"# Written by tml launch for workflow {workflow.name}.",
+        f"# Written by tml launch for workflow {workflow.name}; submit with:",
+        f"# {shlex.join(sbatch_command(workflow, run_dir, os.path.join(run_dir, 'job.sbatch')))}",
         "set -uo pipefail",
         f"RUN_DIR={q(run_dir)}",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -85,28 +126,27 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
         "| sed -n 's/^NodeAddr=//p')",
         'export TML_RDZV_ENDPOINT="${head_addr:-$head_node}:${TML_RDZV_PORT:-'
         '$((20000 + SLURM_JOB_ID % 20000))}"',
-        f'export TML_RDZV_ID="{workflow.name}-$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}"',
+        f'export TML_RDZV_ID={q(workflow.name)}"-$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}"',
         'echo "tml: rendezvous at $TML_RDZV_ENDPOINT on $head_node"',
     ]
     if install_requirements and workflow.requirements:
         batch.append(shlex.join([python, "-m", "pip", "install", *workflow.requirements])
                      + " || exit 1")
+    node_log = _filename_pattern(run_dir) + "/logs/node-%n.log"
     batch += [
         'echo "tml: attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of job $SLURM_JOB_ID"',
         f"srun --nodes={workflow.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
         + ("--open-mode=append " if workflow.resources.interruptible else "") +
-        f'--output="$RUN_DIR/logs/node-%n.log" bash {q(node_script)}',
+        f"--output={q(node_log)} bash {q(node_script)}",
         "code=$?",
-        "# Artifacts from the master node's working directory.",
-        f"cd {q(workflow.working_path())}",
     ]
-    for artifact in workflow.artifacts:
-        parent = os.path.dirname(os.path.normpath(artifact)) if not os.path.isabs(artifact) \
-            else ""
-        target = f'"$RUN_DIR/artifacts/{parent}"' if parent else '"$RUN_DIR/artifacts"'
-        batch.append(f"if [ -e {q(artifact)} ]; then mkdir -p {target} && "
-                     f"cp -a {q(artifact)} {target}/; "
-                     f"else echo {q(f'tml: artifact {artifact} not found')} >&2; fi")
+    if workflow.artifacts:
+        # On the master node, with tml's own checks (tml.launch.artifacts): no source
+        # outside working_dir, no destination outside the run directory.
+        batch += ["# Artifacts from the master node's working directory.",
+                  f"PYTHONPATH={q(_tml_root())}${{PYTHONPATH:+:$PYTHONPATH}} "
+                  + shlex.join([python, "-m", "tml.launch.artifacts", "--",
+                                workflow.working_path(), run_dir, *workflow.artifacts])]
     batch += ['echo "$code" > "$RUN_DIR/exit-code"', 'exit "$code"', ""]
 
     command = torchrun_args(workflow, "$TML_RDZV_ENDPOINT", "$TML_RDZV_ID", "$is_host")
@@ -171,7 +211,7 @@ def _final_state(job_id: str, run_dir: str, env: dict[str, str]) -> tuple[str, s
 def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None:
     """sbatch the script, poll until the job leaves the queue, raise if it did not complete."""
     env = {k: v for k, v in os.environ.items() if k not in _WORKER_VARIABLES}
-    submitted = subprocess.run(["sbatch", "--parsable", batch_path], env=env,
+    submitted = subprocess.run(sbatch_command(workflow, run_dir, batch_path), env=env,
                                capture_output=True, text=True)
     if submitted.returncode != 0:
         raise LaunchError(f"sbatch refused the job: {submitted.stderr.strip() or 'no message'}"
@@ -214,4 +254,7 @@ def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None
                   file=sys.stderr)
         raise LaunchFailedError(f"SLURM job {job_id} ended {state} (exit code {code}); "
                                 f"logs in {logs}")
+    refused = refused_error(run_dir)
+    if refused is not None:
+        raise refused
     logger.info("job %s completed; artifacts and logs in %s", job_id, run_dir)

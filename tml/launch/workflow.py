@@ -20,10 +20,12 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from importlib import metadata
 
 import pydantic
 
+from tml.common.safe_paths import check_name, check_relative
 from tml.core.config import BaseConfig, Field, load_config_from_yaml
 from tml.errors import TmlError
 
@@ -36,14 +38,27 @@ class LaunchFailedError(TmlError):
     """A launched workflow ran and failed (a node exited non-zero, the job failed)."""
 
 
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+# Every field is checked here, in the model, so every backend and --dry-run get the same
+# checks. The backends write values into sbatch, srun and bash scripts (quoted) and into
+# YAML (dumped); a value that is not what its field says (a newline in a time, `;` in a
+# variable name) is refused before anything is written. `before_run` alone is shell.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SCRIPT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # before_run: \t and \n allowed
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# SLURM --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (or no limit).
+SLURM_TIME = re.compile(r"[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}){0,2}"
+                        r"|UNLIMITED|INFINITE")
+# A GPU type: a SLURM gres type and a Kubernetes label value (nvidia.com/gpu.product).
+GPU_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+
+_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?([KMGT]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
 
 
 def memory_bytes(text: str) -> int:
     """`"16Gi"` -> 17179869184; accepts Kubernetes (`Gi`, `G`) and SLURM-ish (`16GB`) units."""
-    match = _MEMORY.match(str(text))
+    match = _MEMORY.fullmatch(str(text))
     if not match:
         raise ValueError(f"not a memory size: {text!r} (write e.g. 512Mi, 16Gi or 16G)")
     unit = (match.group(2) or "").upper().removesuffix("B")
@@ -61,6 +76,32 @@ def _check_memory(value: str | None) -> str | None:
     return value
 
 
+def no_control_characters(value: str, allowed: re.Pattern[str] = _CONTROL) -> str:
+    """Refuse control characters (a newline ends a script line, NUL ends a C string)."""
+    found = allowed.search(value)
+    if found:
+        raise ValueError(f"{value!r}: control character {found.group()!r} is not allowed")
+    return value
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else no_control_characters(value)
+
+
+def _texts(values: list[str]) -> list[str]:
+    for value in values:
+        no_control_characters(value)
+    return values
+
+
+def _as_value_error(check: Callable[..., str], *args: str) -> str:
+    """Run a `safe_paths` check inside a validator: pydantic reports ValueErrors only."""
+    try:
+        return check(*args)
+    except TmlError as error:
+        raise ValueError(str(error)) from None
+
+
 class GpuResources(BaseConfig):
     """GPUs per node."""
 
@@ -72,6 +113,14 @@ class GpuResources(BaseConfig):
                                "(Kubernetes: node affinity on nvidia.com/gpu.memory).")
 
     _memory = pydantic.field_validator("memory")(_check_memory)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _gpu_name(cls, value: str | None) -> str | None:
+        if value is not None and not GPU_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a GPU type: use 1-63 ASCII letters, digits, "
+                             "'_', '.' or '-', starting and ending with a letter or digit")
+        return value
 
 
 class Resources(BaseConfig):
@@ -89,6 +138,14 @@ class Resources(BaseConfig):
                              "(e.g. 02:00:00 or 1-00:00:00).")
 
     _memory = pydantic.field_validator("memory", "shm_size")(_check_memory)
+
+    @pydantic.field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_TIME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a SLURM time: write minutes, MM:SS, HH:MM:SS, "
+                             "D-HH, D-HH:MM or D-HH:MM:SS (quoted, e.g. \"02:00:00\")")
+        return value
 
 
 class Workflow(BaseConfig):
@@ -116,10 +173,54 @@ class Workflow(BaseConfig):
 
     @pydantic.field_validator("name")
     @classmethod
-    def _name_is_a_label(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError(f"{value!r} must be letters, digits, '-', '_' or '.' (it names "
-                             "directories and jobs)")
+    def _name_is_a_directory_name(cls, value: str) -> str:
+        # runs/<name>/<run-id>, the SLURM job name, the rendezvous id, the Kubernetes job.
+        return _as_value_error(check_name, value, "workflow name")
+
+    _plain_text = pydantic.field_validator("working_dir")(_text)
+
+    @pydantic.field_validator("file")
+    @classmethod
+    def _script_path(cls, value: str) -> str:
+        no_control_characters(value)
+        if value.startswith("-") or not value.strip():
+            # torchrun would read it as one of its own options.
+            raise ValueError(f"{value!r} is not a script path")
+        return value
+    _plain_texts = pydantic.field_validator("args")(_texts)
+
+    @pydantic.field_validator("environment")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not ENV_NAME.fullmatch(key):
+                raise ValueError(f"{key!r} is not an environment variable name: use ASCII "
+                                 "letters, digits and '_', not starting with a digit")
+            try:
+                no_control_characters(text)
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
+        return value
+
+    @pydantic.field_validator("artifacts")
+    @classmethod
+    def _artifacts_stay_inside(cls, value: list[str]) -> list[str]:
+        for i, artifact in enumerate(value):
+            _as_value_error(check_relative, artifact, f"item {i}", "working_dir")
+        return value
+
+    @pydantic.field_validator("requirements")
+    @classmethod
+    def _pip_requirements(cls, value: list[str]) -> list[str]:
+        # Only requirements, never pip options (--index-url, -e, -r FILE).
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        for text in _texts(value):
+            try:
+                Requirement(text)
+            except InvalidRequirement:
+                raise ValueError(f"{text!r} is not a pip requirement (such as torch>=2.1)") \
+                    from None
         return value
 
     @pydantic.field_validator("version")
@@ -133,6 +234,14 @@ class Workflow(BaseConfig):
     @classmethod
     def _one_command_is_a_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
+
+    @pydantic.field_validator("before_run")
+    @classmethod
+    def _shell_text(cls, value: list[str]) -> list[str]:
+        # Shell by design: newlines and tabs are fine, other control characters are not.
+        for command in value:
+            no_control_characters(command, allowed=_SCRIPT_CONTROL)
+        return value
 
     @property
     def nproc_per_node(self) -> int:

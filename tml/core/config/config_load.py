@@ -39,18 +39,34 @@ def substitute_variables(text: str, variables: Mapping[str, str], source: str = 
     return _VAR.sub(replace, text)
 
 
+def _loc_part(part: object) -> str:
+    # A key taken from the file (an environment variable's name) may hold a newline.
+    text = str(part)
+    return repr(text) if not text.isprintable() else text
+
+
 def format_validation_error(error: pydantic.ValidationError, source: str) -> str:
-    """One line per problem: `source: dotted.field.path: message`."""
+    """`source: dotted.field.path: message`, problems joined by "; " (errors are one line)."""
     lines = []
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        loc = ".".join(_loc_part(part) for part in item["loc"]) or "<top level>"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown field (not allowed here; check the spelling)"
         elif message.startswith("Value error, "):
             message = message[len("Value error, "):]
-        lines.append(f"{source}: {loc}: {message}")
-    return "\n".join(lines)
+        lines.append(f"{source}: {loc}: {' '.join(message.split())}")
+    return "; ".join(lines)
+
+
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own text spans lines)."""
+    problem = getattr(error, "problem", None) or str(error)
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(error, "context", None)
+    text = f"{context}: {problem}" if context else str(problem)
+    return " ".join(text.split()) + where
 
 
 def parse_config(config_type: type[C], obj: object, source: str = "<config>") -> C:
@@ -75,6 +91,9 @@ def load_config_from_yaml(config_type: type[C], yaml_path: str) -> C:
         raise ConfigError(f"config file not found: {yaml_path}") from None
     except OSError as error:
         raise ConfigError(f"cannot read config file {yaml_path}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{yaml_path}: not UTF-8 text (byte {error.start}: "
+                          f"{error.reason})") from None
 
     config_dir = os.path.dirname(os.path.abspath(yaml_path)) if "://" not in yaml_path \
         else yaml_path.rsplit("/", 1)[0]
@@ -87,7 +106,7 @@ def load_config_from_yaml(config_type: type[C], yaml_path: str) -> C:
     try:
         obj = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{yaml_path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{yaml_path}: not valid YAML: {yaml_error_line(error)}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{yaml_path}: expected a mapping of config sections at the top level")
     return parse_config(config_type, obj, source=yaml_path)
