@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import secrets
 import sys
 
@@ -37,6 +38,8 @@ def run_dir_path(runs_dir: str, workflow: Workflow, run_id: str) -> str:
     """`runs_dir/<name>/<run-id>`, absolute. The name is checked here too, since a Workflow
     built with `model_construct` skips the model's validation."""
     check_name(workflow.name, "workflow name", error=LaunchError)
+    if re.search(r"[\x00-\x1f\x7f]", runs_dir):
+        raise LaunchError(f"--runs-dir {runs_dir!r}: control characters are not allowed")
     return os.path.abspath(os.path.join(runs_dir, workflow.name, run_id))
 
 

@@ -51,7 +51,7 @@ SLURM_TIME = re.compile(r"[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}
 # A GPU type: a SLURM gres type and a Kubernetes label value (nvidia.com/gpu.product).
 GPU_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 
-_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?([KMGT]i?B?|B)?", re.IGNORECASE)
+_MEMORY = re.compile(r"([0-9]{1,18}(?:\.[0-9]{1,9})?) ?([KMGT]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
 
