@@ -76,9 +76,9 @@ def _check_memory(value: str | None) -> str | None:
     return value
 
 
-def no_control_characters(value: str, allowed: re.Pattern[str] = _CONTROL) -> str:
+def no_control_characters(value: str, forbidden: re.Pattern[str] = _CONTROL) -> str:
     """Refuse control characters (a newline ends a script line, NUL ends a C string)."""
-    found = allowed.search(value)
+    found = forbidden.search(value)
     if found:
         raise ValueError(f"{value!r}: control character {found.group()!r} is not allowed")
     return value
@@ -151,7 +151,8 @@ class Resources(BaseConfig):
 class Workflow(BaseConfig):
     """A torchrun workflow: one agent per node, `gpu.count` (or 1) workers per agent."""
 
-    name: str = Field(description="Name of the workflow; runs go to runs/<name>/<run-id>/.")
+    name: str = Field(description="Name of the workflow; runs go to runs/<name>/<run-id>/ "
+                      "(1-64 letters, digits, '_', '-').")
     file: str = Field(description="The Python script every worker runs, relative to "
                       "working_dir.")
     args: list[str] = Field(default_factory=list, description="Arguments of the script.")
@@ -162,9 +163,12 @@ class Workflow(BaseConfig):
     before_run: list[str] = Field(default_factory=list, description="Shell commands run once "
                                   "per node, in working_dir, before its agent starts.")
     environment: dict[str, str] = Field(default_factory=dict, description="Environment "
-                                        "variables of every node.")
+                                        "variables of every node (names: letters, digits, "
+                                        "'_').")
     artifacts: list[str] = Field(default_factory=list, description="Paths, relative to the "
-                                 "master node's working_dir, copied into the run directory.")
+                                 "master node's working_dir (no '..', not absolute, not "
+                                 "leading out through symbolic links), copied into the run "
+                                 "directory.")
     working_dir: str = Field(".", description="Directory the nodes run in (relative paths: "
                              "to where tml launch runs).")
     version: str | None = Field(None, description="Python major.minor the workflow needs; "
@@ -240,7 +244,7 @@ class Workflow(BaseConfig):
     def _shell_text(cls, value: list[str]) -> list[str]:
         # Shell by design: newlines and tabs are fine, other control characters are not.
         for command in value:
-            no_control_characters(command, allowed=_SCRIPT_CONTROL)
+            no_control_characters(command, forbidden=_SCRIPT_CONTROL)
         return value
 
     @property
