@@ -6,6 +6,7 @@ apt-get when missing); every job goes through sbatch, srun and one torchrun agen
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -141,3 +142,38 @@ def test_an_interruptible_job_requeued_mid_training_resumes_from_its_checkpoint(
     resumed = re.findall(r"resumed from \S+ at step (\d+)", nodes)
     assert resumed and int(resumed[0]) >= 10, nodes[-3000:]
     assert f"done: step {final}" in nodes
+
+
+def test_a_slurm_job_gets_awkward_values_whole_and_no_files_from_outside(
+        slurm: SlurmCluster, tmp_path: Path) -> None:
+    """Through sbatch, srun and torchrun: an environment value full of quotes and shell
+    syntax reaches the worker byte for byte and runs nothing; a link the job plants at an
+    artifact path brings nothing from outside, and the launch names it in one line."""
+    from tests.fuzz_support import files_under
+    from tests.test_launch_injection import AWKWARD
+
+    work, secret = tmp_path / "work", tmp_path / "secret"
+    work.mkdir()
+    secret.mkdir()
+    (secret / "key").write_text("SECRET")
+    (work / "script.py").write_text(
+        "import json, os\n"
+        "json.dump(dict(os.environ), open('worker-env.json', 'w'))\n"
+        "os.makedirs('ckpt', exist_ok=True)\n"
+        "open('ckpt/ok.txt', 'w').write('model')\n"
+        f"os.symlink({str(secret)!r}, 'leak')\n"
+        f"os.symlink({str(secret / 'key')!r}, 'ckpt/inner')\n")
+    path = write_workflow(work, environment={"TML_AWKWARD": AWKWARD, "PYTHONPATH": str(REPO)},
+                          artifacts=["ckpt", "leak"])
+    runs = tmp_path / "runs"
+    result = launch([str(path), "--backend", "slurm", "--runs-dir", str(runs)],
+                    env=slurm_env(slurm), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (run_dir,) = (runs / "wf").iterdir()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: artifact 'leak': resolves outside {work} (through a symbolic "
+                    f"link); not copied; see {run_dir}/refused-artifacts")
+    assert json.loads((work / "worker-env.json").read_text())["TML_AWKWARD"] == AWKWARD
+    assert not (work / "MARKER").exists()
+    assert files_under(run_dir / "artifacts") == {"ckpt", "ckpt/ok.txt"}
+    assert files_under(secret) == {"key"}

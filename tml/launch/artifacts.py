@@ -23,6 +23,7 @@ import os
 import shutil
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tml.common.safe_paths import confine, is_inside
@@ -46,7 +47,7 @@ class Copied:
     refused: list[str] = field(default_factory=list)
 
 
-def _links_leaving(root: str):  # noqa: ANN202 (a shutil.copytree ignore callable)
+def _links_leaving(root: str) -> Callable[[str, list[str]], set[str]]:
     """copytree `ignore`: symbolic links that are absolute or resolve outside `root`."""
     real_root = os.path.realpath(root)
 
