@@ -112,6 +112,9 @@ def copy_artifacts(working_dir: str, artifacts: list[str], run_dir: str) -> Copi
     """Copy every artifact into `run_dir/artifacts/`; record refusals in `run_dir`."""
     result = Copied()
     artifacts_dir = os.path.join(run_dir, "artifacts")
+    refused_path = os.path.join(run_dir, REFUSED_FILE)
+    if os.path.lexists(refused_path):  # from an earlier attempt of a requeued job
+        os.unlink(refused_path)
     for artifact in artifacts:
         try:
             found = copy_one(working_dir, artifact, artifacts_dir)
@@ -125,7 +128,7 @@ def copy_artifacts(working_dir: str, artifacts: list[str], run_dir: str) -> Copi
             result.missing.append(artifact)
             logger.warning("artifact %s not found in %s", artifact, working_dir)
     if result.refused:
-        with open(os.path.join(run_dir, REFUSED_FILE), "w") as f:
+        with open(refused_path, "w") as f:
             f.write("".join(line + "\n" for line in result.refused))
     return result
 
