@@ -47,10 +47,12 @@ class Chunk:
         return f"{self.unit} {self.positions[i]}"
 
 
-def one_line(error: BaseException) -> str:
-    """The first line of an exception's text (pyarrow's can run over several lines)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text as one line of at most `limit` characters (pyarrow's own
+    messages can run over several lines)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def file_format(path: str) -> str:
