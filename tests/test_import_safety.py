@@ -351,3 +351,17 @@ def test_cli_prints_one_line_and_exits_2_for_a_traversing_type(tmp_path):
                              "use 1-64 ASCII letters, digits, '_' or '-', starting with a "
                              "letter or '_'\n")
     assert os.listdir(tmp_path) == ["t.tsv"]
+
+
+def test_every_destination_is_checked_to_lie_inside_out(tmp_path):
+    # The second line of defence behind check_name: a path that leaves the output directory,
+    # directly or through a symbolic link planted in it, is refused before it is written.
+    from projects.twhin.importer import _destination
+
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path, tmp_path / "out" / "link")
+    assert _destination(str(tmp_path / "out"), "vocab", "tables", "a.parquet") == \
+        str(tmp_path / "out" / "vocab" / "tables" / "a.parquet")
+    for parts in (("..", "x.parquet"), ("/etc", "passwd"), ("link", "x.parquet")):
+        with pytest.raises(DataError, match="outside the output directory"):
+            _destination(str(tmp_path / "out"), *parts)
