@@ -139,10 +139,29 @@ def _map(chunk: Chunk, vocab: Vocabulary, path: str) -> pa.Table:
     lhs = np.empty(size, np.int64)
     rel = np.empty(size, np.int64)
     rhs = np.empty(size, np.int64)
+    tables, relations = vocab.tables, vocab.relations
+    # `Vocabulary.row` and `.relation`, inlined: this loop is most of an import's time.
     for i, (head, relation, tail) in enumerate(chunk.triples):
-        head_table, lhs[i] = vocab.row(head, path, chunk, i)
-        tail_table, rhs[i] = vocab.row(tail, path, chunk, i)
-        rel[i] = vocab.relation(relation, head_table, tail_table, path, chunk, i)
+        head_table = head.split(":", 1)[0] if ":" in head else UNTYPED_TABLE
+        ids = tables.get(head_table)
+        if ids is None:
+            ids = vocab._new_table(head_table, _where(path, chunk, i))
+        index = ids.get(head)
+        if index is None:
+            index = ids[head] = len(ids)
+        lhs[i] = index
+        tail_table = tail.split(":", 1)[0] if ":" in tail else UNTYPED_TABLE
+        ids = tables.get(tail_table)
+        if ids is None:
+            ids = vocab._new_table(tail_table, _where(path, chunk, i))
+        index = ids.get(tail)
+        if index is None:
+            index = ids[tail] = len(ids)
+        rhs[i] = index
+        index = relations.get(relation)
+        if index is None or vocab.relation_tables[index] != (head_table, tail_table):
+            index = vocab.relation(relation, head_table, tail_table, path, chunk, i)
+        rel[i] = index
     return pa.table({"lhs": lhs, "rel": rel, "rhs": rhs}, schema=_SCHEMA)
 
 

@@ -31,8 +31,9 @@ CHUNK_ROWS = 100_000
 # Longest text line read (characters): far above any id, far below memory trouble.
 MAX_LINE_CHARS = 1 << 20
 FIELDS = ("head", "relation", "tail")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_NOT_UTF8 = re.compile(r"[\udc80-\udcff]")   # what surrogateescape makes of a bad byte
+# Control characters (and Unicode's line separators), and what surrogateescape makes of a
+# byte that is not UTF-8 (U+DC80..U+DCFF: never produced by valid UTF-8).
+_SUSPECT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 
 
 @dataclass
@@ -80,24 +81,30 @@ def read_triples(path: str) -> Iterator[Chunk]:
     chunks = _read_parquet(path) if kind == "parquet" else _read_text(path, kind)
     found = False
     for chunk in chunks:
-        _refuse_control_characters(path, chunk)
+        _check_text(path, chunk)
         found = True
         yield chunk
     if not found:
         raise DataError(f"{path}: holds no triples (empty file?)")
 
 
-def _refuse_control_characters(path: str, chunk: Chunk) -> None:
+def _check_text(path: str, chunk: Chunk) -> None:
+    """Refuse bytes that were not UTF-8 and control characters, naming the first line."""
     # One search over the whole chunk; rows are looked at only when it finds something.
-    if not _CONTROL.search("".join(field for triple in chunk.triples for field in triple)):
+    if not _SUSPECT.search("".join(field for triple in chunk.triples for field in triple)):
         return
     for i, triple in enumerate(chunk.triples):
         for name, value in zip(FIELDS, triple):
-            found = _CONTROL.search(value)
-            if found:
-                raise DataError(f"{path}: {chunk.where(i)}: {name} {_shorten(value)} holds a "
-                                f"control character ({found.group()!r}); ids and relation "
-                                "names must be printable text")
+            found = _SUSPECT.search(value)
+            if found is None:
+                continue
+            char = found.group()
+            if "\udc80" <= char <= "\udcff":
+                raise DataError(f"{path}: {chunk.where(i)}: not UTF-8 text (byte "
+                                f"0x{ord(char) - 0xDC00:02x} in the {name})")
+            raise DataError(f"{path}: {chunk.where(i)}: {name} {_shorten(value)} holds a "
+                            f"control character ({char!r}); ids and relation names must be "
+                            "printable text")
 
 
 def _shorten(value: str, limit: int = 60) -> str:
@@ -108,24 +115,21 @@ def _shorten(value: str, limit: int = 60) -> str:
 
 
 def _lines(path: str, handle) -> Iterator[str]:  # noqa: ANN001 (a text file)
-    """The file's lines, each checked for length and UTF-8 (see module docstring)."""
+    """The file's lines, read at most `MAX_LINE_CHARS` at a time (bounded memory)."""
+    readline = handle.readline
     number = 0
     while True:
         try:
-            line = handle.readline(MAX_LINE_CHARS)
+            line = readline(MAX_LINE_CHARS)
         except OSError as error:
             raise DataError(f"{path}: line {number + 1}: cannot read: "
                             f"{error.strerror or one_line(error)}") from None
         if not line:
             return
         number += 1
-        if len(line) == MAX_LINE_CHARS and not line.endswith(("\n", "\r")):
+        if len(line) == MAX_LINE_CHARS and line[-1] not in "\r\n":
             raise DataError(f"{path}: line {number}: longer than {MAX_LINE_CHARS} characters "
                             "(not a file of triples?)")
-        bad = _NOT_UTF8.search(line)
-        if bad:
-            raise DataError(f"{path}: line {number}: not UTF-8 text (byte "
-                            f"0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start() + 1})")
         yield line
 
 
