@@ -72,10 +72,10 @@ def test_import_writes_vocab_splits_and_a_config_that_loads(imported, tmp_path):
     # The id-mapped splits read back through the training reader, and decode to the input.
     dataset = create_dataset(config.train_data, config.model)
     assert len(dataset) >= 1
-    vocab = pq.read_table(out / "vocab" / "user.parquet").to_pydict()
+    vocab = pq.read_table(out / "vocab" / "tables" / "user.parquet").to_pydict()
     ids = dict(zip(vocab["row"], vocab["id"]))
     relations = pq.read_table(out / "vocab" / "relations.parquet").to_pydict()["name"]
-    items = dict(zip(*[pq.read_table(out / "vocab" / "item.parquet").to_pydict()[k]
+    items = dict(zip(*[pq.read_table(out / "vocab" / "tables" / "item.parquet").to_pydict()[k]
                        for k in ("row", "id")]))
     train = pq.read_table(out / "train").to_pydict()
     decoded = set()
@@ -165,7 +165,7 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
     assert users.column_names == ["id", "vector"]
     vectors = np.array(users.column("vector").to_pylist(), dtype=np.float32)
     np.testing.assert_array_equal(vectors, state[TABLE_KEY.format("user")].numpy())
-    vocab = pq.read_table(out / "vocab" / "user.parquet").to_pydict()
+    vocab = pq.read_table(out / "vocab" / "tables" / "user.parquet").to_pydict()
     assert users.column("id").to_pylist() == vocab["id"]
     relations = pq.read_table(emb / "relations.parquet").to_pydict()
     assert relations["name"] == [r.name for r in config.model.relations]

@@ -453,3 +453,68 @@ def test_generator_command_line(tmp_path):
                  "--validation_fraction", "0.2", "--seed", "1"])["generated"] is False
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--num_communities", "0"])
+
+
+# -- values that would reach the loss -------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"),
+                                          (-0.5, "-0.5"), (1e300, "1e+300")])
+def test_weights_that_are_not_finite_and_non_negative_name_file_and_row(tmp_path, value, shown):
+    # A NaN or infinite weight made the loss NaN a few steps later; a negative one rewards
+    # the wrong score. 1e300 is finite as float64, infinite as the float32 the loss uses.
+    weight = np.ones(NUM_ROWS)
+    weight[FILE_SIZES[0] + 5] = value
+    paths = _write_files(tmp_path / "data", {**_edges(), "weight": weight})
+    dataset = _dataset(tmp_path / "data")
+    with pytest.raises(DataError) as error:
+        list(dataset)
+    assert str(error.value) == (f"{paths[1]} row 5: weight={shown} is not a finite number >= 0 "
+                                "(as float32)")
+
+
+def test_zero_and_integer_weights_are_accepted(tmp_path):
+    edges = _edges(8)
+    _write(tmp_path / "w.parquet", {**edges, "weight": np.array([0, 1, 2, 0, 5, 1, 1, 3])})
+    weights = torch.cat([b.weights for b in _dataset(tmp_path / "w.parquet")])
+    assert weights.tolist() == [0, 1, 2, 0, 5, 1, 1, 3]
+    negative = {**edges, "weight": np.array([1, 1, 1, 1, 1, 1, -2, 1], dtype=np.int8)}
+    path = _write(tmp_path / "n.parquet", negative)
+    with pytest.raises(DataError, match=rf"^{path} row 6: weight=-2 is not a finite number"):
+        list(_dataset(path))
+
+
+def test_unsigned_ids_beyond_int64_are_out_of_range_not_wrapped(tmp_path):
+    edges = {k: v.astype(np.uint64) for k, v in _edges(8).items()}
+    edges["lhs"][3] = np.uint64(2**64 - 1)      # -1 once cast to int64
+    path = _write(tmp_path / "u.parquet", edges)
+    with pytest.raises(DataError) as error:
+        list(_dataset(path))
+    assert str(error.value) == (f"{path} row 3: lhs=18446744073709551615 is outside table "
+                                "'user' (num_embeddings=50)")
+
+
+def test_duplicate_columns_are_reported_at_construction(tmp_path):
+    edges = _edges(4)
+    table = pa.table([edges["lhs"], edges["rel"], edges["rhs"], edges["rhs"]],
+                     names=["lhs", "rel", "rhs", "rhs"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError) as error:
+        _dataset(tmp_path / "d.parquet")
+    assert str(error.value) == f"{tmp_path / 'd.parquet'}: column 'rhs' occurs 2 times"
+
+
+def test_a_corrupt_data_page_is_one_line_naming_file_and_row(tmp_path):
+    # Footer intact, data damaged: construction succeeds, reading names where it failed.
+    path = _write(tmp_path / "c.parquet", _edges(12), row_group_size=6)
+    data = bytearray(open(path, "rb").read())
+    footer = int.from_bytes(data[-8:-4], "little")
+    for i in range(4, len(data) - 8 - footer):
+        data[i] = 0xFF
+    open(path, "wb").write(bytes(data))
+    dataset = _dataset(path)
+    with pytest.raises(DataError) as error:
+        list(dataset)
+    message = str(error.value)
+    assert message.startswith(f"{path} row 0: cannot read the rows from here on: ")
+    assert "\n" not in message

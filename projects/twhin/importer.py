@@ -5,11 +5,19 @@ Input: rows `head, relation, tail` with string ids. An id `type:name` belongs to
 tables every time it occurs. Output, in OUT:
 
     train/part-00000.parquet, validation/..., test/...   int64 columns lhs, rel, rhs
-    vocab/<table>.parquet      id (the original string), row (int64): the table's rows
-    vocab/relations.parquet    name, index, lhs, rhs (tables)
-    config.yaml                a TwhinConfig that trains as is; paths use ${CONFIG_DIR}
+    vocab/tables/<table>.parquet   id (the original string), row (int64): the table's rows
+    vocab/relations.parquet        name, index, lhs, rhs (tables)
+    config.yaml                    a TwhinConfig that trains as is; paths use ${CONFIG_DIR}
 
-Why it is built this way: input files are read in chunks of `_CHUNK_ROWS` rows and each
+Names from the data: an entity type becomes a table name and a file name, so it must be a
+valid name (`tml.common.safe_paths.check_name`: ASCII letters, digits, `_`, `-`), not one
+of `RESERVED_NAMES`, and not another type in other letter case; the first offending line
+is named and nothing is written. Tables live in their own directory, apart from
+relations.parquet, so no table name can collide with the importer's files, and every file
+written is checked to lie inside OUT. Relation names are only values (config.yaml, the
+relations file): any printable text. Reading the files is `projects.twhin.triples`.
+
+Why it is built this way: input files are read in chunks of `triples.CHUNK_ROWS` rows and each
 mapped chunk is appended to its split's parquet file at once, so memory is the vocabularies
 plus one chunk, whatever the size of the input. Ids get rows in order of first appearance,
 across all input files, so an id seen only in the test file still has a row (evaluation
@@ -36,9 +44,7 @@ with the earlier config.
 
 from __future__ import annotations
 
-import csv
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,128 +52,116 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from tml.common.atomic_directory import atomic_directory, refuse_non_empty
+from projects.twhin.triples import Chunk, one_line, read_triples
+from tml.common.atomic_directory import atomic_directory, cannot_write, refuse_non_empty
+from tml.common.safe_paths import check_name, is_inside
 from tml.errors import DataError
+
+__all__ = ["import_triples", "read_triples", "read_vocabulary", "choose_defaults",
+           "default_config", "Vocabulary", "RESERVED_NAMES"]
 
 UNTYPED_TABLE = "entity"
 SPLITS = ("train", "validation", "test")
-_CHUNK_ROWS = 100_000
+VOCAB_DIR = "vocab"
+TABLES_DIR = "tables"            # vocab/tables/<table>.parquet
+RELATIONS_FILE = "relations.parquet"
+CONFIG_FILE = "config.yaml"
+# What the importer writes into OUT; `--force` replaces a directory holding only these.
+OWN_ENTRIES = (*SPLITS, VOCAB_DIR, CONFIG_FILE)
+# Names an entity type (a table) may not have: the importer's and the exporter's own files
+# and directories. The layout keeps tables apart anyway (vocab/tables/); these are refused
+# so that no table is ever named like a file beside it (export writes <table>.parquet next
+# to relations.parquet).
+RESERVED_NAMES = ("relations", TABLES_DIR, VOCAB_DIR, "config", *SPLITS)
 _SCHEMA = pa.schema([("lhs", pa.int64()), ("rel", pa.int64()), ("rhs", pa.int64())])
 
 
 @dataclass
 class Vocabulary:
-    """String ids to rows per table, relation names to indices and their tables."""
+    """String ids to rows per table, relation names to indices and their tables.
+
+    A table is created when its entity type is first seen, and only if the type is a valid
+    name (`tml.common.safe_paths.check_name`: it becomes a file name and a TorchRec table
+    name), not reserved, and not another type in other letter case (the two files would be
+    one on a case-insensitive file system).
+    """
 
     tables: dict[str, dict[str, int]] = field(default_factory=dict)
     relations: dict[str, int] = field(default_factory=dict)
     relation_tables: list[tuple[str, str]] = field(default_factory=list)
+    _folded: dict[str, str] = field(default_factory=dict)
 
-    def row(self, entity: str) -> tuple[str, int]:
+    def row(self, entity: str, path: str = "", chunk: Chunk | None = None,
+            i: int = 0) -> tuple[str, int]:
+        """(table, row) of `entity`, read from `chunk.triples[i]` of file `path`."""
         table = entity.split(":", 1)[0] if ":" in entity else UNTYPED_TABLE
-        ids = self.tables.setdefault(table, {})
+        ids = self.tables.get(table)
+        if ids is None:
+            ids = self._new_table(table, _where(path, chunk, i))
         index = ids.get(entity)
         if index is None:
             index = ids[entity] = len(ids)
         return table, index
 
-    def relation(self, name: str, lhs: str, rhs: str, where: str) -> int:
+    def _new_table(self, table: str, where: str) -> dict[str, int]:
+        check_name(table, f"{where}: entity type", reserved=RESERVED_NAMES, error=DataError)
+        other = self._folded.get(table.lower())
+        if other is not None:
+            raise DataError(f"{where}: entity type {table!r} differs from {other!r} only in "
+                            "letter case; use one spelling (their files would be one on a "
+                            "case-insensitive file system)")
+        self._folded[table.lower()] = table
+        ids = self.tables[table] = {}
+        return ids
+
+    def relation(self, name: str, lhs: str, rhs: str, path: str = "",
+                 chunk: Chunk | None = None, i: int = 0) -> int:
+        """Index of relation `name`, which must always link tables `lhs` -> `rhs`."""
         index = self.relations.get(name)
         if index is None:
             index = self.relations[name] = len(self.relations)
             self.relation_tables.append((lhs, rhs))
         elif self.relation_tables[index] != (lhs, rhs):
             first = self.relation_tables[index]
-            raise DataError(f"{where}: relation '{name}' links tables {lhs} -> {rhs}, but "
+            raise DataError(f"{_where(path, chunk, i)}: relation {name!r} links tables {lhs} -> {rhs}, but "
                             f"earlier rows link {first[0]} -> {first[1]}; a relation must "
                             "connect the same tables every time")
         return index
 
 
-def _format(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(".parquet") or lower.endswith(".pq"):
-        return "parquet"
-    if lower.endswith((".tsv", ".tab")):
-        return "\t"
-    if lower.endswith(".csv"):
-        return ","
-    with open(path, newline="") as handle:
-        first = handle.readline()
-    return "\t" if "\t" in first else ","
+def _where(path: str, chunk: Chunk | None, i: int) -> str:
+    """'FILE: line N' (built only when a message needs it)."""
+    return f"{path}: {chunk.where(i)}" if chunk is not None else path
 
 
-def read_triples(path: str) -> Iterator[tuple[list[tuple[str, str, str]], list[str]]]:
-    """Chunks of (head, relation, tail) strings, with where each row is ("line 7", "row 7").
-
-    Raises DataError naming the file and line of a row with the wrong number of fields, and
-    for a file without any triple.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    kind = _format(path)
-    found = False
-    if kind == "parquet":
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as error:
-            raise DataError(f"{path}: cannot read as parquet: {error}") from None
-        names = parquet.schema_arrow.names
-        wanted = ["head", "relation", "tail"]
-        columns = wanted if all(n in names for n in wanted) else names[:3]
-        if len(columns) < 3:
-            raise DataError(f"{path}: needs columns head, relation, tail (has "
-                            f"{', '.join(names)})")
-        line = 1
-        for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS, columns=columns):
-            values = [batch.column(i).cast(pa.string()).to_pylist() for i in range(3)]
-            for i, column in enumerate(values):
-                if None in column:
-                    row = line + column.index(None) - 1
-                    raise DataError(f"{path}: row {row}: column '{columns[i]}' is empty")
-            if values[0]:
-                found = True
-                yield list(zip(*values)), [f"row {line + i}" for i in range(batch.num_rows)]
-            line += batch.num_rows
-    else:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, delimiter=kind)
-            chunk: list[tuple[str, str, str]] = []
-            lines: list[str] = []
-            for fields in reader:
-                if not fields or (len(fields) == 1 and not fields[0].strip()):
-                    continue
-                if len(fields) != 3:
-                    raise DataError(f"{path}: line {reader.line_num}: expected 3 fields "
-                                    f"(head, relation, tail), got {len(fields)}")
-                fields = [f.strip() for f in fields]
-                if not found and not chunk and [f.lower() for f in fields] == [
-                        "head", "relation", "tail"]:
-                    continue  # header
-                if not all(fields):
-                    raise DataError(f"{path}: line {reader.line_num}: empty field")
-                chunk.append((fields[0], fields[1], fields[2]))
-                lines.append(f"line {reader.line_num}")
-                if len(chunk) >= _CHUNK_ROWS:
-                    found = True
-                    yield chunk, lines
-                    chunk, lines = [], []
-            if chunk:
-                found = True
-                yield chunk, lines
-    if not found:
-        raise DataError(f"{path}: holds no triples (empty file?)")
-
-
-def _map(chunk: list[tuple[str, str, str]], vocab: Vocabulary, path: str,
-         where: list[str]) -> pa.Table:
-    lhs = np.empty(len(chunk), np.int64)
-    rel = np.empty(len(chunk), np.int64)
-    rhs = np.empty(len(chunk), np.int64)
-    for i, (head, relation, tail) in enumerate(chunk):
-        head_table, lhs[i] = vocab.row(head)
-        tail_table, rhs[i] = vocab.row(tail)
-        rel[i] = vocab.relation(relation, head_table, tail_table, f"{path}: {where[i]}")
+def _map(chunk: Chunk, vocab: Vocabulary, path: str) -> pa.Table:
+    size = len(chunk.triples)
+    lhs = np.empty(size, np.int64)
+    rel = np.empty(size, np.int64)
+    rhs = np.empty(size, np.int64)
+    tables, relations = vocab.tables, vocab.relations
+    # `Vocabulary.row` and `.relation`, inlined: this loop is most of an import's time.
+    for i, (head, relation, tail) in enumerate(chunk.triples):
+        head_table = head.split(":", 1)[0] if ":" in head else UNTYPED_TABLE
+        ids = tables.get(head_table)
+        if ids is None:
+            ids = vocab._new_table(head_table, _where(path, chunk, i))
+        index = ids.get(head)
+        if index is None:
+            index = ids[head] = len(ids)
+        lhs[i] = index
+        tail_table = tail.split(":", 1)[0] if ":" in tail else UNTYPED_TABLE
+        ids = tables.get(tail_table)
+        if ids is None:
+            ids = vocab._new_table(tail_table, _where(path, chunk, i))
+        index = ids.get(tail)
+        if index is None:
+            index = ids[tail] = len(ids)
+        rhs[i] = index
+        index = relations.get(relation)
+        if index is None or vocab.relation_tables[index] != (head_table, tail_table):
+            index = vocab.relation(relation, head_table, tail_table, path, chunk, i)
+        rel[i] = index
     return pa.table({"lhs": lhs, "rel": rel, "rhs": rhs}, schema=_SCHEMA)
 
 
@@ -177,24 +171,60 @@ def parse_split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise DataError(f"--split {text!r}: expected three numbers like 0.9,0.05,0.05") from None
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+    if len(parts) != 3 or any(not p >= 0 for p in parts) or not abs(sum(parts) - 1) <= 1e-6:
         raise DataError(f"--split {text!r}: expected three non-negative fractions summing to 1")
     return parts  # type: ignore[return-value]
+
+
+def _check_out(out: str, inputs: list[str], force: bool) -> None:
+    """Refuse an --out whose replacement would lose something (see `import_triples`)."""
+    for path in inputs:
+        if is_inside(out, path):
+            raise DataError(f"--out {out} holds the input {path}; writing there would delete "
+                            "it: choose another --out")
+    refuse_non_empty(out, force, DataError)
+    if not (force and os.path.lexists(out)):
+        return
+    if not os.path.isdir(out) or os.path.islink(out):
+        raise DataError(f"--force replaces only an earlier import; {out} is not a directory")
+    foreign = sorted(set(os.listdir(out)) - set(OWN_ENTRIES))
+    if foreign:
+        raise DataError(f"--force replaces only an earlier import; {out} also holds "
+                        f"{', '.join(map(repr, foreign[:3]))}"
+                        f"{' ...' if len(foreign) > 3 else ''}: choose another --out")
 
 
 def import_triples(train: str, out: str, valid: str | None = None, test: str | None = None,
                    split: str = "0.9,0.05,0.05", seed: int = 0, dim: int = 32,
                    force: bool = False) -> dict:
-    """Run the import (see module docstring); returns counts per split and table sizes."""
+    """Run the import (see module docstring); returns counts per split and table sizes.
+
+    Refused before anything is written: an --out that holds one of the inputs, and with
+    `force` an --out that is not an earlier import (a file, or a directory with other
+    entries): replacing it would delete them. Everything is written inside --out (names
+    from the data are checked, and every destination is checked to lie inside it).
+    """
     out = os.path.abspath(out)
     if dim < 1:
         raise DataError(f"--dim must be >= 1, got {dim}")
-    refuse_non_empty(out, force, DataError)
     fractions = parse_split(split) if valid is None and test is None else None
-    with atomic_directory(out) as tmp:
-        summary = _import(train, valid, test, fractions, seed, dim, tmp)
+    _check_out(out, [p for p in (train, valid, test) if p is not None], force)
+    with atomic_directory(out, DataError) as tmp:
+        try:
+            summary = _import(train, valid, test, fractions, seed, dim, tmp)
+        except OSError as error:   # reading errors are DataErrors already: this is a write
+            raise DataError(cannot_write(out, error)) from None
     summary["out"] = out
     return summary
+
+
+def _destination(root: str, *parts: str) -> str:
+    """`root/parts...`, which must lie inside `root` (names are checked before; this holds
+    the line should a future name skip the check)."""
+    path = os.path.join(root, *parts)
+    if not is_inside(root, path):
+        raise DataError(f"refusing to write {path}: outside the output directory {root}")
+    return path
 
 
 def _import(train: str, valid: str | None, test: str | None,
@@ -210,9 +240,9 @@ def _import(train: str, valid: str | None, test: str | None,
         if not table.num_rows:
             return
         if split_name not in writers:
-            os.makedirs(os.path.join(tmp, split_name))
+            os.makedirs(_destination(tmp, split_name))
             writers[split_name] = pq.ParquetWriter(
-                os.path.join(tmp, split_name, "part-00000.parquet"), _SCHEMA)
+                _destination(tmp, split_name, "part-00000.parquet"), _SCHEMA)
         writers[split_name].write_table(table)
         counts[split_name] += table.num_rows
         if split_name == "train":
@@ -228,8 +258,8 @@ def _import(train: str, valid: str | None, test: str | None,
         sources.append((test, "test"))
     try:
         for path, split_name in sources:
-            for chunk, where in read_triples(path):
-                table = _map(chunk, vocab, path, where)
+            for chunk in read_triples(path):
+                table = _map(chunk, vocab, path)
                 if fractions is None:
                     write(split_name, table)
                     continue
@@ -244,22 +274,23 @@ def _import(train: str, valid: str | None, test: str | None,
     if not counts["train"]:
         raise DataError(f"{train}: no edges ended up in the training split")
 
-    os.makedirs(os.path.join(tmp, "vocab"))
+    os.makedirs(_destination(tmp, VOCAB_DIR, TABLES_DIR))
     for table_name, ids in vocab.tables.items():
         pq.write_table(pa.table({"id": pa.array(list(ids), pa.string()),
                                  "row": pa.array(np.arange(len(ids), dtype=np.int64))}),
-                       os.path.join(tmp, "vocab", f"{table_name}.parquet"))
+                       _destination(tmp, VOCAB_DIR, TABLES_DIR, f"{table_name}.parquet"))
     names = list(vocab.relations)
-    pq.write_table(pa.table({"name": names, "index": np.arange(len(names), dtype=np.int64),
-                             "lhs": [t[0] for t in vocab.relation_tables],
-                             "rhs": [t[1] for t in vocab.relation_tables]}),
-                   os.path.join(tmp, "vocab", "relations.parquet"))
+    pq.write_table(pa.table({"name": pa.array(names, pa.string()),
+                             "index": np.arange(len(names), dtype=np.int64),
+                             "lhs": pa.array([t[0] for t in vocab.relation_tables], pa.string()),
+                             "rhs": pa.array([t[1] for t in vocab.relation_tables], pa.string())}),
+                   _destination(tmp, VOCAB_DIR, RELATIONS_FILE))
     per_relation = [int(n) for n in relation_edges] + [0] * (len(names) - len(relation_edges))
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
                                [len(ids) for t, ids in vocab.tables.items() if t in used], dim)
     config = default_config(vocab, counts, dim, defaults)
-    with open(os.path.join(tmp, "config.yaml"), "w") as handle:
+    with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
                      f"# Defaults chosen by the rule in docs/twhin_cli.md: {defaults.reason}.\n")
         yaml.safe_dump(config, handle, sort_keys=False)
@@ -274,6 +305,13 @@ MAX_BATCH = 1000
 MIN_SAME_RELATION = 50.0           # below: the "dense, many relations" settings
 MIN_STEPS = 4000                   # many relations: epochs for this many steps (10-200)
 MAX_GLOBAL_NEGATIVES = 32
+# Adagrad's eps, written explicitly (it is also the config default now). With eps 0 a row
+# whose first gradient is exactly zero gets 0 / (sqrt(0) + 0) = NaN, and its NaN spreads to
+# the loss: rows that only ever appear as global negatives (ids seen only in the validation
+# or test file, a table much larger than the ids training uses) get exactly-zero gradients
+# once their scores saturate the sigmoid. fbgemm's own default; measured in
+# tests/test_import_safety.py.
+ADAGRAD_EPS = 1e-8
 
 
 @dataclass
@@ -348,7 +386,8 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
             "translation_optimizer": {"sgd": {"lr": defaults.relation_lr}},
             "embeddings": {"tables": [
                 {"name": name, "num_embeddings": max(1, len(ids)), "embedding_dim": dim,
-                 "data_type": "fp32", "optimizer": {"adagrad": {"lr": defaults.table_lr}}}
+                 "data_type": "fp32",
+                 "optimizer": {"adagrad": {"lr": defaults.table_lr, "eps": ADAGRAD_EPS}}}
                 for name, ids in vocab.tables.items()]},
             "relations": [{"name": name, "lhs": lhs, "rhs": rhs,
                            "operator": defaults.operator}
@@ -363,20 +402,63 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
     return config
 
 
-def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
-    """(table -> array of string ids by row, relation names by index) from `vocab/`."""
-    tables = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".parquet") and name != "relations.parquet":
-            table = pq.read_table(os.path.join(directory, name))
-            ids = np.empty(table.num_rows, dtype=object)
-            ids[table.column("row").to_numpy()] = table.column("id").to_pylist()
-            tables[name[:-len(".parquet")]] = ids
-    relations: list[str] = []
-    path = os.path.join(directory, "relations.parquet")
-    if os.path.exists(path):
+def _read_parquet(path: str, columns: list[str]) -> pa.Table:
+    try:
         table = pq.read_table(path)
-        order = np.argsort(table.column("index").to_numpy())
-        relations = [table.column("name").to_pylist()[i] for i in order]
-    return tables, relations
+    except (OSError, pa.ArrowException, ValueError) as error:
+        raise DataError(f"{path}: cannot read as parquet: {one_line(error)}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (a vocabulary written "
+                        "by `twhin import` has them)")
+    return table
 
+
+def _vocabulary_table(path: str) -> np.ndarray:
+    """The string ids of one table file, by row; rows must be 0..n-1, each once."""
+    table = _read_parquet(path, ["id", "row"])
+    rows, ids = table.column("row"), table.column("id")
+    if not pa.types.is_integer(rows.type) or rows.null_count:
+        raise DataError(f"{path}: column 'row' must hold integers without nulls")
+    rows = rows.to_numpy()
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(rows)
+                      or len(np.unique(rows)) != len(rows)):
+        raise DataError(f"{path}: column 'row' must number the rows 0..{len(rows) - 1}, "
+                        "each once")
+    try:
+        values = ids.cast(pa.string()).to_pylist()
+    except (pa.ArrowException, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{path}: column 'id': {one_line(error)}") from None
+    out = np.empty(len(rows), dtype=object)
+    out[rows] = values
+    return out
+
+
+def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(table -> array of string ids by row, relation names by index) from `vocab/`.
+
+    Reads the layout written now (`tables/<table>.parquet`, `relations.parquet`) and the
+    earlier one (`<table>.parquet` beside `relations.parquet`). Only reads: the names
+    found are dictionary keys, never paths to write.
+    """
+    tables = {}
+    layouts = [os.path.join(directory, TABLES_DIR), directory]
+    for folder in layouts:
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            table_name = name[:-len(".parquet")]
+            if not name.endswith(".parquet") or name == RELATIONS_FILE or table_name in tables:
+                continue
+            tables[table_name] = _vocabulary_table(os.path.join(folder, name))
+    relations: list[str] = []
+    path = os.path.join(directory, RELATIONS_FILE)
+    if os.path.exists(path):
+        table = _read_parquet(path, ["name", "index"])
+        try:
+            order = np.argsort(table.column("index").to_numpy(zero_copy_only=False))
+            names = table.column("name").cast(pa.string()).to_pylist()
+        except (pa.ArrowException, UnicodeDecodeError, ValueError) as error:
+            raise DataError(f"{path}: {one_line(error)}") from None
+        relations = [names[i] for i in order]
+    return tables, relations

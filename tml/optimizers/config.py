@@ -58,7 +58,12 @@ class SgdConfig(OptimizerAlgorithmConfig):
 
 
 class AdagradConfig(OptimizerAlgorithmConfig):
-    eps: float = 0.0
+    """Adagrad: lr * g / (sqrt(sum of g^2) + eps), per element."""
+
+    # Not 0: a row whose first gradient is exactly zero (a saturated negative) would get
+    # 0 / 0 = NaN, and the NaN reaches the loss. 1e-8 is fbgemm's default.
+    eps: float = Field(1e-8, gt=0, description="Added to the root of the squared-gradient "
+                       "sum; must be > 0 (0 turns a zero gradient on a fresh row into NaN).")
 
 
 class OptimizerConfig(BaseConfig):

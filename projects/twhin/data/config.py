@@ -10,6 +10,10 @@ from tml.core.config.base_config import BaseConfig, Field
 class TwhinDataConfig(BaseConfig):
     """A set of edge files (parquet with columns lhs, rel, rhs and optional weight).
 
+    Every chunk read is checked: ids inside their tables, `rel` a configured relation, a
+    weight a finite number >= 0 (a NaN, infinite or negative weight is refused with the
+    file and 0-based row; it would make the loss NaN or reward wrong scores).
+
     Each rank reads its own contiguous, disjoint share of the rows of all matching files
     (sorted by path), cut into batches of `per_replica_batch_size`; all ranks get the same
     number of batches (the remainder of fewer than world_size * batch rows is dropped).

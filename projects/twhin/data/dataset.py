@@ -18,8 +18,10 @@ Why it is built this way:
   skips whole files and row groups without reading them.
 * Validated. Every chunk is checked, vectorised, before it becomes a batch: a relation index
   or entity id outside its table would otherwise be an out-of-bounds embedding lookup (a crash
-  far from the cause on CPU, silent garbage or a device assert on GPU). Errors name the file
-  and the 0-based row within it.
+  far from the cause on CPU, silent garbage or a device assert on GPU); a weight that is
+  NaN, infinite or negative would turn the loss into NaN (or reward a wrong score) a few
+  steps later. Errors name the file and the 0-based row within it, in one line (pyarrow's
+  own messages for a file it cannot decode are cut to their first line).
 """
 
 from __future__ import annotations
@@ -268,8 +270,16 @@ class EdgesDataset:
         if file.has_weight:
             columns.append(self.weight_column)
         with self._open(file.path) as parquet:
-            for record_batch in parquet.iter_batches(batch_size=_READ_ROWS, row_groups=groups,
-                                                     columns=columns, use_threads=True):
+            batches = parquet.iter_batches(batch_size=_READ_ROWS, row_groups=groups,
+                                           columns=columns, use_threads=True)
+            while True:
+                try:
+                    record_batch = next(batches)
+                except StopIteration:
+                    return
+                except (OSError, pa.ArrowException, ValueError) as error:
+                    raise DataError(f"{file.display} row {position - file_start}: cannot read "
+                                    f"the rows from here on: {_one_line(error)}") from None
                 begin, end = position, position + record_batch.num_rows
                 position = end
                 if end <= first_row:
@@ -318,7 +328,14 @@ class EdgesDataset:
             raise DataError(f"{where}: {self.rhs_column}={rhs[i]} is outside table "
                             f"'{relation.rhs}' (num_embeddings={rhs_sizes[i]})")
         if file.has_weight:
-            weight = arrays[self.weight_column].astype(np.float32, copy=False)
+            with np.errstate(over="ignore"):   # too large for float32: inf, refused below
+                weight = arrays[self.weight_column].astype(np.float32, copy=False)
+            bad_weight = ~(weight >= 0) | ~np.isfinite(weight)      # NaN fails both
+            if bad_weight.any():
+                i = int(np.argmax(bad_weight))
+                raise DataError(f"{file.display} row {file_row + i}: {self.weight_column}="
+                                f"{arrays[self.weight_column][i]} is not a finite number >= 0 "
+                                "(as float32)")
         else:
             weight = np.ones(len(lhs), dtype=np.float32)
         return (lhs.astype(np.int64, copy=False), rhs.astype(np.int64, copy=False),
@@ -343,8 +360,12 @@ class EdgesDataset:
             with self._open(path) as parquet:
                 schema = parquet.schema_arrow
                 metadata = parquet.metadata
-        except (OSError, pa.ArrowException) as error:
-            raise DataError(f"{display}: cannot read as parquet: {error}") from error
+        except (OSError, pa.ArrowException, ValueError) as error:
+            raise DataError(f"{display}: cannot read as parquet: {_one_line(error)}") from None
+        for name in (self.lhs_column, self.rel_column, self.rhs_column, self.weight_column):
+            if schema.names.count(name) > 1:
+                raise DataError(f"{display}: column '{name}' occurs "
+                                f"{schema.names.count(name)} times")
         for name in (self.lhs_column, self.rel_column, self.rhs_column):
             if name not in schema.names:
                 raise DataError(f"{display}: missing column '{name}' "
@@ -362,8 +383,11 @@ class EdgesDataset:
         start = self._file_starts[-1] if self._file_starts else 0
         if self._files:
             start += self._files[-1].num_rows
-        for index in range(metadata.num_row_groups):
-            num_rows = metadata.row_group(index).num_rows
+        group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        if any(n < 0 for n in group_rows) or sum(group_rows) != metadata.num_rows:
+            raise DataError(f"{display}: cannot read as parquet: its footer announces "
+                            f"{metadata.num_rows} rows, its row groups {sum(group_rows)}")
+        for index, num_rows in enumerate(group_rows):
             if num_rows:
                 self._row_groups.append(_RowGroup(file_index, index, start, num_rows))
             start += num_rows
@@ -387,6 +411,14 @@ def _resolve(data_root: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     if not paths:
         raise DataError(f"data_root '{data_root}' matches no parquet files")
     return fs, sorted(paths)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text as one line of at most `limit` characters (pyarrow's own
+    messages can run over several lines)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import tml  # noqa: F401  (logging set-up)
+from tml.common.atomic_directory import current_umask
 from tml.common.cli import run_cli
 from tml.errors import DataError
 
@@ -97,7 +98,7 @@ def generate_graph(out_dir: str, num_users: int = DEFAULTS["num_users"],
         lhs, rel, rhs = _edges(params)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
             summary = _write(tmp, lhs, rel, rhs, params)
             _remove_previous(out)
             os.rename(tmp, out)
@@ -187,12 +188,6 @@ def _write(directory: str, lhs: np.ndarray, rel: np.ndarray, rhs: np.ndarray,
 def _write_parquet(path: str, lhs: np.ndarray, rel: np.ndarray, rhs: np.ndarray) -> None:
     table = pa.table({"lhs": lhs, "rel": rel, "rhs": rhs})
     pq.write_table(table, path, row_group_size=_ROW_GROUP_SIZE)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _read_success(out: str) -> dict[str, Any] | None:
