@@ -14,6 +14,12 @@ per attempt, so every attempt starts from empty keys. Every worker of one agent 
 same restart count, so all of them agree on the prefix. The first attempt, and launches
 without the shared store (tml's own launcher with restarts sets
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`), go through torch's `env://` path unchanged.
+
+Limit: agents restart together after a failure, so their counts agree across nodes; an
+elastic membership change (a node joining a running job) restarts the old agents' workers
+without counting a restart while the new agent starts at 0. tml launches a fixed number of
+nodes, where that does not arise; torch's shared store mishandles that case with or
+without this prefix.
 """
 
 from __future__ import annotations

@@ -13,7 +13,15 @@ Why the kwargs are encoded: a worker must see what the launcher saw, even where 
 computes a kwarg (a timestamped save_dir, a temporary directory). Non-string values travel
 as JSON (`--steps=3`, `--flag=true`, `--x=null`, `--ids=[1,2]`); a string travels as is
 unless it would read back as something else (`"3"` travels as `--s="3"`). The launcher names
-the forwarded keys in `TML_FORWARDED_KWARGS`, and the worker takes exactly those from argv.
+the forwarded keys in `TML_FORWARDED_KWARGS`, and the worker takes exactly those from argv
+(exact names, no abbreviations) and refuses anything else there. The kwargs follow `--` on
+torchrun's command line: torchrun's argparse would otherwise read `--n=1` or `--d=x` as an
+abbreviation of one of its own options and stop. Kwargs that `train_fn` cannot take are
+reported by the launcher before any worker starts.
+
+Non-chief nodes first check that the rendezvous endpoint answers as a c10d store
+(`tml.common.rendezvous_probe`): torch's store client waits forever on a server that
+accepts and says nothing.
 
 Failure handling: every worker records its exception with torch elastic's error handler;
 the launcher turns elastic's `ChildFailedError` into `TrainingFailedError`, naming the rank
