@@ -619,11 +619,21 @@ def rendezvous_error(error: BaseException, node: NodeSetup, join_timeout_s: int)
 
 def _run_torchrun_subprocess(args: list[str], env: dict[str, str], log_dir: str) -> None:
     child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args],
-                               env=child_env, check=False)
-    if completed.returncode != 0:
-        failures = _failures_from_log_dir(log_dir, completed.returncode)
+    with subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args],
+                          env=child_env) as child:
+        try:
+            returncode = child.wait()
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C): let torchrun stop its workers before we go.
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    if returncode != 0:
+        failures = _failures_from_log_dir(log_dir, returncode)
         if failures:
             raise training_failed_error(failures)
-        raise TrainingFailedError(f"torchrun exited with code {completed.returncode}",
-                                  exitcode=completed.returncode)
+        raise TrainingFailedError(f"torchrun exited with code {returncode}",
+                                  exitcode=returncode)
