@@ -242,3 +242,21 @@ def test_a_worker_refuses_a_flag_that_was_not_forwarded(tmp_path):
     assert ("TmlError: worker command line: --cont is not a training kwarg the launcher "
             "forwarded (TML_FORWARDED_KWARGS lists ['count', 'out_dir'])") in result.stderr
     assert not (tmp_path / "rank0.json").exists()
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.slow
+def test_launch_function_leaves_no_temp_dirs(tmp_path, monkeypatch):
+    """torch elastic's default log dir (a torchelastic_* dir) was never removed."""
+    import tempfile
+
+    from tml.common.run_training import launch_function
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    assert launch_function(_square, 1, 3) == {0: 9}
+    assert os.listdir(private) == []
