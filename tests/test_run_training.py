@@ -10,16 +10,22 @@ import pytest
 from tests.twhin_setup import REPO, launcher_env
 from tml.common.cluster_env import expand_slurm_nodelist, resolve_node_setup
 from tml.common.run_training import (
+    FORWARDED_KWARGS_ENV,
     args_to_kwargs,
     build_torchrun_args,
+    check_kwargs_fit,
     encode_kwarg,
     entrypoint_args,
     is_distributed_worker,
     kwargs_to_args,
+    maybe_run_training,
     training_failed_error,
 )
+from tml.errors import TmlError
 
 SCRIPT = os.path.join(REPO, "tests", "scripts", "toy_train.py")
+ODD_KWARGS = os.path.join(REPO, "tests", "scripts", "odd_kwargs.py")
+TORCHRUN_LIKE = ["n", "d", "e", "nnodes", "standalone", "node_rank", "m", "nproc"]
 
 
 def _env():
@@ -44,6 +50,57 @@ def test_only_forwarded_keys_are_taken_from_argv():
     assert args_to_kwargs(argv, ["a"]) == {"a": 1}
 
 
+def test_kwargs_named_like_torchrun_options_parse_back_exactly():
+    """torchrun's argparse would read `--n=1` as --nnodes / --nproc_per_node; the launcher
+    puts `--` before the script, and the worker side matches keys exactly."""
+    import torch.distributed.run as torchrun
+
+    kwargs = {"n": 1, "d": "--nnodes=9", "e": [1], "nnodes": 7, "standalone": False,
+              "node_rank": "-m", "m": "x.py", "nproc_per_node": 5}
+    script_args = kwargs_to_args(kwargs)
+    for entrypoint in (["x.py"], ["-m", "pkg.mod"]):
+        argv = build_torchrun_args(entrypoint, script_args, 2, resolve_node_setup(num_nodes=1))
+        parsed = torchrun.get_args_parser().parse_args(argv)
+        assert (parsed.nnodes, parsed.nproc_per_node, parsed.standalone) == ("1", "2", True)
+        assert parsed.training_script == entrypoint[-1]
+        assert parsed.module == (entrypoint[0] == "-m")
+        assert parsed.training_script_args == script_args
+        assert args_to_kwargs(parsed.training_script_args, list(kwargs), strict=True) == kwargs
+
+
+def test_worker_side_rejects_flags_the_launcher_did_not_forward():
+    keys = ["steps", "n"]
+    assert args_to_kwargs(["--steps=3", "--n=1"], keys, strict=True) == {"steps": 3, "n": 1}
+    with pytest.raises(TmlError, match=r"--nnodes is not a training kwarg the launcher "
+                                       r"forwarded \(TML_FORWARDED_KWARGS lists \['n', 'steps'\]"):
+        args_to_kwargs(["--steps=3", "--n=1", "--nnodes=2"], keys, strict=True)
+    with pytest.raises(TmlError, match="'stray' is not a training kwarg"):
+        args_to_kwargs(["--steps=3", "stray", "--n=1"], keys, strict=True)
+    with pytest.raises(TmlError, match="--steps is given twice"):
+        args_to_kwargs(["--steps=3", "--steps=4", "--n=1"], keys, strict=True)
+    with pytest.raises(TmlError, match=r"kwarg\(s\) \['n'\] named in TML_FORWARDED_KWARGS "
+                                       "are missing"):
+        args_to_kwargs(["--steps=3"], keys, strict=True)
+    # Not strict (a plain torchrun worker of a script): other arguments are the script's.
+    assert args_to_kwargs(["--steps=3", "--nnodes=2", "x"], keys) == {"steps": 3}
+
+
+def _two_args(a, b=1):
+    return a, b
+
+
+def test_kwargs_that_do_not_fit_the_training_function_fail_in_the_launcher(tmp_path):
+    check_kwargs_fit(_two_args, {"a": 1})
+    with pytest.raises(TmlError, match=r"training kwargs do not fit _two_args\(a, b=1\): "
+                                       "got an unexpected keyword argument 'c'"):
+        check_kwargs_fit(_two_args, {"a": 1, "c": 2})
+    with pytest.raises(TmlError, match="missing a required argument: 'a'"):
+        check_kwargs_fit(_two_args, {"b": 2})
+    # Before anything starts: no worker, no temporary directory.
+    with pytest.raises(TmlError, match="unexpected keyword argument 'n'"):
+        maybe_run_training(_two_args, SCRIPT, nproc_per_node=1, a=1, n=2)
+
+
 def test_entrypoint_forms(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("")
@@ -63,7 +120,8 @@ def _clear_cluster_env(monkeypatch):
 def test_single_node_is_standalone_and_several_nodes_need_an_endpoint(monkeypatch):
     _clear_cluster_env(monkeypatch)
     args = build_torchrun_args(["x.py"], ["--a=1"], 2, resolve_node_setup())
-    assert args == ["--nnodes", "1", "--nproc_per_node", "2", "--standalone", "x.py", "--a=1"]
+    assert args == ["--nnodes", "1", "--nproc_per_node", "2", "--standalone", "--", "x.py",
+                    "--a=1"]
     with pytest.raises(Exception, match="2 nodes need a rendezvous endpoint"):
         resolve_node_setup(num_nodes=2)
     monkeypatch.setenv("TML_RDZV_ENDPOINT", "node0:29400")
@@ -71,7 +129,9 @@ def test_single_node_is_standalone_and_several_nodes_need_an_endpoint(monkeypatc
                                max_restarts=1)
     assert args[:9] == ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
                         "--rdzv_endpoint", "localhost:29400", "--rdzv_id"]
-    assert args[-3:] == ["--max_restarts", "1", "x.py"]
+    assert args[-4:] == ["--max_restarts", "1", "--", "x.py"]
+    module = build_torchrun_args(["-m", "pkg.mod"], ["--n=1"], 1, resolve_node_setup())
+    assert module[-4:] == ["-m", "--", "pkg.mod", "--n=1"]
     assert resolve_node_setup(2).torchrun_endpoint() == "node0:29400"
 
 
@@ -154,3 +214,49 @@ def test_failing_rank_gives_nonzero_exit_and_its_message(tmp_path, mode):
     assert "worker rank 1 failed" in result.stderr, result.stderr[-3000:]
     assert "planned failure on rank 1" in result.stderr
     assert (tmp_path / "rank0.json").exists()
+
+
+@pytest.mark.slow
+def test_kwargs_named_like_torchrun_options_reach_the_workers(tmp_path):
+    result = subprocess.run([sys.executable, ODD_KWARGS, f"--out_dir={tmp_path}"], env=_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]  # torchrun's own options unchanged
+    expected = {"n": 1, "d": "--nnodes=9", "e": [1, 2], "nnodes": 7, "standalone": False,
+                "node_rank": "-m", "m": "x.py", "nproc": 3, "rdzv_endpoint_": "h:1"}
+    assert all(r["values"] == expected for r in reports)
+    assert set(TORCHRUN_LIKE) <= set(expected)
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_a_flag_that_was_not_forwarded(tmp_path):
+    """A worker told (TML_FORWARDED_KWARGS) that its argv holds the launcher's kwargs stops
+    with one line on anything else, instead of training without it."""
+    env = {**_env(), FORWARDED_KWARGS_ENV: json.dumps(["out_dir", "count"])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "1", "--", SCRIPT, f"--out_dir={tmp_path}", "--count=3", "--cont=4"],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert ("TmlError: worker command line: --cont is not a training kwarg the launcher "
+            "forwarded (TML_FORWARDED_KWARGS lists ['count', 'out_dir'])") in result.stderr
+    assert not (tmp_path / "rank0.json").exists()
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.slow
+def test_launch_function_leaves_no_temp_dirs(tmp_path, monkeypatch):
+    """torch elastic's default log dir (a torchelastic_* dir) was never removed."""
+    import tempfile
+
+    from tml.common.run_training import launch_function
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    assert launch_function(_square, 1, 3) == {0: 9}
+    assert os.listdir(private) == []

@@ -5,6 +5,7 @@ import json
 import os
 import uuid
 
+from tml.common.cli import run_cli
 from tml.common.run_training import maybe_run_training
 
 
@@ -27,7 +28,7 @@ def train(out_dir, token, count, ratio, flag, nothing, items, text_number, fail_
     return rank
 
 
-if __name__ == "__main__":
+def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--fail_rank", type=int, default=-1)
@@ -54,3 +55,7 @@ if __name__ == "__main__":
         text_number="42",
         fail_rank=args.fail_rank,
     )
+
+
+if __name__ == "__main__":
+    run_cli(main)

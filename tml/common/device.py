@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from tml.common.allocator import tune_malloc_for_training
+from tml.common.process_group import init_worker_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def setup_and_get_device(timeout_s: float = 1800.0) -> torch.device:
         if "WORLD_SIZE" not in os.environ:
             _init_single_process_group(backend, timeout_s)
         else:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            init_worker_process_group(backend, timedelta(seconds=timeout_s))
     return device
 
 

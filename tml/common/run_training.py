@@ -13,7 +13,15 @@ Why the kwargs are encoded: a worker must see what the launcher saw, even where 
 computes a kwarg (a timestamped save_dir, a temporary directory). Non-string values travel
 as JSON (`--steps=3`, `--flag=true`, `--x=null`, `--ids=[1,2]`); a string travels as is
 unless it would read back as something else (`"3"` travels as `--s="3"`). The launcher names
-the forwarded keys in `TML_FORWARDED_KWARGS`, and the worker takes exactly those from argv.
+the forwarded keys in `TML_FORWARDED_KWARGS`, and the worker takes exactly those from argv
+(exact names, no abbreviations) and refuses anything else there. The kwargs follow `--` on
+torchrun's command line: torchrun's argparse would otherwise read `--n=1` or `--d=x` as an
+abbreviation of one of its own options and stop. Kwargs that `train_fn` cannot take are
+reported by the launcher before any worker starts.
+
+Non-chief nodes first check that the rendezvous endpoint answers as a c10d store
+(`tml.common.rendezvous_probe`): torch's store client waits forever on a server that
+accepts and says nothing.
 
 Failure handling: every worker records its exception with torch elastic's error handler;
 the launcher turns elastic's `ChildFailedError` into `TrainingFailedError`, naming the rank
@@ -37,6 +45,7 @@ from typing import Any
 
 from tml.common.cluster_env import NodeSetup, resolve_node_setup
 from tml.common.machines import nproc_from_machines_file
+from tml.common.rendezvous_probe import probe_rendezvous_store
 from tml.errors import TmlError, TrainingFailedError
 
 logger = logging.getLogger(__name__)
@@ -85,16 +94,51 @@ def kwargs_to_args(training_kwargs: dict[str, Any]) -> list[str]:
     return [f"--{key}={encode_kwarg(value)}" for key, value in training_kwargs.items()]
 
 
-def args_to_kwargs(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
-    """The values of `--key=value` arguments in argv whose key is in `keys`, decoded."""
+def args_to_kwargs(argv: Sequence[str], keys: Sequence[str],
+                   strict: bool = False) -> dict[str, Any]:
+    """The values of `--key=value` arguments in argv whose key is in `keys`, decoded.
+
+    Keys match exactly (no argparse-style abbreviations). With `strict` (a worker started
+    by our launcher, whose argv holds exactly the forwarded kwargs) any other argument, or a
+    key given twice or missing, is a TmlError naming it instead of being ignored.
+    """
     wanted = set(keys)
     found: dict[str, Any] = {}
     for arg in argv:
-        if arg.startswith("--") and "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            if key in wanted:
-                found[key] = decode_kwarg(text)
+        key, sep, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if sep and key in wanted and (key not in found or not strict):
+            found[key] = decode_kwarg(text)
+        elif strict and sep and key in found:
+            raise TmlError(f"worker command line: --{key} is given twice")
+        elif strict:
+            shown = arg.split("=", 1)[0] if arg.startswith("-") else repr(arg[:60])
+            raise TmlError(f"worker command line: {shown} is not a training kwarg the launcher "
+                           f"forwarded ({FORWARDED_KWARGS_ENV} lists {sorted(wanted)}); start "
+                           "workers through maybe_run_training, or unset "
+                           f"{FORWARDED_KWARGS_ENV}")
+    missing = sorted(wanted - set(found))
+    if strict and missing:
+        raise TmlError(f"worker command line: the forwarded training kwarg(s) {missing} named "
+                       f"in {FORWARDED_KWARGS_ENV} are missing")
     return found
+
+
+def check_kwargs_fit(train_fn: Callable[..., Any], training_kwargs: dict[str, Any]) -> None:
+    """TmlError if `train_fn(**training_kwargs)` cannot bind (an unknown or missing kwarg).
+
+    Checked in the launcher, so the mistake is reported once before any worker starts.
+    """
+    import inspect
+
+    try:
+        signature = inspect.signature(train_fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: let the call itself decide
+    try:
+        signature.bind(**training_kwargs)
+    except TypeError as error:
+        name = getattr(train_fn, "__qualname__", None) or repr(train_fn)
+        raise TmlError(f"training kwargs do not fit {name}{signature}: {error}") from None
 
 
 # --- entry point resolution -------------------------------------------------------------
@@ -154,14 +198,21 @@ def build_torchrun_args(entrypoint: list[str], script_args: list[str], nproc_per
         args += ["--rdzv_backend", "c10d", "--rdzv_endpoint", str(node.torchrun_endpoint()),
                  "--rdzv_id", node.run_id]
         if join_timeout_s is not None:
-            args += ["--rdzv_conf", f"join_timeout={join_timeout_s}"]
+            # read_timeout bounds the store client's connect-and-handshake retries too
+            # (default 60 s): a non-chief waits for the chief as long as it waits for nodes.
+            args += ["--rdzv_conf",
+                     f"join_timeout={join_timeout_s},read_timeout={join_timeout_s}"]
     else:
         args.append("--standalone")
     if max_restarts:
         args += ["--max_restarts", str(max_restarts)]
     if log_dir is not None:
         args += ["--log-dir", log_dir]
-    return args + entrypoint + script_args
+    # `--` ends torchrun's own options: argparse would otherwise take a training kwarg such
+    # as `--n=1` or `--d=x` for an abbreviation of --nnodes / --nproc_per_node / ... .
+    if entrypoint[:1] == ["-m"]:
+        return args + ["-m", "--", *entrypoint[1:], *script_args]
+    return args + ["--", *entrypoint, *script_args]
 
 
 def _max_restarts(value: int | None) -> int:
@@ -292,11 +343,14 @@ def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any])
     """
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    forwarded = json.loads(os.environ.get(FORWARDED_KWARGS_ENV, "[]"))
-    kwargs = {**training_kwargs, **args_to_kwargs(sys.argv[1:], forwarded)}
     handler = get_error_handler()
     handler.initialize()
     try:
+        kwargs = dict(training_kwargs)
+        if FORWARDED_KWARGS_ENV in os.environ:
+            forwarded = _forwarded_keys(os.environ[FORWARDED_KWARGS_ENV])
+            kwargs.update(args_to_kwargs(sys.argv[1:], forwarded, strict=True))
+        check_kwargs_fit(train_fn, kwargs)
         return train_fn(**kwargs)
     except TmlError as error:
         handler.record_exception(error)
@@ -311,6 +365,17 @@ def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any])
                          "the launcher names it): %s", str(error).splitlines()[0][:300])
             raise SystemExit(1) from None
         raise
+
+
+def _forwarded_keys(text: str) -> list[str]:
+    try:
+        keys = json.loads(text)
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise TmlError(f"{FORWARDED_KWARGS_ENV}={text[:80]!r} must be a JSON list of names "
+                       "(the launcher sets it)")
+    return keys
 
 
 def _is_lost_peer(error: BaseException) -> bool:
@@ -367,6 +432,7 @@ def maybe_run_training(
     if is_distributed_worker():
         return run_in_worker(train_fn, training_kwargs)
 
+    check_kwargs_fit(train_fn, training_kwargs)
     if nproc_per_node is None:
         nproc_per_node = default_nproc_per_node()
     check_nproc_per_node(nproc_per_node)
@@ -382,17 +448,19 @@ def maybe_run_training(
         return launch_function(bound, nproc_per_node, start_method="fork",
                                max_restarts=restarts)
 
+    join_timeout = _rendezvous_timeout()
     if node.num_nodes > 1 and node.is_chief:
         check_rendezvous_port_free(node)
+    elif node.num_nodes > 1:
+        probe_rendezvous_store(str(node.rdzv_endpoint), join_timeout)
     entrypoint = entrypoint_args(module_name)
     script_args = kwargs_to_args(training_kwargs)
     env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs)),
            **worker_environment(nproc_per_node, restarts)}
-    join_timeout = int(os.environ.get("TML_RDZV_TIMEOUT", "600"))
     subprocess_mode = running_under_bazel() if set_python_path_in_subprocess is None \
         else set_python_path_in_subprocess
 
-    with tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
         args = build_torchrun_args(entrypoint, script_args, nproc_per_node, node, restarts,
                                    log_dir=log_dir, join_timeout_s=join_timeout)
         logger.info("launching %d worker(s) per node on %d node(s) (%s): torchrun %s",
@@ -405,6 +473,42 @@ def maybe_run_training(
             env["TORCHELASTIC_ERROR_FILE"] = os.path.join(log_dir, "launcher-error.json")
             _run_torchrun_in_process(args, env, node, join_timeout)
     return None
+
+
+def _rendezvous_timeout() -> int:
+    text = os.environ.get("TML_RDZV_TIMEOUT", "600")
+    try:
+        value = int(text)
+    except ValueError:
+        raise TmlError(f"TML_RDZV_TIMEOUT={text!r} must be a whole number of seconds") from None
+    if value < 1:
+        raise TmlError(f"TML_RDZV_TIMEOUT must be at least 1 second, got {value}")
+    return value
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job, `timeout`, `kill`) ends the launcher by an
+    exception, so its temporary log directory is removed on the way out.
+
+    Python's default for SIGTERM ends the process on the spot. While workers run, torch
+    elastic installs its own handler, which also raises (and stops the workers first).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check_rendezvous_port_free(node: NodeSetup) -> None:
@@ -453,15 +557,19 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
     """
     import uuid
 
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_nproc_per_node(nproc_per_node)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node,
-                          run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0", max_restarts=max_restarts,
-                          start_method=start_method, monitor_interval=0.1)
-    with _environment(**worker_environment(nproc_per_node, max_restarts)):
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir, \
+            _environment(**worker_environment(nproc_per_node, max_restarts)):
+        # Our own log dir: elastic's default is a torchelastic_* dir it never removes.
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node,
+                              run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+                              start_method=start_method, monitor_interval=0.1,
+                              logs_specs=DefaultLogsSpecs(log_dir=log_dir))
         try:
             results = elastic_launch(config, fn)(*args)
         except ChildFailedError as error:
@@ -511,11 +619,21 @@ def rendezvous_error(error: BaseException, node: NodeSetup, join_timeout_s: int)
 
 def _run_torchrun_subprocess(args: list[str], env: dict[str, str], log_dir: str) -> None:
     child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args],
-                               env=child_env, check=False)
-    if completed.returncode != 0:
-        failures = _failures_from_log_dir(log_dir, completed.returncode)
+    with subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args],
+                          env=child_env) as child:
+        try:
+            returncode = child.wait()
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C): let torchrun stop its workers before we go.
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    if returncode != 0:
+        failures = _failures_from_log_dir(log_dir, returncode)
         if failures:
             raise training_failed_error(failures)
-        raise TrainingFailedError(f"torchrun exited with code {completed.returncode}",
-                                  exitcode=completed.returncode)
+        raise TrainingFailedError(f"torchrun exited with code {returncode}",
+                                  exitcode=returncode)
