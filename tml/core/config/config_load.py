@@ -146,10 +146,12 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
 
 
-def read_config_data(yaml_path: str, variables: Mapping[str, str] | None = None) -> dict:
+def read_config_data(yaml_path: str, variables: Mapping[str, str] | None = None,
+                     substitute: bool = True) -> dict:
     """The mapping in `yaml_path` (any fsspec URL), with variables substituted in its values.
 
-    `variables` default to `config_variables(yaml_path)`. Raises ConfigError naming the file.
+    `variables` default to `config_variables(yaml_path)`; `substitute=False` leaves the
+    values as written (to edit them before substituting). Raises ConfigError naming the file.
     """
     try:
         with fsspec.open(yaml_path, "r", encoding="utf-8") as f:
@@ -165,6 +167,8 @@ def read_config_data(yaml_path: str, variables: Mapping[str, str] | None = None)
     obj = parse_yaml(raw, yaml_path)
     if not isinstance(obj, dict):
         raise ConfigError(f"{yaml_path}: expected a mapping of config sections at the top level")
+    if not substitute:
+        return obj
     if variables is None:
         variables = config_variables(yaml_path)
     return substitute_in_values(obj, variables, source=yaml_path)
