@@ -15,6 +15,14 @@ Determinism across restarts: with `seed` set, the torch RNG is re-seeded before 
 from (seed, step, world size, rank), so a run resumed from a checkpoint draws the same
 random numbers (TwHIN's in-batch negatives) as a run that was never interrupted.
 
+Divergence: a loss that turns non-finite (nan or inf: a learning rate far too large, bad
+edge weights) stops the run with a `TrainingDivergedError` naming the first such step,
+before any checkpoint of non-finite values is written; the earlier checkpoints stay. The
+per-step cost is a few element-wise ops on the loss's device (no host sync): the first bad
+step is kept in a device tensor, all-reduced (MIN, so that every rank stops together and
+none waits in a collective) and read at every log step and before every checkpoint, where
+the saved state itself is checked too (a finite loss can come with an infinite update).
+
 Test hook: `TML_TEST_CRASH_AT_STEP=N` makes rank 1 (rank 0 in a 1-worker run) kill itself
 with SIGKILL right after step N, on the first attempt of a torch elastic group only
 (`TORCHELASTIC_RESTART_COUNT` 0). The fault-tolerance test uses it to crash a worker at a
@@ -48,7 +56,7 @@ from tml.common.checkpointing import (
     set_schedule_step,
 )
 from tml.common.prefetch import prefetch
-from tml.errors import CheckpointError
+from tml.errors import CheckpointError, TmlError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,86 @@ class TrainResult:
     # Seconds in the training loop itself (data reading included; set-up, the final
     # evaluation and checkpoint excluded): what throughput figures divide by.
     train_seconds: float = 0.0
+
+
+class TrainingDivergedError(TmlError):
+    """The loss or the weights became non-finite; training stopped before saving them."""
+
+
+_NO_BAD_STEP = 2 ** 62
+
+
+class _FiniteWatch:
+    """The first step whose loss was non-finite, kept on the loss's device (no per-step sync).
+
+    `check` is collective: every rank calls it at the same steps (log steps, before each
+    checkpoint); it all-reduces the first bad step (MIN) and, given the state about to be
+    saved, whether all of it is finite, then raises `TrainingDivergedError` on every rank.
+    """
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        ok = torch.isfinite(loss.detach()).all().long()
+        # step where the loss is bad, _NO_BAD_STEP where it is fine: integer ops, no branch.
+        candidate = ok * (_NO_BAD_STEP - step) + step
+        self.first_bad = candidate if self.first_bad is None \
+            else torch.minimum(self.first_bad, candidate)
+
+    def check(self, step: int, device: torch.device, state: Any = None,
+              last_checkpoint: str | None = None) -> None:
+        first_bad = self.first_bad if self.first_bad is not None \
+            else torch.tensor(_NO_BAD_STEP, device=device)
+        state_ok = _all_finite(state, first_bad.device) if state is not None \
+            else torch.ones((), dtype=torch.long, device=first_bad.device)
+        flags = torch.stack([first_bad.reshape(()), state_ok.reshape(()).long()])
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad_step, all_ok = (int(x) for x in flags.tolist())
+        kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint \
+            else "no checkpoint was written"
+        advice = "lower the learning rate or check the edge weights"
+        if bad_step != _NO_BAD_STEP:
+            raise TrainingDivergedError(
+                f"training diverged: the loss became non-finite (nan or inf) at step "
+                f"{bad_step}; stopped at step {step} without saving it ({kept}); {advice}")
+        if not all_ok:
+            raise TrainingDivergedError(
+                f"training diverged: the weights or optimizer state became non-finite by "
+                f"step {step} (the loss was still finite); stopped without saving them "
+                f"({kept}); {advice}")
+
+
+def _local_tensors(value: Any) -> Iterable[torch.Tensor]:
+    """The local tensors of a state dict tree (DTensor and ShardedTensor: this rank's part)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _local_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _local_tensors(item)
+    elif hasattr(value, "to_local"):                     # DTensor
+        yield from _local_tensors(value.to_local())
+    elif hasattr(value, "local_shards"):                 # ShardedTensor, LocalShardsWrapper
+        for shard in value.local_shards():
+            yield from _local_tensors(getattr(shard, "tensor", shard))
+    elif isinstance(value, torch.Tensor):
+        yield value
+
+
+def _all_finite(state: Any, device: torch.device) -> torch.Tensor:
+    """1 (long, on `device`) if every floating-point tensor in `state` is finite, else 0."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for tensor in _local_tensors(state):
+        if tensor.is_floating_point() and tensor.numel():
+            ok = ok & torch.isfinite(tensor).all().to(device)
+    return ok.long()
+
+
+def _state_to_check(parts: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint saves of the model and the optimizer (the float parts)."""
+    return {name: parts[name].state_dict() for name in ("model", "optim") if name in parts}
 
 
 class _AccumulatingOptimizer:
@@ -224,6 +312,7 @@ def train(
     model.train()
 
     step = start_step
+    watch = _FiniteWatch()
     losses: list[torch.Tensor] = []
     last_loss: float | None = None
     eval_metrics: dict[str, float] = {}
@@ -231,6 +320,17 @@ def train(
     bar = _progress_bar(train_steps, start_step)
     interval_start, interval_steps = time.perf_counter(), 0
     wall_start, wall_base = time.perf_counter(), train_state.wall_time
+    def check_finite(with_state: bool) -> None:
+        try:
+            watch.check(step, device, _state_to_check(parts) if with_state else None,
+                        checkpointer.wait() or checkpoint if with_state else checkpoint)
+        except TrainingDivergedError:
+            data_iter.close()
+            if bar is not None:
+                bar.close()
+            checkpointer.wait()   # an earlier, finite save in flight completes
+            raise
+
     while step < train_steps:
         if seed is not None:
             seed_step(seed, step)
@@ -247,9 +347,11 @@ def train(
         if scheduler is not None:
             scheduler.step()
         losses.append(outputs["loss"].detach())
+        watch.update(losses[-1], step)
         if bar is not None:
             bar.update(1)
         if step % logging_interval == 0:
+            check_finite(with_state=False)
             last_loss = float(torch.stack(losses).mean())
             elapsed = time.perf_counter() - interval_start
             rate = interval_steps / max(elapsed, 1e-9)
@@ -260,6 +362,7 @@ def train(
                 and step < train_steps:
             eval_metrics = _evaluate(pipeline, evaluate_fn, step)
         if step % checkpoint_frequency == 0 and step < train_steps:
+            check_finite(with_state=True)
             checkpoint = checkpointer.save(step, parts, checkpoint_extra)
         checkpointer.poll()
         _maybe_crash_for_test(step)
@@ -271,6 +374,8 @@ def train(
         last_loss = float(torch.stack(losses).mean())
 
     model = pipeline.detach()
+    if step > start_step:
+        check_finite(with_state=True)
     if evaluate_fn is not None:
         eval_metrics = evaluate_fn(model, step)
         model.train()
