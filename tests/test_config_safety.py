@@ -98,6 +98,9 @@ def test_undecodable_and_directory_configs_are_one_line(tmp_path):
         load_config_from_yaml(TwhinConfig, str(path))
     with pytest.raises(ConfigError, match="is a directory"):
         load_config_from_yaml(TwhinConfig, str(tmp_path))
+    path.write_text("training: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid YAML: nested too deeply$"):
+        load_config_from_yaml(TwhinConfig, str(path))
 
 
 @FUZZ_SETTINGS

@@ -216,3 +216,24 @@ def test_twhin_commands_refuse_unknown_flags(argv, message):
     with pytest.raises(ConfigError) as error:
         dispatch(argv)
     assert str(error.value) == message
+
+
+@pytest.mark.slow
+def test_train_from_a_directory_with_yaml_specials_uses_that_directory(tmp_path):
+    """`${CONFIG_DIR}` of `my #g ...` used to become `my` (the YAML comment cut it)."""
+    weird = tmp_path / "my #g: 'q' ${HOME} $$x"
+    tsv = _write_tsv(tmp_path / "edges.tsv", _triples(), header=True)
+    dispatch(["import", "--triples", tsv, "--out", str(weird), "--dim", "4", "--seed", "1"])
+    (tmp_path / "my").mkdir()                      # the sibling the old substitution chose
+    save = tmp_path / "save"
+    done = subprocess.run([sys.executable, "-m", "projects.twhin", "train", "--config",
+                           str(weird / "config.yaml"), "--save_dir", str(save),
+                           "--nproc_per_node", "1", "--set", "training.num_train_steps=2",
+                           "--set", "model.translation_optimizer.sgd.lr=0.5"],
+                          env=launcher_env(), capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    effective = load_config_from_yaml(TwhinConfig, str(save / "twhin_config.yaml"))
+    assert effective.train_data.data_root == f"{weird}/train"
+    assert effective.validation_data.data_root == f"{weird}/validation"
+    assert (save / "2").is_dir() and os.listdir(tmp_path / "my") == []

@@ -171,7 +171,10 @@ def read_config_data(yaml_path: str, variables: Mapping[str, str] | None = None,
         return obj
     if variables is None:
         variables = config_variables(yaml_path)
-    return substitute_in_values(obj, variables, source=yaml_path)
+    try:
+        return substitute_in_values(obj, variables, source=yaml_path)
+    except RecursionError:
+        raise ConfigError(f"{yaml_path}: nested too deeply") from None
 
 
 def load_config_from_yaml(config_type: type[C], yaml_path: str) -> C:
