@@ -70,8 +70,10 @@ def test_python_tags_are_refused_and_nothing_runs(tmp_path):
     assert message.startswith(f"{path}: not valid YAML: could not determine a constructor "
                               "for the tag 'tag:yaml.org,2002:python/object/apply:os.system'")
     assert "\n" not in message and not marker.exists()
-    path.write_text(LOCAL_BYTES.decode().replace(
-        "save_dir:", f"save_dir: !!python/object/apply:os.system ['touch {marker}']\n  x:"))
+    text = LOCAL_BYTES.decode()
+    assert "\ntraining:\n" in text
+    path.write_text(text.replace("\ntraining:\n", "\ntraining:\n  save_dir: "
+                                 f"!!python/object/apply:os.system ['touch {marker}']\n"))
     with pytest.raises(ConfigError, match="could not determine a constructor"):
         load_config_from_yaml(TwhinConfig, str(path))
     assert not marker.exists()
