@@ -13,33 +13,32 @@ import yaml
 
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.common.checkpointing import read_tensors
-from tml.core.custom_training_loop import TrainingDivergedError, _FiniteWatch
+from tml.core.custom_training_loop import TrainingDivergedError, _check_finite
 
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
 
 
-def test_watch_names_the_first_non_finite_step():
-    watch = _FiniteWatch()
-    watch.check(0, torch.device("cpu"))                 # nothing seen yet: fine
-    for step, loss in enumerate([0.7, 0.6, math.nan, 0.5, math.inf], start=1):
-        watch.update(torch.tensor(loss), step)
+def test_check_names_the_first_non_finite_step():
+    cpu = torch.device("cpu")
+    _check_finite([], 1, 0, cpu)                         # nothing seen yet: fine
+    _check_finite([torch.tensor(0.7), torch.tensor(0.6)], 1, 2, cpu)
+    losses = [torch.tensor(x) for x in (0.7, 0.6, math.nan, 0.5, math.inf)]
     with pytest.raises(TrainingDivergedError) as error:
-        watch.check(5, torch.device("cpu"), last_checkpoint="/s/2")
+        _check_finite(losses, 11, 15, cpu, last_checkpoint="/s/10")
     assert str(error.value) == (
-        "training diverged: the loss became non-finite (nan or inf) at step 3; stopped at "
-        "step 5 without saving it (the last checkpoint is /s/2); lower the learning rate or "
+        "training diverged: the loss became non-finite (nan or inf) at step 13; stopped at "
+        "step 15 without saving it (the last checkpoint is /s/10); lower the learning rate or "
         "check the edge weights")
 
 
-def test_watch_checks_the_state_to_be_saved():
-    watch = _FiniteWatch()
-    watch.update(torch.tensor(0.5), 1)
+def test_check_looks_at_the_state_to_be_saved():
+    cpu = torch.device("cpu")
     state = {"model": {"w": torch.ones(3), "ids": torch.arange(3)},
              "optim": {"state": [torch.zeros(2)]}}
-    watch.check(1, torch.device("cpu"), state)          # all finite
+    _check_finite([torch.tensor(0.5)], 1, 1, cpu, state)          # all finite
     state["optim"]["state"][0][1] = -math.inf
     with pytest.raises(TrainingDivergedError) as error:
-        watch.check(1, torch.device("cpu"), state)
+        _check_finite([torch.tensor(0.5)], 1, 1, cpu, state)
     assert str(error.value) == (
         "training diverged: the weights or optimizer state became non-finite by step 1 (the "
         "loss was still finite); stopped without saving them (no checkpoint was written); "

@@ -17,11 +17,11 @@ random numbers (TwHIN's in-batch negatives) as a run that was never interrupted.
 
 Divergence: a loss that turns non-finite (nan or inf: a learning rate far too large, bad
 edge weights) stops the run with a `TrainingDivergedError` naming the first such step,
-before any checkpoint of non-finite values is written; the earlier checkpoints stay. The
-per-step cost is a few element-wise ops on the loss's device (no host sync): the first bad
-step is kept in a device tensor, all-reduced (MIN, so that every rank stops together and
-none waits in a collective) and read at every log step and before every checkpoint, where
-the saved state itself is checked too (a finite loss can come with an infinite update).
+before any checkpoint of non-finite values is written; the earlier checkpoints stay. Nothing
+is added to a step: the per-step losses the log line averages stay on their device and are
+checked at every log step and before every checkpoint, the first bad step all-reduced (MIN,
+so that every rank stops together and none waits in a collective); before a checkpoint the
+state to be saved is checked too (a finite loss can come with an infinite update).
 
 Test hook: `TML_TEST_CRASH_AT_STEP=N` makes rank 1 (rank 0 in a 1-worker run) kill itself
 with SIGKILL right after step N, on the first attempt of a torch elastic group only
@@ -83,46 +83,42 @@ class TrainingDivergedError(TmlError):
 _NO_BAD_STEP = 2 ** 62
 
 
-class _FiniteWatch:
-    """The first step whose loss was non-finite, kept on the loss's device (no per-step sync).
+def _check_finite(losses: list[torch.Tensor], first_step: int, step: int,
+                  device: torch.device, state: Any = None,
+                  last_checkpoint: str | None = None) -> None:
+    """Raise `TrainingDivergedError` on every rank if a loss or the state is non-finite.
 
-    `check` is collective: every rank calls it at the same steps (log steps, before each
-    checkpoint); it all-reduces the first bad step (MIN) and, given the state about to be
-    saved, whether all of it is finite, then raises `TrainingDivergedError` on every rank.
+    `losses` are the per-step losses kept for the log line anyway (still on their device,
+    `losses[i]` of step `first_step + i`): nothing is added to a step, and the one host
+    sync is here. Collective: every rank calls it at the same steps (log steps, before each
+    checkpoint); the first bad step and whether all of `state` (what is about to be saved)
+    is finite are all-reduced (MIN), so every rank stops together and none is left waiting
+    in a collective.
     """
-
-    def __init__(self) -> None:
-        self.first_bad: torch.Tensor | None = None
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        ok = torch.isfinite(loss.detach()).all().long()
-        # step where the loss is bad, _NO_BAD_STEP where it is fine: integer ops, no branch.
-        candidate = ok * (_NO_BAD_STEP - step) + step
-        self.first_bad = candidate if self.first_bad is None \
-            else torch.minimum(self.first_bad, candidate)
-
-    def check(self, step: int, device: torch.device, state: Any = None,
-              last_checkpoint: str | None = None) -> None:
-        first_bad = self.first_bad if self.first_bad is not None \
-            else torch.tensor(_NO_BAD_STEP, device=device)
-        state_ok = _all_finite(state, first_bad.device) if state is not None \
-            else torch.ones((), dtype=torch.long, device=first_bad.device)
-        flags = torch.stack([first_bad.reshape(()), state_ok.reshape(()).long()])
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        bad_step, all_ok = (int(x) for x in flags.tolist())
-        kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint \
-            else "no checkpoint was written"
-        advice = "lower the learning rate or check the edge weights"
-        if bad_step != _NO_BAD_STEP:
-            raise TrainingDivergedError(
-                f"training diverged: the loss became non-finite (nan or inf) at step "
-                f"{bad_step}; stopped at step {step} without saving it ({kept}); {advice}")
-        if not all_ok:
-            raise TrainingDivergedError(
-                f"training diverged: the weights or optimizer state became non-finite by "
-                f"step {step} (the loss was still finite); stopped without saving them "
-                f"({kept}); {advice}")
+    if losses:
+        values = torch.stack([loss.reshape(()) for loss in losses]).to(device)
+        steps = torch.arange(first_step, first_step + len(losses), device=device)
+        bad_step = torch.where(torch.isfinite(values), _NO_BAD_STEP, steps).min()
+    else:
+        bad_step = torch.tensor(_NO_BAD_STEP, device=device)
+    state_ok = _all_finite(state, device) if state is not None \
+        else torch.ones((), dtype=torch.long, device=device)
+    flags = torch.stack([bad_step.reshape(()).long(), state_ok.reshape(()).long()])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    first_bad, all_ok = (int(x) for x in flags.tolist())
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint \
+        else "no checkpoint was written"
+    advice = "lower the learning rate or check the edge weights"
+    if first_bad != _NO_BAD_STEP:
+        raise TrainingDivergedError(
+            f"training diverged: the loss became non-finite (nan or inf) at step "
+            f"{first_bad}; stopped at step {step} without saving it ({kept}); {advice}")
+    if not all_ok:
+        raise TrainingDivergedError(
+            f"training diverged: the weights or optimizer state became non-finite by "
+            f"step {step} (the loss was still finite); stopped without saving them "
+            f"({kept}); {advice}")
 
 
 def _local_tensors(value: Any) -> Iterable[torch.Tensor]:
@@ -312,8 +308,8 @@ def train(
     model.train()
 
     step = start_step
-    watch = _FiniteWatch()
     losses: list[torch.Tensor] = []
+    losses_first_step = start_step + 1   # the step of losses[0]
     last_loss: float | None = None
     eval_metrics: dict[str, float] = {}
     checkpoint: str | None = resumed_from
@@ -322,8 +318,9 @@ def train(
     wall_start, wall_base = time.perf_counter(), train_state.wall_time
     def check_finite(with_state: bool) -> None:
         try:
-            watch.check(step, device, _state_to_check(parts) if with_state else None,
-                        checkpointer.wait() or checkpoint if with_state else checkpoint)
+            _check_finite(losses, losses_first_step, step, device,
+                          _state_to_check(parts) if with_state else None,
+                          checkpointer.wait() or checkpoint if with_state else checkpoint)
         except TrainingDivergedError:
             data_iter.close()
             if bar is not None:
@@ -347,7 +344,6 @@ def train(
         if scheduler is not None:
             scheduler.step()
         losses.append(outputs["loss"].detach())
-        watch.update(losses[-1], step)
         if bar is not None:
             bar.update(1)
         if step % logging_interval == 0:
@@ -358,6 +354,7 @@ def train(
             logger.info("step %d: loss %.5f, %.1f steps/s, %.0f examples/s", step, last_loss,
                         rate, rate * worker_batch_size)
             losses, interval_start, interval_steps = [], time.perf_counter(), 0
+            losses_first_step = step + 1
         if evaluate_fn is not None and eval_every_n and step % eval_every_n == 0 \
                 and step < train_steps:
             eval_metrics = _evaluate(pipeline, evaluate_fn, step)
