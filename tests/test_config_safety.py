@@ -53,6 +53,13 @@ def test_environment_value_with_yaml_syntax_adds_no_keys(tmp_path, monkeypatch):
     assert load_config_from_yaml(TwhinConfig, str(path)).train_data.data_root == "{a: 1}"
 
 
+def test_a_variable_can_still_set_a_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("TML_TEST_EPOCHS", "7")
+    path = tmp_path / "c.yaml"
+    path.write_text(LOCAL_BYTES.decode().replace("num_epochs: 2", "num_epochs: ${TML_TEST_EPOCHS}"))
+    assert load_config_from_yaml(TwhinConfig, str(path)).training.num_epochs == 7
+
+
 def test_escaped_values_read_back_unchanged():
     data = {"a": ["x${HOME}", "$$", "$", {"b": "${X:-d}$"}], "n": 3}
     assert substitute_in_values(escape_variables(data), {"HOME": "/h"}) == data
