@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from tml.common.cli import run_cli
+from tml.common.cli import StrictArgumentParser, run_cli
 from tml.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twhin", description=__doc__.split("\n\n")[0])
+    parser = StrictArgumentParser(prog="twhin", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("import", help="String triples (TSV/CSV/parquet) to training data.")
@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TwHIN YAML config.")
     p.add_argument("--checkpoint", required=True, help="A checkpoint or a save_dir (newest).")
     p.add_argument("--out", required=True, help="Output directory.")
-    p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--force", action="store_true", help="Replace a previous export at --out "
+                   "(only an export: any other non-empty directory is refused).")
     p.add_argument("--vocab", help="The importer's vocab/ directory (default: vocab/ beside "
                    "--config); without one, ids are row numbers.")
 
@@ -109,40 +110,46 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> None:
+    """Validate everything, then write `SAVE_DIR/twhin_config.yaml` and start the workers.
+
+    Nothing is written before the config (with --set), the data paths, the memory of a step
+    and the save_dir pass (`projects.twhin.preflight`): a rejected run leaves a previous
+    run's `twhin_config.yaml` as it was. The written config has every `${...}` resolved
+    (`${CONFIG_DIR}` is the directory of the user's file, not of the copy) and escaped, so
+    it reads back as the run used it.
+    """
     from projects.twhin.config import TwhinConfig
+    from projects.twhin.preflight import preflight
     from projects.twhin.run import train_from_yaml
     from tml.common.run_training import maybe_run_training
-    from tml.core.config import load_config_from_yaml
+    from tml.core.config import parse_config, read_config_data
+    from tml.core.config.config_load import (
+        config_variables,
+        escape_variables,
+        substitute_in_values,
+    )
 
-    try:
-        raw = open(args.config).read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {args.config}") from None
-    # ${CONFIG_DIR} must keep meaning the directory of the user's file, not of the copy.
-    config_dir = os.path.dirname(os.path.abspath(args.config))
-    try:
-        data = yaml.safe_load(raw.replace("${CONFIG_DIR}", config_dir))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{args.config}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: expected a mapping of config sections")
+    data = read_config_data(args.config, substitute=False)
     apply_overrides(data, args.set, args.config)
+    source = f"{args.config} (with --set)" if args.set else args.config
+    data = substitute_in_values(data, config_variables(args.config), source)
+    config = parse_config(TwhinConfig, data, source=source)
     save_dir = os.path.abspath(args.save_dir)
-    os.makedirs(save_dir, exist_ok=True)
+    preflight(config, source, save_dir, workers_per_node=args.nproc_per_node or 1)
+
     effective = os.path.join(save_dir, "twhin_config.yaml")
-    with open(effective, "w") as handle:
-        yaml.safe_dump(data, handle, sort_keys=False)
+    tmp = f"{effective}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            yaml.safe_dump(escape_variables(data), handle, sort_keys=False)
+        os.replace(tmp, effective)
+    except OSError as error:
+        raise ConfigError(f"cannot write {effective}: {error.strerror or error}") from None
     # Export reads the importer's vocabularies beside the config: keep them reachable.
-    vocab = os.path.join(config_dir, "vocab")
+    vocab = os.path.join(os.path.dirname(os.path.abspath(args.config)), "vocab")
     link = os.path.join(save_dir, "vocab")
     if os.path.isdir(vocab) and not os.path.lexists(link):
         os.symlink(vocab, link)
-    try:
-        load_config_from_yaml(TwhinConfig, effective)
-    except ConfigError as error:
-        # Name the user's file (and the --set keys), not the copy.
-        raise ConfigError(str(error).replace(effective, f"{args.config} (with --set)"
-                                             if args.set else args.config)) from None
     maybe_run_training(train_from_yaml, "projects.twhin.run",
                        nproc_per_node=args.nproc_per_node, config_yaml_path=effective,
                        save_dir=save_dir)

@@ -5,7 +5,13 @@ Output directory:
     <table>.parquet       id (string), vector (fixed_size_list<float32>[D]), one row per
                           table row, in row order
     relations.parquet     name, operator, lhs, rhs (table names), vector (as above)
-    metadata.json         embedding_dim, tables (name -> rows), source checkpoint
+    metadata.json         format ("twhin-export"), format_version, embedding_dim, tables
+                          (name -> rows), source checkpoint
+
+`--force` replaces a previous export only: a directory whose metadata.json names the
+format and that holds nothing an export does not write. Anything else at `--out` (a
+save_dir of checkpoints, an import's training data, a home directory) is refused whole,
+with or without `--force`, so a mistyped `--out` cannot delete it.
 
 Why a fixed-size list column: one column whatever D, read back as a (N, D) array with
 `np.stack(df["vector"])` in pandas or without a copy through pyarrow
@@ -33,7 +39,7 @@ import torch
 
 from projects.twhin.config import TwhinConfig
 from projects.twhin.signature import check_checkpoint_matches
-from tml.common.atomic_directory import atomic_directory, refuse_non_empty
+from tml.common.atomic_directory import atomic_directory
 from tml.common.checkpoint_rows import load_rows, tensor_shapes
 from tml.common.checkpointing import latest_checkpoint
 from tml.errors import CheckpointError, TmlError
@@ -41,6 +47,48 @@ from tml.errors import CheckpointError, TmlError
 TABLE_KEY = "model.model.large_embeddings.ebc.embedding_bags.{}.weight"
 RELATIONS_KEY = "model.model.all_trans_embs"
 CHUNK_BYTES = 256 << 20   # vectors per export chunk (float32 rows of D values)
+METADATA_FILE = "metadata.json"
+EXPORT_FORMAT = "twhin-export"
+EXPORT_FORMAT_VERSION = 1
+
+
+def is_previous_export(out: str) -> bool:
+    """`out` holds an export (metadata.json naming the format) and nothing else."""
+    try:
+        with open(os.path.join(out, METADATA_FILE)) as handle:
+            metadata = json.load(handle)
+        names = os.listdir(out)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        return False
+    return all(name == METADATA_FILE or (name.endswith(".parquet")
+                                         and os.path.isfile(os.path.join(out, name)))
+               for name in names)
+
+
+def check_out(out: str, force: bool) -> None:
+    """Refuse an `--out` the export must not replace (see the module docstring)."""
+    if os.path.islink(out):
+        raise TmlError(f"--out {out} is a symbolic link; name the directory itself")
+    if not os.path.exists(out):
+        pass
+    elif not os.path.isdir(out):
+        raise TmlError(f"--out {out} exists and is not a directory")
+    elif os.listdir(out):
+        if not is_previous_export(out):
+            raise TmlError(f"--out {out} is not empty and holds no previous export "
+                           f"({METADATA_FILE} of format '{EXPORT_FORMAT}' beside parquet "
+                           "files only); --force replaces only an export: choose another "
+                           "--out")
+        if not force:
+            raise TmlError(f"{out} exists and is not empty; pass --force to replace it")
+    parent = os.path.dirname(out)
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise TmlError(f"--out {out}: cannot write there ({probe} is not a directory)")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -96,7 +144,7 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
     from projects.twhin.importer import read_vocabulary
 
     out = os.path.abspath(out)
-    refuse_non_empty(out, force)
+    check_out(out, force)
     path = resolve_checkpoint(checkpoint)
     shapes = check_checkpoint(config, path)
     dim = shapes[RELATIONS_KEY][1]
@@ -112,32 +160,37 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
         vocab_tables, _ = read_vocabulary(directory)
     schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
-    with atomic_directory(out) as tmp:
-        for name, rows in sizes.items():
-            ids = vocab_tables.get(name)
-            if ids is not None and len(ids) != rows:
-                ids = None
-            key = TABLE_KEY.format(name)
-            with pq.ParquetWriter(os.path.join(tmp, f"{name}.parquet"), schema) as writer:
-                for start in range(0, rows, chunk_rows):
-                    end = min(rows, start + chunk_rows)
-                    part = (ids[start:end] if ids is not None
-                            else np.arange(start, end).astype(str))
-                    vectors = load_rows(path, key, start, end, torch.float32)
-                    writer.write_table(pa.table({"id": pa.array(list(part), pa.string()),
-                                                 "vector": _vectors(vectors.numpy())},
-                                                schema=schema), row_group_size=end - start)
-                    del vectors
-        relations = config.model.relations
-        relation_vectors = load_rows(path, RELATIONS_KEY, 0, len(relations), torch.float32)
-        pq.write_table(pa.table({
-            "name": [r.name for r in relations],
-            "operator": [r.operator.value for r in relations],
-            "lhs": [r.lhs for r in relations], "rhs": [r.rhs for r in relations],
-            "vector": _vectors(relation_vectors.numpy())}),
-            os.path.join(tmp, "relations.parquet"))
-        metadata = {"embedding_dim": int(dim), "tables": {n: int(r) for n, r in sizes.items()},
-                    "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}
-        with open(os.path.join(tmp, "metadata.json"), "w") as handle:
-            json.dump(metadata, handle, indent=2)
+    try:
+        with atomic_directory(out) as tmp:
+            for name, rows in sizes.items():
+                ids = vocab_tables.get(name)
+                if ids is not None and len(ids) != rows:
+                    ids = None
+                key = TABLE_KEY.format(name)
+                with pq.ParquetWriter(os.path.join(tmp, f"{name}.parquet"), schema) as writer:
+                    for start in range(0, rows, chunk_rows):
+                        end = min(rows, start + chunk_rows)
+                        part = (ids[start:end] if ids is not None
+                                else np.arange(start, end).astype(str))
+                        vectors = load_rows(path, key, start, end, torch.float32)
+                        writer.write_table(pa.table({"id": pa.array(list(part), pa.string()),
+                                                     "vector": _vectors(vectors.numpy())},
+                                                    schema=schema), row_group_size=end - start)
+                        del vectors
+            relations = config.model.relations
+            relation_vectors = load_rows(path, RELATIONS_KEY, 0, len(relations), torch.float32)
+            pq.write_table(pa.table({
+                "name": [r.name for r in relations],
+                "operator": [r.operator.value for r in relations],
+                "lhs": [r.lhs for r in relations], "rhs": [r.rhs for r in relations],
+                "vector": _vectors(relation_vectors.numpy())}),
+                os.path.join(tmp, "relations.parquet"))
+            metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
+                        "embedding_dim": int(dim), "tables": {n: int(r) for n, r in sizes.items()},
+                        "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}
+            with open(os.path.join(tmp, METADATA_FILE), "w") as handle:
+                json.dump(metadata, handle, indent=2)
+    except OSError as error:
+        # e.g. a read-only or full disk: one line, and atomic_directory left nothing behind
+        raise TmlError(f"--out {out}: cannot write the export ({error.strerror or error})") from None
     return {"out": out, **metadata}

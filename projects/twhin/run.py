@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
 from projects.twhin.config import TwhinConfig
-from tml.common.cli import run_cli
+from tml.common.cli import StrictArgumentParser, run_cli
 from tml.common.run_training import maybe_run_training
 from tml.core.config import load_config_from_yaml
 from tml.errors import ConfigError
@@ -58,6 +59,7 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     from projects.twhin.metrics import evaluate
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
     from projects.twhin.optimizer import build_optimizer
+    from projects.twhin.preflight import require_save_dir
     from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.common.device import setup_and_get_device
     from tml.common.sharding import maybe_shard_model
@@ -66,7 +68,7 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     if all_config.runtime.enable_tensorfloat32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    save_dir = save_dir or all_config.training.save_dir
+    save_dir = require_save_dir(save_dir, all_config, "the config")
     training = all_config.training
     logger.info("training on %s with %d worker(s); checkpoints in %s", device, world_size,
                 save_dir)
@@ -177,10 +179,11 @@ def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The flags; an unknown or misspelt one is a one-line error naming it (never ignored)."""
+    parser = StrictArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config_yaml_path", required=True, help="TwHIN YAML config.")
     parser.add_argument("--save_dir", default=None, help="Checkpoint directory (overrides "
-                        "training.save_dir).")
+                        "training.save_dir; one of the two is required).")
     parser.add_argument("--nproc_per_node", type=int, default=None,
                         help="Workers to start when not launched by torchrun.")
     # nargs="?": the self-launched workers receive it back as --only_evaluate=true.
@@ -191,17 +194,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evaluate_until_step", type=int, default=None,
                         help="With --only_evaluate: stop after evaluating a checkpoint at "
                         "this step or later (default: the run's final step).")
-    args, _unknown = parser.parse_known_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Check the flags, the config, the data, the memory and the save_dir, then train.
+
+    Everything a user can get wrong fails here, once, before a worker starts (and in each
+    torchrun-started worker before it builds a model), as one line.
+    """
+    from projects.twhin.preflight import preflight, require_save_dir
+
     args = parse_args(argv)
-    # Validate before starting workers: a bad config fails here, once, with its field.
-    config = load_config_from_yaml(TwhinConfig, args.config_yaml_path)
-    kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path}
-    if args.save_dir is not None:
-        kwargs["save_dir"] = args.save_dir
+    source = args.config_yaml_path
+    config = load_config_from_yaml(TwhinConfig, source)
+    save_dir = require_save_dir(args.save_dir, config, source)
+    if not args.only_evaluate:
+        workers = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node or 1))
+        preflight(config, source, save_dir, workers_per_node=workers)
+    kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path,
+                                 "save_dir": save_dir}
     if args.only_evaluate:
         kwargs["only_evaluate"] = True
         if args.evaluate_until_step is not None:

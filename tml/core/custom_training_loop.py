@@ -15,6 +15,14 @@ Determinism across restarts: with `seed` set, the torch RNG is re-seeded before 
 from (seed, step, world size, rank), so a run resumed from a checkpoint draws the same
 random numbers (TwHIN's in-batch negatives) as a run that was never interrupted.
 
+Divergence: a loss that turns non-finite (nan or inf: a learning rate far too large, bad
+edge weights) stops the run with a `TrainingDivergedError` naming the first such step,
+before any checkpoint of non-finite values is written; the earlier checkpoints stay. Nothing
+is added to a step: the per-step losses the log line averages stay on their device and are
+checked at every log step and before every checkpoint, the first bad step all-reduced (MIN,
+so that every rank stops together and none waits in a collective); before a checkpoint the
+state to be saved is checked too (a finite loss can come with an infinite update).
+
 Test hook: `TML_TEST_CRASH_AT_STEP=N` makes rank 1 (rank 0 in a 1-worker run) kill itself
 with SIGKILL right after step N, on the first attempt of a torch elastic group only
 (`TORCHELASTIC_RESTART_COUNT` 0). The fault-tolerance test uses it to crash a worker at a
@@ -48,7 +56,7 @@ from tml.common.checkpointing import (
     set_schedule_step,
 )
 from tml.common.prefetch import prefetch
-from tml.errors import CheckpointError
+from tml.errors import CheckpointError, TmlError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,82 @@ class TrainResult:
     # Seconds in the training loop itself (data reading included; set-up, the final
     # evaluation and checkpoint excluded): what throughput figures divide by.
     train_seconds: float = 0.0
+
+
+class TrainingDivergedError(TmlError):
+    """The loss or the weights became non-finite; training stopped before saving them."""
+
+
+_NO_BAD_STEP = 2 ** 62
+
+
+def _check_finite(losses: list[torch.Tensor], first_step: int, step: int,
+                  device: torch.device, state: Any = None,
+                  last_checkpoint: str | None = None) -> None:
+    """Raise `TrainingDivergedError` on every rank if a loss or the state is non-finite.
+
+    `losses` are the per-step losses kept for the log line anyway (still on their device,
+    `losses[i]` of step `first_step + i`): nothing is added to a step, and the one host
+    sync is here. Collective: every rank calls it at the same steps (log steps, before each
+    checkpoint); the first bad step and whether all of `state` (what is about to be saved)
+    is finite are all-reduced (MIN), so every rank stops together and none is left waiting
+    in a collective.
+    """
+    if losses:
+        values = torch.stack([loss.reshape(()) for loss in losses]).to(device)
+        steps = torch.arange(first_step, first_step + len(losses), device=device)
+        bad_step = torch.where(torch.isfinite(values), _NO_BAD_STEP, steps).min()
+    else:
+        bad_step = torch.tensor(_NO_BAD_STEP, device=device)
+    state_ok = _all_finite(state, device) if state is not None \
+        else torch.ones((), dtype=torch.long, device=device)
+    flags = torch.stack([bad_step.reshape(()).long(), state_ok.reshape(()).long()])
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    first_bad, all_ok = (int(x) for x in flags.tolist())
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint \
+        else "no checkpoint was written"
+    advice = "lower the learning rate or check the edge weights"
+    if first_bad != _NO_BAD_STEP:
+        raise TrainingDivergedError(
+            f"training diverged: the loss became non-finite (nan or inf) at step "
+            f"{first_bad}; stopped at step {step} without saving it ({kept}); {advice}")
+    if not all_ok:
+        raise TrainingDivergedError(
+            f"training diverged: the weights or optimizer state became non-finite by "
+            f"step {step} (the loss was still finite); stopped without saving them "
+            f"({kept}); {advice}")
+
+
+def _local_tensors(value: Any) -> Iterable[torch.Tensor]:
+    """The local tensors of a state dict tree (DTensor and ShardedTensor: this rank's part)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _local_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _local_tensors(item)
+    elif hasattr(value, "to_local"):                     # DTensor
+        yield from _local_tensors(value.to_local())
+    elif hasattr(value, "local_shards"):                 # ShardedTensor, LocalShardsWrapper
+        for shard in value.local_shards():
+            yield from _local_tensors(getattr(shard, "tensor", shard))
+    elif isinstance(value, torch.Tensor):
+        yield value
+
+
+def _all_finite(state: Any, device: torch.device) -> torch.Tensor:
+    """1 (long, on `device`) if every floating-point tensor in `state` is finite, else 0."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for tensor in _local_tensors(state):
+        if tensor.is_floating_point() and tensor.numel():
+            ok = ok & torch.isfinite(tensor).all().to(device)
+    return ok.long()
+
+
+def _state_to_check(parts: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint saves of the model and the optimizer (the float parts)."""
+    return {name: parts[name].state_dict() for name in ("model", "optim") if name in parts}
 
 
 class _AccumulatingOptimizer:
@@ -225,12 +309,25 @@ def train(
 
     step = start_step
     losses: list[torch.Tensor] = []
+    losses_first_step = start_step + 1   # the step of losses[0]
     last_loss: float | None = None
     eval_metrics: dict[str, float] = {}
     checkpoint: str | None = resumed_from
     bar = _progress_bar(train_steps, start_step)
     interval_start, interval_steps = time.perf_counter(), 0
     wall_start, wall_base = time.perf_counter(), train_state.wall_time
+    def check_finite(with_state: bool) -> None:
+        try:
+            _check_finite(losses, losses_first_step, step, device,
+                          _state_to_check(parts) if with_state else None,
+                          checkpointer.wait() or checkpoint if with_state else checkpoint)
+        except TrainingDivergedError:
+            data_iter.close()
+            if bar is not None:
+                bar.close()
+            checkpointer.wait()   # an earlier, finite save in flight completes
+            raise
+
     while step < train_steps:
         if seed is not None:
             seed_step(seed, step)
@@ -250,16 +347,19 @@ def train(
         if bar is not None:
             bar.update(1)
         if step % logging_interval == 0:
+            check_finite(with_state=False)
             last_loss = float(torch.stack(losses).mean())
             elapsed = time.perf_counter() - interval_start
             rate = interval_steps / max(elapsed, 1e-9)
             logger.info("step %d: loss %.5f, %.1f steps/s, %.0f examples/s", step, last_loss,
                         rate, rate * worker_batch_size)
             losses, interval_start, interval_steps = [], time.perf_counter(), 0
+            losses_first_step = step + 1
         if evaluate_fn is not None and eval_every_n and step % eval_every_n == 0 \
                 and step < train_steps:
             eval_metrics = _evaluate(pipeline, evaluate_fn, step)
         if step % checkpoint_frequency == 0 and step < train_steps:
+            check_finite(with_state=True)
             checkpoint = checkpointer.save(step, parts, checkpoint_extra)
         checkpointer.poll()
         _maybe_crash_for_test(step)
@@ -271,6 +371,8 @@ def train(
         last_loss = float(torch.stack(losses).mean())
 
     model = pipeline.detach()
+    if step > start_step:
+        check_finite(with_state=True)
     if evaluate_fn is not None:
         eval_metrics = evaluate_fn(model, step)
         model.train()

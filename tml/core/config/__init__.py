@@ -5,7 +5,7 @@ reads a file (through fsspec), substitutes `${VAR}` and reports errors by file a
 """
 
 from tml.core.config.base_config import BaseConfig, Field
-from tml.core.config.config_load import load_config_from_yaml, parse_config
+from tml.core.config.config_load import load_config_from_yaml, parse_config, read_config_data
 from tml.core.config.training import RuntimeConfig, TrainingConfig
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "TrainingConfig",
     "load_config_from_yaml",
     "parse_config",
+    "read_config_data",
 ]

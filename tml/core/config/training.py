@@ -18,8 +18,9 @@ class RuntimeConfig(BaseConfig):
 class TrainingConfig(BaseConfig):
     """The training loop: how long, how often to log, evaluate and checkpoint."""
 
-    save_dir: str = Field("/tmp/model", description="Directory for checkpoints; "
-                          "overridden by --save_dir.")
+    save_dir: str | None = Field(None, description="Directory for checkpoints; overridden "
+                                 "by --save_dir. No default: a run without either is refused "
+                                 "(a shared default would resume another run's checkpoints).")
     num_train_steps: pydantic.PositiveInt = Field(10000, description="Upper bound on steps; "
                                                   "training also stops when the data of "
                                                   "num_epochs epochs is used up.")
