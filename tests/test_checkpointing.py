@@ -79,8 +79,13 @@ def test_two_workers_async_atomic_reshard_retention_and_bad_input(tmp_path):
         assert "column_wise" in out["adagrad_column_wise_error"]
         assert "'model.model.large_embeddings.ebc.embedding_bags.user.weight' has shape " \
                "[60, 8] but this model needs [70, 8]" in out["other_shapes_error"], out
-        assert "damaged or truncated" in out["damaged_data_error"], out
-        assert ".metadata file is damaged" in out["damaged_metadata_error"], out
+        for name, victim in (("data", "__1_0.distcp"), ("metadata", ".metadata")):
+            error = out[f"damaged_{name}_error"]   # the truncated file, named
+            assert f"/damaged-{name}/4 is damaged: " in error and f"/{victim} has " in error, \
+                out
+        assert out["metadata_checked"] >= 8 and out["unverified"] == [], out
+        assert {"__0_0.distcp", "__1_0.distcp"} <= set(out["data_files_seen"]), out
+        assert "torch.distributed.checkpoint.metadata.Metadata" in out["metadata_globals"]
         for mode in ("async", "sync"):
             error = out[f"{mode}_write_failure_error"]
             assert error.startswith("saving checkpoint") and "File too large" in error \

@@ -13,7 +13,8 @@ completes the checkpoint, so a complete checkpoint always has them:
    again via a temporary name, and only then renames the checkpoint into place.
 
 Readers verify the files they read (`verify_file`): the whole file is hashed in blocks
-(memory stays bounded), once per process while its size, mtime and inode are unchanged.
+(memory stays bounded), once per process while its size, mtime and inode are unchanged
+(files modified in the last 2 s are hashed again each time: see `file_sha256`).
 A mismatch raises CheckpointError naming the damaged file. Checkpoints written before
 checksums existed have no `checksums.json`: they still load, with a warning, and only the
 presence and size of their files can be checked.
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,22 +39,32 @@ CHECKSUMS_FILE = "checksums.json"
 ALGORITHM = "sha256"
 _RANK_FILE = re.compile(r"^__\d+_checksums\.json$")
 _BLOCK = 4 << 20
+_RACY_NS = 2_000_000_000
 # (realpath, inode, size, mtime_ns) -> sha256 of files hashed by this process.
 _digests: dict[tuple[str, int, int, int], str] = {}
 _warned_unverified: set[str] = set()
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of the file at `path`, read in blocks (cached while the file is unchanged)."""
+    """sha256 of the file at `path`, read in blocks (cached while the file is unchanged).
+
+    The cache is keyed by (path, inode, size, mtime) and, as git does against "racily
+    clean" files, only holds files last modified well before they were hashed: a change
+    within the file system's timestamp granularity of the hashing could otherwise keep the
+    same mtime and reuse a stale digest.
+    """
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(_BLOCK):
-                digest.update(block)
+    if key in _digests:
+        return _digests[key]
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    if stat.st_mtime_ns < started - _RACY_NS:
         _digests[key] = digest.hexdigest()
-    return _digests[key]
+    return digest.hexdigest()
 
 
 def _write_json(path: str, data: Any) -> None:

@@ -286,10 +286,14 @@ def _check_metadata(file: str, metadata: Any) -> Metadata:
                 raise bad(f"a chunk of {key!r} is malformed or outside the tensor")
     for index, info in storage.items():
         name = getattr(info, "relative_path", None)
-        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo) \
-                or not isinstance(name, str) or not _DATA_FILE.match(name) or ".." in name:
+        fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+        well_formed = (isinstance(index, MetadataIndex) and isinstance(fqn, str)
+                       and (offset is None or isinstance(offset, torch.Size))
+                       and isinstance(info, _StorageInfo) and isinstance(name, str))
+        if not well_formed or not _DATA_FILE.match(name) or ".." in name:
             raise bad("a storage entry is malformed or names a file outside the checkpoint")
-        if type(info.offset) is not int or type(info.length) is not int \
+        if type(getattr(info, "offset", None)) is not int \
+                or type(getattr(info, "length", None)) is not int \
                 or info.offset < 0 or info.length < 0:
             raise bad(f"a storage entry of {name} has a bad byte range")
         if getattr(info, "transform_descriptors", None):
