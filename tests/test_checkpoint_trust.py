@@ -445,3 +445,29 @@ def test_fuzzed_metadata_is_read_or_refused_in_one_line(tmp_path_factory, pristi
     check()
     assert time.monotonic() - started < 20
     assert seen["error"] > 0
+
+
+def test_no_reader_in_tml_unpickles_checkpoint_files_another_way():
+    """Source guard: checkpoint bytes are unpickled only by checkpoint_unpickle, and every
+    DCP load is given tml's SafeFileSystemReader (or a subclass)."""
+    import re
+
+    from tests.twhin_setup import REPO
+
+    offenders = []
+    for top in ("tml", "projects"):
+        for base, _, files in os.walk(os.path.join(REPO, top)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(base, name)
+                text = open(path).read()
+                relative = os.path.relpath(path, REPO)
+                if relative != "tml/common/checkpoint_unpickle.py" and re.search(
+                        r"pickle\.(loads?|Unpickler)\b|torch\.load\(|weights_only=False", text):
+                    offenders.append(relative)
+                for call in re.findall(r"dcp\.load\([^)]*\)", text, flags=re.S):
+                    if not re.search(r"storage_reader=(SafeFileSystemReader|_RowRangeReader)",
+                                     call):
+                        offenders.append(f"{relative}: {call}")
+    assert offenders == []

@@ -29,9 +29,16 @@ saving needs DTensor state (`maybe_shard_model(..., output_dtensor=True)`); Shar
 state falls back to synchronous saves with a warning (DCP cannot stage ShardedTensors).
 
 Only tensors are saved: each part's state dict is reduced to its tensor leaves
-(hyper-parameters such as learning rates come from the config on load). The `.metadata`
-file that DCP pickles is read with an unpickler that accepts only DCP's own metadata
-classes and torch dtypes, so loading never unpickles arbitrary objects.
+(hyper-parameters such as learning rates come from the config on load).
+
+Untrusted checkpoints: every read goes through `SafeFileSystemReader` (DCP's own load
+included, which is given it): `.metadata` is unpickled by the one restricted unpickler
+(tml/common/checkpoint_unpickle.py: exact (module, name) pairs, no dotted names) and checked
+for shape (`_check_metadata`); pickled byte entries are refused; every file is checked
+against the sha256 recorded when it was saved (tml/common/checkpoint_integrity.py, written
+by `_ChecksumWriter` on each rank and merged by rank 0 before the rename). A numbered
+directory without `.metadata` (a torn copy) is skipped with a warning, and
+`latest_checkpoint` returns the newest *intact* checkpoint, naming damaged newer ones.
 
 Extra metadata: `save(..., extra=...)` writes a small JSON document (`extra.json`) into
 the checkpoint directory, next to DCP's files and before the atomic rename, so it is part of
@@ -317,9 +324,9 @@ class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader for untrusted checkpoint directories.
 
     `.metadata` is checked against its recorded checksum and read with the restricted
-    unpickler (tml.common.checkpoint_unpickle), never `pickle.load`; every data file is
+    unpickler (tml.common.checkpoint_unpickle), never plain pickle; every data file is
     checked against its checksum before it is read; byte entries (which DCP's planner
-    would `torch.load(weights_only=False)`) are refused: tml saves tensors only.
+    would unpickle with `torch.load`, weights_only off) are refused: tml saves tensors only.
     """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
