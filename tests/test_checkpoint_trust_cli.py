@@ -26,7 +26,7 @@ from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
 from projects.twhin.signature import checkpoint_extra
 from tests.test_checkpoint_trust import GADGET_NAMES, _flip, _gadgets, _replace_metadata
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
-from tml.common.checkpointing import save_checkpoint
+from tml.common.checkpointing import save_checkpoint, verify_checkpoint
 from tml.core.config import load_config_from_yaml
 from tml.errors import CheckpointError
 
@@ -155,8 +155,13 @@ def test_resume_skips_torn_hostile_and_damaged_checkpoints(tmp_path):
     assert f"resumed from {save / '5'} at step 5" in log, log[-3000:]
     assert (save / "15" / "checksums.json").is_file()
 
+    verify_checkpoint(str(save / "10"))      # the hostile one was replaced by a new save
+    assert not marker.exists()
+
     # Every complete checkpoint damaged: the run stops with one line, trains nothing.
-    for step in ("5", "15"):
+    complete = [n for n in os.listdir(save) if n.isdigit() and (save / n / ".metadata").exists()]
+    assert "15" in complete
+    for step in complete:
         _flip(str(save / step), "__0_0.distcp")
     failed = run(20)
     assert failed.returncode != 0
