@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import struct
 import time
 import warnings
@@ -364,6 +365,17 @@ def test_truncated_or_missing_data_file_is_named(checkpoint):
     os.remove(file)
     with pytest.raises(CheckpointError, match=f"{file} is missing"):
         load_checkpoint(checkpoint, {"model": _Model()})
+
+
+def test_a_data_file_linked_to_outside_the_checkpoint_is_refused(checkpoint, tmp_path):
+    outside = tmp_path / "secret.distcp"
+    file = os.path.join(checkpoint, "__0_0.distcp")
+    shutil.move(file, outside)
+    os.symlink(outside, file)
+    with pytest.raises(CheckpointError) as error:
+        load_rows(checkpoint, "model.table.weight", 0, 1)
+    assert _one_line(error.value) == (f"checkpoint {checkpoint}: {file} is a symbolic link "
+                                      "to a file outside the checkpoint")
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, caplog):

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from tml.common.safe_paths import is_inside
 from tml.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ def verify_file(checkpoint: str, name: str, checksums: dict[str, dict[str, Any]]
     `min_bytes` are checked. Raises CheckpointError naming the file.
     """
     path = os.path.join(checkpoint, name)
+    if os.path.lexists(path) and not is_inside(checkpoint, path):
+        raise CheckpointError(f"checkpoint {checkpoint}: {path} is a symbolic link to a file "
+                              "outside the checkpoint")
     if checksums is not None and name not in checksums:
         raise CheckpointError(f"checkpoint {checkpoint} is damaged: {path} has no recorded "
                               f"checksum in {CHECKSUMS_FILE}")
