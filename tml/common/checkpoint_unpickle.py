@@ -21,7 +21,6 @@ Why: a checkpoint directory is a file a user may have been given. DCP pickles it
 
 from __future__ import annotations
 
-import collections
 import io
 import pathlib
 import pickle
@@ -67,8 +66,6 @@ METADATA_GLOBALS: Mapping[tuple[str, str], Any] = {
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     # StorageMeta.checkpoint_id: the path the checkpoint was written to.
     ("pathlib", "PosixPath"): pathlib.PosixPath,
-    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-    ("collections", "OrderedDict"): collections.OrderedDict,
     **_torch_constants(),
 }
 
