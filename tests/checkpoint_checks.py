@@ -158,6 +158,9 @@ def save_load_reshard_and_failures(root: str) -> dict:
         other, other_opt, _, _ = _build(sharding_type)
         load_checkpoint(os.path.join(save_dir, "3"), _parts(other, other_opt))
         out[f"reshard_{sharding_type}_diff"] = _max_diff(_tables(other), saved3)
+        if sharding_type != "table_wise":   # every layout's .metadata, for the allow-list
+            Checkpointer(os.path.join(root, "layouts", sharding_type)).save(
+                1, _parts(other, other_opt))
     del final_tables
 
     # 3. Row-wise Adagrad state: table_wise -> row_wise works, -> column_wise is refused
@@ -177,7 +180,11 @@ def save_load_reshard_and_failures(root: str) -> dict:
     out["adagrad_row_wise_momentum_diff"] = max(
         float((loaded[k] - v).abs().max()) for k, v in momentum.items())
     out["adagrad_momentum_nonzero"] = max(float(v.abs().max()) for v in momentum.values())
+    Checkpointer(os.path.join(root, "layouts", "adagrad-row_wise")).save(
+        1, _parts(row, row_opt))
     col, col_opt, _, _ = _build("column_wise", "rowwise_adagrad")
+    Checkpointer(os.path.join(root, "layouts", "adagrad-column_wise")).save(
+        1, _parts(col, col_opt))
     out["momentum_shapes"] = {k: list(v.shape) for k, v in momentum.items()}
     out["adagrad_column_wise_error"] = _error(
         lambda: load_checkpoint(os.path.join(ada_dir, "1"), _parts(col, col_opt)))
@@ -264,7 +271,40 @@ def save_load_reshard_and_failures(root: str) -> dict:
     out["warm_start_step"] = warm_result.start_step
     out["warm_resumed_from"] = warm_result.resumed_from
     out["warm_weights_diff"] = _max_diff(_tables(warm), loop_saved)
+    dist.barrier()
+    out.update(_metadata_survey(root))
     return out
+
+
+def _metadata_survey(root: str) -> dict:
+    """The names every `.metadata` written above refers to (table/row/column-wise, SGD and
+    row-wise Adagrad, sync and async, 2 ranks), and whether each checkpoint verifies."""
+
+    from tml.common.checkpoint_integrity import CHECKSUMS_FILE
+    from tml.common.checkpoint_unpickle import METADATA_GLOBALS, RestrictedUnpickler
+    from tml.common.checkpointing import verify_checkpoint
+
+    used: set[tuple[str, str]] = set()
+
+    class Recording(RestrictedUnpickler):
+        def find_class(self, module: str, name: str):  # noqa: ANN201
+            used.add((module, name))
+            return super().find_class(module, name)
+
+    checked, data_files, unverified = 0, set(), []
+    for base, _, files in os.walk(root):
+        if ".metadata" not in files or "damaged" in base:
+            continue
+        with open(os.path.join(base, ".metadata"), "rb") as handle:
+            Recording(handle, METADATA_GLOBALS).load()
+        if CHECKSUMS_FILE not in files:
+            unverified.append(base)
+        verify_checkpoint(base)
+        checked += 1
+        data_files |= {f for f in files if f.endswith(".distcp")}
+    return {"metadata_globals": sorted(".".join(n) for n in used),
+            "metadata_checked": checked, "data_files_seen": sorted(data_files),
+            "unverified": unverified}
 
 
 def load_into_world(path: str, sharding_type: str) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import struct
 import warnings
 import zipfile
@@ -46,7 +45,8 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.futures import Future
 
-from tml.common.checkpointing import SafeFileSystemReader, read_metadata
+from tml.common.checkpoint_unpickle import restricted_load, storage_globals
+from tml.common.checkpointing import SafeFileSystemReader, read_metadata, tml_failure
 from tml.errors import CheckpointError
 
 
@@ -95,6 +95,9 @@ def load_row_ranges(checkpoint_dir: str, ranges: Mapping[str, tuple[int, int]],
                 dcp.load(state, storage_reader=_RowRangeReader(checkpoint_dir),
                          planner=_RowRangePlanner(wanted), no_dist=True)
         except (Exception, CheckpointException) as error:  # noqa: BLE001 (DCP wraps errors)
+            ours = tml_failure(error)
+            if ours is not None:   # a damaged file, named by the reader
+                raise CheckpointError(str(ours)) from None
             message = " ".join(str(error).split())[:300]
             raise CheckpointError(f"cannot read rows of {', '.join(wanted)} from checkpoint "
                                   f"{checkpoint_dir}: {message}") from None
@@ -131,9 +134,15 @@ class _RowRangePlanner(DefaultLoadPlanner):
 
 
 class _RowRangeReader(SafeFileSystemReader):
-    """A `SafeFileSystemReader` that reads only the requested rows of each saved chunk."""
+    """A `SafeFileSystemReader` that reads only the requested rows of each saved chunk.
+
+    Every file it reads is first checked against its checksum (`verify_plan`: the whole
+    file is hashed in blocks, once per process), so a changed byte anywhere in it, not only
+    in the rows asked for, is an error naming the file.
+    """
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        self.verify_plan(plan)
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path,
@@ -209,24 +218,33 @@ def _layout(storage: _Storage, storage_offset: int, size: Any, stride: Any,
     return storage, int(storage_offset), tuple(size), tuple(stride)
 
 
-class _LayoutUnpickler(pickle.Unpickler):
-    """Reads a saved tensor's `data.pkl` as (storage, offset, size, stride); nothing else."""
+# What a tensor record's `data.pkl` may name; `_rebuild_tensor_v2` is replaced by `_layout`,
+# which only returns its arguments, so nothing is rebuilt from the file.
+_RECORD_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _layout,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch", "Size"): torch.Size,
+    **storage_globals(),
+}
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _layout
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch" and (name.endswith("Storage") or name == "Size"):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a saved tensor")
 
-    def persistent_load(self, pid: Any) -> _Storage:
-        _, storage_type, key, _location, _numel = pid
-        dtype = (storage_type if isinstance(storage_type, torch.dtype)
-                 else torch.uint8 if storage_type is torch.UntypedStorage
-                 else storage_type.dtype)
-        return _Storage(str(key), dtype)
+def _storage_of(pid: Any) -> _Storage:
+    """A tensor record's persistent id ('storage', torch.FloatStorage, key, location, n)."""
+    if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+        raise ValueError("unexpected persistent id")
+    _, storage_type, key, _location, _numel = pid
+    dtype = (storage_type if isinstance(storage_type, torch.dtype)
+             else torch.uint8 if storage_type is torch.UntypedStorage
+             else storage_type.dtype)
+    return _Storage(str(key), dtype)
+
+
+def _record_layout(data: bytes) -> tuple[_Storage, int, tuple[int, ...], tuple[int, ...]]:
+    """(storage, offset, size, stride) of a tensor record's `data.pkl`; ValueError if other."""
+    layout = restricted_load(data, _RECORD_GLOBALS, "a tensor record", _storage_of)
+    if not (isinstance(layout, tuple) and len(layout) == 4 and isinstance(layout[0], _Storage)):
+        raise ValueError("not a plain tensor record")
+    return layout
 
 
 def _read_region(stream: Any, offset: int, length: int, storage_offsets: Any,
@@ -247,10 +265,9 @@ def _read_region(stream: Any, offset: int, length: int, storage_offsets: Any,
             if f"{prefix}byteorder" in names and \
                     archive.read(f"{prefix}byteorder") != b"little":
                 return None
-            storage, storage_offset, size, stride = _LayoutUnpickler(
-                io.BytesIO(archive.read(pickles[0]))).load()
+            storage, storage_offset, size, stride = _record_layout(archive.read(pickles[0]))
             record = archive.getinfo(f"{prefix}data/{storage.key}")
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, pickle.UnpicklingError):
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, CheckpointError):
         return None
     if record.compress_type != zipfile.ZIP_STORED or len(size) != 2 or \
             (size[1] > 1 and stride[1] != 1) or stride[0] < size[1]:

@@ -29,9 +29,16 @@ saving needs DTensor state (`maybe_shard_model(..., output_dtensor=True)`); Shar
 state falls back to synchronous saves with a warning (DCP cannot stage ShardedTensors).
 
 Only tensors are saved: each part's state dict is reduced to its tensor leaves
-(hyper-parameters such as learning rates come from the config on load). The `.metadata`
-file that DCP pickles is read with an unpickler that accepts only DCP's own metadata
-classes and torch dtypes, so loading never unpickles arbitrary objects.
+(hyper-parameters such as learning rates come from the config on load).
+
+Untrusted checkpoints: every read goes through `SafeFileSystemReader` (DCP's own load
+included, which is given it): `.metadata` is unpickled by the one restricted unpickler
+(tml/common/checkpoint_unpickle.py: exact (module, name) pairs, no dotted names) and checked
+for shape (`_check_metadata`); pickled byte entries are refused; every file is checked
+against the sha256 recorded when it was saved (tml/common/checkpoint_integrity.py, written
+by `_ChecksumWriter` on each rank and merged by rank 0 before the rename). A numbered
+directory without `.metadata` (a torn copy) is skipped with a warning, and
+`latest_checkpoint` returns the newest *intact* checkpoint, naming damaged newer ones.
 
 Extra metadata: `save(..., extra=...)` writes a small JSON document (`extra.json`) into
 the checkpoint directory, next to DCP's files and before the atomic rename, so it is part of
@@ -50,7 +57,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -62,11 +68,36 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future as TorchFuture
 
-from tml.errors import CheckpointError
+from tml.common.checkpoint_integrity import (
+    finalize_checksums,
+    read_checksums,
+    record_rank_checksums,
+    verify_file,
+    warn_unverified,
+)
+from tml.common.checkpoint_unpickle import METADATA_GLOBALS, restricted_load
+from tml.errors import CheckpointError, TmlError
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +119,58 @@ class Stateful(Protocol):
 
 # --- listing ----------------------------------------------------------------------------
 
+_warned_torn: set[str] = set()
+
+
 def checkpoint_steps(save_dir: str) -> list[int]:
-    """Steps of the complete checkpoints in `save_dir`, ascending."""
+    """Steps of the complete checkpoints in `save_dir`, ascending.
+
+    A numbered directory without `.metadata` is not one (a save copied half-way, or cut
+    short outside our temporary directory): it is skipped with a warning naming it.
+    """
     if not os.path.isdir(save_dir):
         return []
-    return sorted(int(name) for name in os.listdir(save_dir)
-                  if _STEP_DIR.match(name) and os.path.isdir(os.path.join(save_dir, name)))
+    steps = []
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if not _STEP_DIR.match(name) or not os.path.isdir(path):
+            continue
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            steps.append(int(name))
+        elif path not in _warned_torn:
+            _warned_torn.add(path)
+            logger.warning("skipping %s: not a complete checkpoint (no .metadata file; a save "
+                           "copied or cut short?)", path)
+    return sorted(steps)
 
 
 def latest_checkpoint(save_dir: str) -> str | None:
-    """Path of the newest complete checkpoint in `save_dir`, or None."""
-    steps = checkpoint_steps(save_dir)
-    return os.path.join(save_dir, str(steps[-1])) if steps else None
+    """Path of the newest intact checkpoint in `save_dir`, or None if it holds none.
+
+    Intact: complete, and every file matches the checksum recorded at save
+    (`verify_checkpoint`, which reads the checkpoint once; the hashes are cached, so the
+    load that follows does not hash again). A damaged newer checkpoint is skipped with a
+    warning naming it. If every complete checkpoint is damaged, CheckpointError (starting
+    over silently would lose the training they hold).
+    """
+    damaged: list[str] = []
+    first_error: CheckpointError | None = None
+    for step in reversed(checkpoint_steps(save_dir)):
+        path = os.path.join(save_dir, str(step))
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning("skipping the damaged checkpoint %s: %s", path, error)
+            damaged.append(path)
+            first_error = first_error or error
+            continue
+        if damaged:
+            logger.warning("using %s, the newest intact checkpoint (damaged: %s)", path,
+                           ", ".join(damaged))
+        return path
+    if first_error is not None:
+        raise CheckpointError(f"no intact checkpoint in {save_dir}: {first_error}")
+    return None
 
 
 # --- small distributed helpers ----------------------------------------------------------
@@ -176,57 +247,180 @@ def _global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.size())
 
 
-# --- safe metadata ----------------------------------------------------------------------
+# --- safe metadata, verified files --------------------------------------------------------
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Accepts DCP's metadata classes, torch.Size, dtypes and plain containers only."""
+_METADATA = ".metadata"
+# A file name DCP's FileSystemWriter gives a rank's data (`__0_0.distcp`): one component.
+_DATA_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 
-    _BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "int", "float",
-                           "str", "bytes", "bool", "slice"})
-    # torch.serialization._get_layout maps a layout's name to torch's layout object.
-    _OTHERS = frozenset({("collections", "OrderedDict"), ("pathlib", "PosixPath"),
-                         ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")})
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint."):
-            return super().find_class(module, name)
-        if module == "torch":
-            value = getattr(torch, name, None)
-            if name == "Size" or isinstance(value, (torch.dtype, torch.layout,
-                                                    torch.memory_format)):
-                return value
-        if (module, name) in self._OTHERS:
-            return super().find_class(module, name)
-        if module == "builtins" and name in self._BUILTINS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which "
-                                     "a checkpoint never contains")
+def _is_size(value: Any) -> bool:
+    return isinstance(value, torch.Size) and all(type(n) is int and n >= 0 for n in value)
+
+
+def _check_metadata(file: str, metadata: Any) -> Metadata:
+    """`metadata` if it has the shape of DCP metadata tml can read, else CheckpointError.
+
+    Unpickling only built allowed classes; this checks they fit together, so that later
+    code never trips over a missing attribute, a path outside the checkpoint (`../x`), or
+    storage transforms (decompression) that tml never writes.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is damaged or not a checkpoint file: {why}")
+
+    if not isinstance(metadata, Metadata):
+        raise bad("it holds no DCP metadata")
+    entries = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise bad("its tensor or storage table is missing")
+    for key, entry in entries.items():
+        if not isinstance(key, str):
+            raise bad(f"a tensor name is a {type(key).__name__}")
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        properties = getattr(entry, "properties", None)
+        size, chunks = getattr(entry, "size", None), getattr(entry, "chunks", None)
+        if not isinstance(entry, TensorStorageMetadata) or not isinstance(
+                getattr(properties, "dtype", None), torch.dtype) or not _is_size(size) \
+                or not isinstance(chunks, list):
+            raise bad(f"the entry of {key!r} is malformed")
+        for chunk in chunks:
+            offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+            if not isinstance(chunk, ChunkStorageMetadata) or not _is_size(offsets) \
+                    or not _is_size(sizes) or not len(offsets) == len(sizes) == len(size) \
+                    or any(o + n > total for o, n, total in zip(offsets, sizes, size)):
+                raise bad(f"a chunk of {key!r} is malformed or outside the tensor")
+    for index, info in storage.items():
+        name = getattr(info, "relative_path", None)
+        fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+        well_formed = (isinstance(index, MetadataIndex) and isinstance(fqn, str)
+                       and (offset is None or isinstance(offset, torch.Size))
+                       and isinstance(info, _StorageInfo) and isinstance(name, str))
+        if not well_formed or not _DATA_FILE.match(name) or ".." in name:
+            raise bad("a storage entry is malformed or names a file outside the checkpoint")
+        if type(getattr(info, "offset", None)) is not int \
+                or type(getattr(info, "length", None)) is not int \
+                or info.offset < 0 or info.length < 0:
+            raise bad(f"a storage entry of {name} has a bad byte range")
+        if getattr(info, "transform_descriptors", None):
+            raise bad(f"{name} is stored with transforms {info.transform_descriptors!r}, "
+                      "which tml never writes")
+    if not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+        raise bad("its storage_meta is malformed")
+    return metadata
+
+
+def _file_extents(metadata: Metadata) -> dict[str, int]:
+    """Data file -> bytes it must have at least, from the storage table."""
+    extents: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        end = info.offset + info.length
+        extents[info.relative_path] = max(extents.get(info.relative_path, 0), end)
+    return extents
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader whose `.metadata` is read without unpickling arbitrary objects."""
+    """DCP's file reader for untrusted checkpoint directories.
+
+    `.metadata` is checked against its recorded checksum and read with the restricted
+    unpickler (tml.common.checkpoint_unpickle), never plain pickle; every data file is
+    checked against its checksum before it is read; byte entries (which DCP's planner
+    would unpickle with `torch.load`, weights_only off) are refused: tml saves tensors only.
+    """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as metadata_file:
-            metadata = _MetadataUnpickler(metadata_file).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError("the .metadata file holds no DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
+        checkpoint = str(self.path)
+        file = os.path.join(checkpoint, _METADATA)
+        checksums = read_checksums(checkpoint)
+        if checksums is not None:
+            verify_file(checkpoint, _METADATA, checksums)
+        try:
+            with open(file, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise CheckpointError(f"cannot read {file}: {error.strerror or error}") from None
+        metadata = _check_metadata(file, restricted_load(data, METADATA_GLOBALS, file))
+        if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> TorchFuture[None]:
+        self.verify_plan(plan)
+        return super().read_data(plan, planner)
+
+    def verify_plan(self, plan: LoadPlan) -> None:
+        """Refuse byte entries and check every file `plan` reads against its checksum."""
+        checkpoint = str(self.path)
+        needed: dict[str, int] = {}
+        for item in plan.items:
+            info = self.storage_data.get(item.storage_index)
+            if info is None:
+                raise CheckpointError(f"{os.path.join(checkpoint, _METADATA)} is damaged: "
+                                      f"no storage entry for '{item.storage_index.fqn}'")
+            if item.type == LoadItemType.BYTE_IO:
+                raise CheckpointError(f"checkpoint {checkpoint}: '{item.dest_index.fqn}' is "
+                                      f"stored as pickled bytes in {info.relative_path}, which "
+                                      "tml never writes and will not unpickle")
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        checksums = read_checksums(checkpoint)
+        if checksums is None and needed:
+            warn_unverified(checkpoint)
+        for name in sorted(needed):
+            verify_file(checkpoint, name, checksums, needed[name])
+
+
+class _ChecksumWriter(FileSystemWriter):
+    """DCP's file writer that records the sha256 of each file this rank wrote.
+
+    Runs in `write_data`, i.e. on every rank and, for asynchronous saves, in the
+    background thread, before DCP's finish step (so before `.metadata` and the rename).
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        future = super().write_data(plan, planner)
+        names = {result.storage_data.relative_path for result in future.wait()}
+        record_rank_checksums(str(self.path), plan.storage_data.prefix, names)
+        return future
+
 
 def read_metadata(path: str) -> Metadata:
-    """DCP metadata of the checkpoint at `path` (safely unpickled)."""
-    if not os.path.isfile(os.path.join(path, ".metadata")):
+    """DCP metadata of the checkpoint at `path` (checksum-verified, safely unpickled)."""
+    if not os.path.isfile(os.path.join(path, _METADATA)):
         raise CheckpointError(f"{path} is not a complete checkpoint (no .metadata file)")
-    try:
-        return SafeFileSystemReader(path).read_metadata()
-    except _DCP_ERRORS as error:  # noqa: BLE001 (truncated or foreign file)
-        raise CheckpointError(f"cannot read checkpoint {path}: the .metadata file is "
-                              f"damaged ({_one_line(error)})") from None
+    return SafeFileSystemReader(path).read_metadata()
+
+
+def verify_checkpoint(path: str) -> Metadata:
+    """Check every file of the checkpoint at `path` (its whole bytes); its metadata.
+
+    Raises CheckpointError naming the first damaged or missing file. A checkpoint without
+    checksums (older than them) passes with a warning if its files exist and are long enough.
+    """
+    metadata = read_metadata(path)
+    checksums = read_checksums(path)
+    if checksums is None:
+        warn_unverified(path)
+    for name, size in sorted(_file_extents(metadata).items()):
+        verify_file(path, name, checksums, size)
+    if checksums is not None and EXTRA_FILE in checksums:
+        verify_file(path, EXTRA_FILE, checksums)
+    return metadata
+
+
+def tml_failure(error: BaseException) -> TmlError | None:
+    """The TmlError (one of our readers' own) inside an error DCP wrapped, if any."""
+    if isinstance(error, TmlError):
+        return error
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict):
+        for _, cause in sorted(failures.items()):
+            inner = cause[0] if isinstance(cause, tuple) else cause
+            if isinstance(inner, BaseException) and tml_failure(inner) is not None:
+                return tml_failure(inner)
+    return None
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -269,6 +463,9 @@ def load_checkpoint(path: str, parts: Mapping[str, Stateful]) -> None:
     try:
         dcp.load(tree, storage_reader=SafeFileSystemReader(path))
     except _DCP_ERRORS as error:  # noqa: BLE001 (DCP wraps each rank's error)
+        ours = tml_failure(error)
+        if ours is not None:
+            raise CheckpointError(str(ours)) from None
         raise CheckpointError(f"cannot load checkpoint {path}: a file is damaged or "
                               f"truncated ({_one_line(error)})") from None
     for name, part in parts.items():
@@ -291,6 +488,9 @@ def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=True)
     except _DCP_ERRORS as error:  # noqa: BLE001
+        ours = tml_failure(error)
+        if ours is not None:
+            raise CheckpointError(str(ours)) from None
         raise CheckpointError(f"cannot load checkpoint {path}: {_one_line(error)}") from None
     return tensors
 
@@ -371,14 +571,15 @@ class Checkpointer:
         started = time.perf_counter()
         if not use_async:
             try:
-                dcp.save(state, checkpoint_id=tmp)
+                dcp.save(state, checkpoint_id=tmp, storage_writer=_ChecksumWriter(tmp))
                 failure = None
             except _DCP_ERRORS as err:  # noqa: BLE001 (DCP wraps each rank's OSError)
                 failure = err
             _PendingSave(step, tmp, final, self, None, started).complete(failure)
             return final
         try:
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group,
+                                    storage_writer=_ChecksumWriter(tmp))
         except _DCP_ERRORS as err:  # noqa: BLE001
             _PendingSave(step, tmp, final, self, None, started).complete(err)  # raises
             raise
@@ -456,6 +657,9 @@ class _PendingSave:
         return self.final
 
     def _finalize(self) -> None:
+        # Every rank recorded its files' checksums before DCP's finish; add .metadata and
+        # extra.json and merge them into one record, all before the rename.
+        finalize_checksums(self.tmp, also=(".metadata", EXTRA_FILE))
         if os.path.exists(self.final):
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
@@ -494,6 +698,9 @@ def read_extra(path: str) -> dict[str, Any] | None:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     file = os.path.join(path, EXTRA_FILE)
+    checksums = read_checksums(path)
+    if checksums is not None and EXTRA_FILE in checksums:
+        verify_file(path, EXTRA_FILE, checksums)
     try:
         with open(file) as handle:
             data = json.load(handle)
