@@ -1,5 +1,8 @@
 """`tml launch WORKFLOW [--backend local|slurm|kubernetes] [--dry-run]`.
 
+WORKFLOW is a workflow file, or the name of a workflow in `.dstack/workflows.yaml` (or in
+`--file F`), as dstack's torchrun provider writes them; see `tml.launch.workflows_file`.
+
 Everything a user can get wrong (the workflow file, the Python version, GPUs this machine
 lacks, a missing sbatch, missing requirements) is checked before anything starts, and
 reported as one `error: ...` line with exit code 2.
@@ -15,6 +18,7 @@ import sys
 
 from tml.common.cli import run_cli
 from tml.launch import kubernetes, local, slurm
+from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
     LaunchError,
@@ -22,9 +26,9 @@ from tml.launch.workflow import (
     check_local_files,
     check_local_gpus,
     check_python_version,
-    load_workflow,
     missing_requirements,
 )
+from tml.launch.workflows_file import Selected, load_selected, resolve_target
 from tml.ml_logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     launch = commands.add_parser(
         "launch", help="run a torchrun workflow", description=__doc__.split("\n\n")[0])
-    launch.add_argument("workflow", help="workflow YAML file")
+    launch.add_argument("workflow", nargs="?", default=None,
+                        help="a workflow file, or the name of a workflow in --file or in "
+                        ".dstack/workflows.yaml")
+    launch.add_argument("--file", "-f", default=None,
+                        help="the workflows file (a workflows: list, as dstack writes it)")
+    launch.add_argument("--workflow", dest="workflow_name", default=None,
+                        help="the workflow of --file to run")
     launch.add_argument("--backend", choices=BACKENDS, default="local",
                         help="where the nodes run (default: local)")
     launch.add_argument("--dry-run", action="store_true",
@@ -60,70 +70,128 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_requirements(workflow: Workflow, source: str, install: bool) -> None:
-    missing = missing_requirements(workflow.requirements)
+    missing = missing_requirements(workflow.requirement_specs)
     if missing and not install:
         raise LaunchError(f"{source}: requirements not installed: {', '.join(missing)} "
                           "(pass --install-requirements to pip install them)")
 
 
 def _install_requirements(workflow: Workflow) -> None:
-    if not workflow.requirements:
+    specs = workflow.requirement_specs
+    if not specs:
         return
-    logger.info("installing requirements: %s", " ".join(workflow.requirements))
-    result = subprocess.run([sys.executable, "-m", "pip", "install", *workflow.requirements])
+    logger.info("installing requirements: %s", " ".join(specs))
+    result = subprocess.run([sys.executable, "-m", "pip", "install", *specs])
     if result.returncode != 0:
-        raise LaunchError(f"pip install {' '.join(workflow.requirements)} failed "
+        raise LaunchError(f"pip install {' '.join(specs)} failed "
                           f"(exit code {result.returncode})")
 
 
+def _source(selected: Selected, workflow: Workflow) -> str:
+    """How errors name a workflow: its file, and its name when the file lists several."""
+    listed = len(selected.runs) > 1 or selected.workflow.provider is not None
+    return f"{selected.path}: workflow {workflow.name}" if listed else selected.path
+
+
+def select(args: argparse.Namespace) -> Selected:
+    """The workflow the command line names, with its dependencies (validated)."""
+    path, name = resolve_target(args.workflow, args.file, args.workflow_name)
+    return load_selected(path, name)
+
+
+def _pass_artifacts(dep: Workflow, dep_run_dir: str, workflow: Workflow) -> None:
+    """Copy a finished dependency's artifacts into `workflow`'s working_dir (same checks
+    as every artifact copy: nothing read or written outside the two roots)."""
+    if os.path.realpath(dep.working_path()) == os.path.realpath(workflow.working_path()):
+        return  # the dependency wrote them right there
+    source = os.path.join(dep_run_dir, "artifacts")
+    for artifact in dep.artifacts:
+        try:
+            found = copy_one(source, artifact, workflow.working_path())
+        except ArtifactRefused as error:
+            raise LaunchError(f"workflow {workflow.name}: deps: {dep.name}: {error}") from None
+        if not found:
+            logger.warning("dependency %s did not produce artifact %s", dep.name, artifact)
+
+
 def launch(args: argparse.Namespace) -> str | None:
-    """Check, then run or write the workflow; returns the run directory (None on dry runs)."""
-    source = args.workflow
-    workflow = load_workflow(source)
-    run_id = new_run_id()
-
+    """Check, then run or write the workflow (after its deps); returns the run directory of
+    the chosen workflow (None on dry runs)."""
+    selected = select(args)
     if args.backend == "kubernetes":
-        text = kubernetes.render(workflow, run_id, image=args.image, python=args.python,
-                                 workdir=args.workdir,
-                                 install_requirements=args.install_requirements)
-        if args.dry_run:
-            print(text, end="")
-            return None
-        run_dir = make_run_dir(args.runs_dir, workflow, run_id)
-        path = os.path.join(run_dir, "pytorchjob.yaml")
-        with open(path, "w") as f:
-            f.write(text)
-        print(path)
-        logger.info("wrote %s; submit it with: kubectl apply -f %s", path, path)
-        return run_dir
+        if len(selected.runs) > 1:
+            raise LaunchError(f"{_source(selected, selected.workflow)}: deps: --backend "
+                              "kubernetes writes one PyTorchJob; run the dependencies first")
+        return _kubernetes(args, selected.workflow)
 
-    check_python_version(workflow, source)
-    check_local_files(workflow, source)
-    if args.backend == "local":
-        check_local_gpus(workflow, source)
-    elif not args.dry_run:
-        slurm.check_tools()
-    if not args.dry_run:
-        _check_requirements(workflow, source, args.install_requirements)
+    for workflow in selected.runs:  # everything is checked before anything starts
+        source = _source(selected, workflow)
+        check_python_version(workflow, source)
+        check_local_files(workflow, source)
+        if args.backend == "local":
+            check_local_gpus(workflow, source)
+        if not args.dry_run:
+            _check_requirements(workflow, source, args.install_requirements)
+    if args.backend == "slurm":
+        if not args.dry_run:
+            slurm.check_tools()
+        slurm.check_partition(args.partition)
 
+    if args.dry_run:
+        for workflow in selected.runs:
+            if len(selected.runs) > 1:
+                print(f"# workflow {workflow.name}")
+            _dry_run(args, workflow)
+        return None
+
+    run_dirs: dict[str, str] = {}
+    for workflow in selected.runs:
+        for dep in workflow.deps:
+            _pass_artifacts(next(w for w in selected.runs if w.name == dep), run_dirs[dep],
+                            workflow)
+        run_dirs[workflow.name] = _run_one(args, workflow)
+        if workflow is not selected.workflow:
+            logger.info("dependency %s finished: %s", workflow.name, run_dirs[workflow.name])
+    return run_dirs[selected.workflow.name]
+
+
+def _kubernetes(args: argparse.Namespace, workflow: Workflow) -> str | None:
+    run_id = new_run_id()
+    text = kubernetes.render(workflow, run_id, image=args.image, python=args.python,
+                             workdir=args.workdir,
+                             install_requirements=args.install_requirements)
+    if args.dry_run:
+        print(text, end="")
+        return None
+    run_dir = make_run_dir(args.runs_dir, workflow, run_id)
+    path = os.path.join(run_dir, "pytorchjob.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    print(path)
+    logger.info("wrote %s; submit it with: kubectl apply -f %s", path, path)
+    return run_dir
+
+
+def _dry_run(args: argparse.Namespace, workflow: Workflow) -> None:
+    run_id = new_run_id()
     if args.backend == "local":
-        if args.dry_run:
-            print(local.plan(workflow, run_id).render())
-            return None
+        print(local.plan(workflow, run_id).render())
+        return
+    run_dir = run_dir_path(args.runs_dir, workflow, run_id)
+    batch, node = slurm.render_scripts(workflow, run_dir, args.partition,
+                                       args.install_requirements)
+    print(f"# {run_dir}/job.sbatch\n{batch}\n# {run_dir}/node.sh\n{node}", end="")
+
+
+def _run_one(args: argparse.Namespace, workflow: Workflow) -> str:
+    run_id = new_run_id()
+    if args.backend == "local":
         if args.install_requirements:
             _install_requirements(workflow)
         run_dir = make_run_dir(args.runs_dir, workflow, run_id)
         local.run(workflow, run_dir, run_id)
         return run_dir
-
-    slurm.check_partition(args.partition)
-    run_dir = run_dir_path(args.runs_dir, workflow, run_id)
-    if args.dry_run:
-        batch, node = slurm.render_scripts(workflow, run_dir, args.partition,
-                                           args.install_requirements)
-        print(f"# {run_dir}/job.sbatch\n{batch}\n# {run_dir}/node.sh\n{node}", end="")
-        return None
-    make_run_dir(args.runs_dir, workflow, run_id)
+    run_dir = make_run_dir(args.runs_dir, workflow, run_id)
     batch_path = slurm.write_scripts(workflow, run_dir, args.partition,
                                      args.install_requirements)
     slurm.submit_and_follow(workflow, run_dir, batch_path)

@@ -47,8 +47,8 @@ def _node_script(workflow: Workflow, name: str, python: str,
     expand = {"${MASTER_ADDR}:${MASTER_PORT}", "is_host=${is_host}"}
     quoted = [f'"{c}"' if c in expand else shlex.quote(c) for c in [python, *command]]
     lines = ["set -euo pipefail"]
-    if install_requirements and workflow.requirements:
-        lines.append(shlex.join([python, "-m", "pip", "install", *workflow.requirements]))
+    if install_requirements and workflow.requirement_specs:
+        lines.append(shlex.join([python, "-m", "pip", "install", *workflow.requirement_specs]))
     lines += list(workflow.before_run)
     lines += ['is_host=0; if [ "${RANK:-0}" = 0 ]; then is_host=1; fi',
               "exec " + " ".join(quoted)]

@@ -129,8 +129,8 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
         f'export TML_RDZV_ID={q(workflow.name)}"-$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}"',
         'echo "tml: rendezvous at $TML_RDZV_ENDPOINT on $head_node"',
     ]
-    if install_requirements and workflow.requirements:
-        batch.append(shlex.join([python, "-m", "pip", "install", *workflow.requirements])
+    if install_requirements and workflow.requirement_specs:
+        batch.append(shlex.join([python, "-m", "pip", "install", *workflow.requirement_specs])
                      + " || exit 1")
     node_log = _filename_pattern(run_dir) + "/logs/node-%n.log"
     batch += [

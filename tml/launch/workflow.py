@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -102,6 +103,11 @@ def _as_value_error(check: Callable[..., str], *args: str) -> str:
         raise ValueError(str(error)) from None
 
 
+def _reject_bool(value: object, field: str) -> None:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a {field}")
+
+
 class GpuResources(BaseConfig):
     """GPUs per node."""
 
@@ -139,6 +145,16 @@ class Resources(BaseConfig):
 
     _memory = pydantic.field_validator("memory", "shm_size")(_check_memory)
 
+    @pydantic.field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu_count_alone(cls, value: object) -> object:
+        # dstack writes `gpu: 2` as well as `gpu: {count: 2, name: A100}`.
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a GPU count or a mapping {{count, name, memory}}")
+        if isinstance(value, int):
+            return {"count": value}
+        return value
+
     @pydantic.field_validator("time")
     @classmethod
     def _slurm_time(cls, value: str | None) -> str | None:
@@ -153,27 +169,115 @@ class Workflow(BaseConfig):
 
     name: str = Field(description="Name of the workflow; runs go to runs/<name>/<run-id>/ "
                       "(1-64 letters, digits, '_', '-').")
+    provider: str | None = Field(None, description="dstack's provider; only torchrun (the "
+                                 "default) is run by tml.")
     file: str = Field(description="The Python script every worker runs, relative to "
                       "working_dir.")
-    args: list[str] = Field(default_factory=list, description="Arguments of the script.")
+    args: list[str] = Field(default_factory=list, description="Arguments of the script: a "
+                            "list, or one string split as a shell would (never run by one).")
     nodes: pydantic.PositiveInt = Field(1, description="Nodes (torch elastic agents).")
-    requirements: list[str] = Field(default_factory=list, description="pip requirements; "
-                                    "checked before the launch, installed into the active "
-                                    "environment with --install-requirements.")
+    requirements: list[str] | str = Field(default_factory=list, description="A list of pip "
+                                          "requirements (checked before the launch, installed "
+                                          "into the active environment with "
+                                          "--install-requirements), or the path of a "
+                                          "requirements file, relative to working_dir, "
+                                          "installed into an environment of the run.")
     before_run: list[str] = Field(default_factory=list, description="Shell commands run once "
                                   "per node, in working_dir, before its agent starts.")
     environment: dict[str, str] = Field(default_factory=dict, description="Environment "
                                         "variables of every node (names: letters, digits, "
-                                        "'_').")
+                                        "'_'): a mapping or a list of KEY=VALUE.")
     artifacts: list[str] = Field(default_factory=list, description="Paths, relative to the "
                                  "master node's working_dir (no '..', not absolute, not "
                                  "leading out through symbolic links), copied into the run "
-                                 "directory.")
+                                 "directory; strings or {path: ...} entries.")
     working_dir: str = Field(".", description="Directory the nodes run in (relative paths: "
                              "to where tml launch runs).")
     version: str | None = Field(None, description="Python major.minor the workflow needs; "
                                 "checked against the launching interpreter.")
     resources: Resources = Field(default_factory=Resources, description="Per-node resources.")
+    deps: list[str] = Field(default_factory=list, description="Workflows of the same file "
+                            "that run first; their artifacts are copied into this one's "
+                            "working_dir (also written depends-on).")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _depends_on(cls, value: object) -> object:
+        # dstack spells it `depends-on`; `deps` is the attribute.
+        if isinstance(value, dict) and "depends-on" in value:
+            if "deps" in value:
+                raise ValueError("write deps or depends-on, not both")
+            value = {("deps" if k == "depends-on" else k): v for k, v in value.items()}
+        return value
+
+    @pydantic.field_validator("provider")
+    @classmethod
+    def _torchrun_only(cls, value: str | None) -> str | None:
+        if value is not None and value != "torchrun":
+            raise ValueError(f"{value!r} is not supported: tml launch runs provider: torchrun")
+        return value
+
+    @pydantic.field_validator("deps")
+    @classmethod
+    def _dep_names(cls, value: list[str]) -> list[str]:
+        for dep in value:
+            _as_value_error(check_name, dep, "dependency")
+        return value
+
+    @pydantic.field_validator("args", mode="before")
+    @classmethod
+    def _args_string(cls, value: object) -> object:
+        # One string is split as a shell would split it, and never given to a shell.
+        if isinstance(value, str):
+            no_control_characters(value)
+            try:
+                return shlex.split(value)
+            except ValueError as error:
+                raise ValueError(f"{value!r} cannot be split into arguments: {error}") \
+                    from None
+        return value
+
+    @pydantic.field_validator("environment", mode="before")
+    @classmethod
+    def _environment_list(cls, value: object) -> object:
+        # dstack also writes `environment: ["KEY=VALUE", ...]`.
+        if not isinstance(value, list):
+            return value
+        mapping: dict[str, object] = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"item {i}: {item!r} is not KEY=VALUE")
+            key, text = item.split("=", 1)
+            if key in mapping:
+                raise ValueError(f"item {i}: {key!r} is set twice")
+            mapping[key] = text
+        return mapping
+
+    @pydantic.field_validator("artifacts", mode="before")
+    @classmethod
+    def _artifact_entries(cls, value: object) -> object:
+        # dstack writes `artifacts: [{path: model}]`; a plain string is the same.
+        if not isinstance(value, list):
+            return value
+        paths = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                if set(item) != {"path"}:
+                    extra = sorted(str(k) for k in set(item) - {"path"})
+                    raise ValueError(f"item {i}: an artifact is {{path: ...}}" +
+                                     (f"; unknown field(s) {', '.join(extra)}" if extra
+                                      else "; path is missing"))
+                item = item["path"]
+            paths.append(item)
+        return paths
+
+    @pydantic.field_validator("version", mode="before")
+    @classmethod
+    def _version_is_text(cls, value: object) -> object:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(f"{value!r}: write the version quoted, e.g. \"3.11\" (YAML reads "
+                             "3.10 as the number 3.1)")
+        return value
 
     @pydantic.field_validator("name")
     @classmethod
@@ -215,7 +319,10 @@ class Workflow(BaseConfig):
 
     @pydantic.field_validator("requirements")
     @classmethod
-    def _pip_requirements(cls, value: list[str]) -> list[str]:
+    def _pip_requirements(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            # The path of a requirements file; its lines are checked when it is read.
+            return _as_value_error(check_relative, value, "requirements file", "working_dir")
         # Only requirements, never pip options (--index-url, -e, -r FILE).
         from packaging.requirements import InvalidRequirement, Requirement
 
@@ -246,6 +353,16 @@ class Workflow(BaseConfig):
         for command in value:
             no_control_characters(command, forbidden=_SCRIPT_CONTROL)
         return value
+
+    @property
+    def requirement_specs(self) -> list[str]:
+        """The requirements written as a list in the workflow (none for a file)."""
+        return [] if isinstance(self.requirements, str) else list(self.requirements)
+
+    @property
+    def requirements_file(self) -> str | None:
+        """The requirements file (relative to working_dir), if one is named."""
+        return self.requirements if isinstance(self.requirements, str) else None
 
     @property
     def nproc_per_node(self) -> int:

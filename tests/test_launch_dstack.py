@@ -1,0 +1,277 @@
+"""Workflows as dstack's torchrun provider writes them (`.dstack/workflows.yaml`, a
+`workflows:` list chosen by name) and every field form of that syntax, each bad value
+refused in one line naming the file, the workflow and the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.twhin_setup import launcher_env
+from tml.launch.cli import main
+from tml.launch.workflows_file import load_selected
+
+HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+# The provider's basic example, as the issue quotes it, with 2 nodes and CPU resources.
+EXAMPLE = """\
+workflows:
+  - name: train
+    provider: torchrun
+    file: "train.py"
+    requirements: "requirements.txt"
+    artifacts:
+      - path: model
+    nodes: 2
+    resources:
+      cpu: 1
+"""
+
+# A worker that needs the other node: gloo all_reduce over both, rank 0 saves a "model".
+TRAIN = """\
+import os
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+if dist.get_rank() == 0:
+    os.makedirs("model", exist_ok=True)
+    with open("model/weights.txt", "w") as f:
+        f.write(f"world={dist.get_world_size()} sum={total.item():g}\\n")
+dist.destroy_process_group()
+"""
+
+
+def launch(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m tml.launch ARGV` run in `cwd`, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "tml.launch", *argv], cwd=cwd,
+                          env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def dstack_repo(root: Path, text: str = EXAMPLE) -> Path:
+    """A directory laid out as a dstack repository: .dstack/workflows.yaml and train.py."""
+    (root / ".dstack").mkdir(parents=True, exist_ok=True)
+    (root / ".dstack" / "workflows.yaml").write_text(text)
+    (root / "train.py").write_text(TRAIN)
+    (root / "requirements.txt").write_text("")
+    return root / ".dstack" / "workflows.yaml"
+
+
+def error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def workflows_file(directory: Path, *entries: dict) -> Path:
+    path = directory / "workflows.yaml"
+    path.write_text(yaml.safe_dump({"workflows": list(entries)}, sort_keys=False))
+    (directory / "train.py").touch()
+    return path
+
+
+def entry(name: str = "train", **fields: object) -> dict:
+    return {"name": name, "provider": "torchrun", "file": "train.py", **fields}
+
+
+# --- the provider's example runs as written ----------------------------------------------
+
+@pytest.mark.slow
+def test_the_dstack_example_runs_as_written_on_two_local_nodes(tmp_path: Path) -> None:
+    """`tml launch train` in a dstack repository: two agents meet, the gloo all_reduce sums
+    both ranks, and the artifact `model` comes back into the run directory."""
+    dstack_repo(tmp_path)
+    result = launch(["train", "--runs-dir", "runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" / "train"
+    assert (run_dir / "artifacts" / "model" / "weights.txt").read_text() == \
+        "world=2 sum=3\n"
+    assert sorted(os.listdir(run_dir / "logs")) == ["node-0.log", "node-1.log"]
+
+
+def test_file_and_workflow_options_choose_the_entry(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tml launch train` reads .dstack/workflows.yaml here; `--file F --workflow NAME` and
+    `NAME --file F` read F. `--dry-run` shows the chosen workflow's nodes; nothing starts."""
+    path = workflows_file(tmp_path, entry("prepare"), entry("train", nodes=3))
+    monkeypatch.chdir(tmp_path)
+    dstack_repo(tmp_path)
+    for argv, nodes in ((["train"], 2), (["--file", str(path), "--workflow", "train"], 3),
+                        (["train", "--file", str(path)], 3), (["-f", str(path), "prepare"], 1)):
+        main(["launch", *argv, "--dry-run"])
+        assert f"--nnodes {nodes}" in capsys.readouterr().out, argv
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_single_workflow_file_still_loads_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump({"name": "wf", "file": "train.py"}))
+    selected = load_selected(str(path), None)
+    assert [w.name for w in selected.runs] == ["wf"]
+    assert selected.workflow.nodes == 1 and selected.workflow.provider is None
+
+
+def test_one_workflow_in_a_list_needs_no_name(tmp_path: Path) -> None:
+    path = workflows_file(tmp_path, entry("only"))
+    assert load_selected(str(path), None).workflow.name == "only"
+
+
+# --- choosing a workflow: one line naming the file and the workflow ----------------------
+
+def test_choosing_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert error_of(["launch", "train"], capsys) == (
+        f"error: no workflow file 'train' and no .dstack/workflows.yaml in {tmp_path} to "
+        "find a workflow named 'train' in")
+    assert error_of(["launch"], capsys).startswith("error: name a workflow")
+
+    path = workflows_file(tmp_path, entry("a"), entry("b"))
+    assert error_of(["launch", "--file", str(path), "--workflow", "c"], capsys) == \
+        f"error: {path}: no workflow named 'c' (workflows: a, b)"
+    assert error_of(["launch", str(path)], capsys).startswith(
+        f"error: {path} holds 2 workflows (a, b): choose one by name")
+
+    path = workflows_file(tmp_path, entry("a"), entry("a"))
+    assert error_of(["launch", "--file", str(path), "--workflow", "a"], capsys) == \
+        f"error: {path}: workflows.1: name: workflow 'a' is defined twice"
+    path = workflows_file(tmp_path, {"provider": "torchrun", "file": "train.py"})
+    assert error_of(["launch", str(path)], capsys) == \
+        f"error: {path}: workflows.0: name: Field required"
+    path = workflows_file(tmp_path, entry("a", provider="docker"))
+    assert error_of(["launch", str(path)], capsys) == (
+        f"error: {path}: workflow a: provider: 'docker' is not supported: tml launch runs "
+        "provider: torchrun")
+    path = workflows_file(tmp_path, {"name": "a", "file": "train.py"})
+    assert error_of(["launch", str(path)], capsys) == (
+        f"error: {path}: workflow a: provider: Field required (tml launch runs provider: "
+        "torchrun)")
+    path.write_text(yaml.safe_dump({"workflows": [entry("a")], "variables": {}}))
+    assert error_of(["launch", str(path)], capsys).startswith(
+        f"error: {path}: variables: unknown field")
+    path.write_text("workflows: train\n")
+    assert error_of(["launch", str(path)], capsys) == \
+        f"error: {path}: workflows: expected a list of workflows"
+    single = tmp_path / "one.yaml"
+    single.write_text(yaml.safe_dump({"name": "one", "file": "train.py"}))
+    assert error_of(["launch", "--file", str(single), "--workflow", "two"], capsys) == \
+        f"error: {single}: no workflow named 'two' (the file holds one workflow, 'one')"
+    assert not (tmp_path / "runs").exists()
+
+
+# --- every field form, and every field's bad value ----------------------------------------
+
+def test_the_field_forms_of_the_dstack_syntax(tmp_path: Path) -> None:
+    path = workflows_file(tmp_path, entry(
+        args="--lr 0.1 --name 'two words' \"x;y\"",
+        environment=["A=1", "B=x=y", "EMPTY="],
+        artifacts=["out", {"path": "model"}],
+        resources={"cpu": 2, "memory": "16GB", "shm_size": "2GB", "gpu": 0,
+                   "interruptible": True},
+        version=HERE, requirements="requirements.txt",
+        before_run="echo hi", working_dir=str(tmp_path)))
+    workflow = load_selected(str(path), "train").workflow
+    assert workflow.args == ["--lr", "0.1", "--name", "two words", "x;y"]
+    assert workflow.environment == {"A": "1", "B": "x=y", "EMPTY": ""}
+    assert workflow.artifacts == ["out", "model"]
+    assert workflow.resources.gpu.count == 0 and workflow.resources.interruptible
+    assert workflow.resources.memory == "16GB" and workflow.resources.shm_size == "2GB"
+    assert workflow.requirements_file == "requirements.txt"
+    assert workflow.requirement_specs == [] and workflow.before_run == ["echo hi"]
+    assert workflow.nodes == 1
+
+    gpu = workflows_file(tmp_path, entry(resources={"gpu": {"count": 4, "name": "K80",
+                                                            "memory": "12GB"}}))
+    resources = load_selected(str(gpu), "train").workflow.resources
+    assert (resources.gpu.count, resources.gpu.name, resources.gpu.memory) == (4, "K80", "12GB")
+    assert load_selected(str(workflows_file(tmp_path, entry(resources={"gpu": 2}))),
+                         None).workflow.nproc_per_node == 2
+
+
+BAD_FIELDS = [
+    ({"name": "a b"}, "name: workflow name 'a b' is not a valid name"),
+    ({"file": "-m"}, "file: '-m' is not a script path"),
+    ({"nodes": 0}, "nodes: Input should be greater than 0"),
+    ({"nodes": "two"}, "nodes: Input should be a valid integer"),
+    ({"args": "--x 'unclosed"}, "args: \"--x 'unclosed\" cannot be split into arguments"),
+    ({"args": "--x\nrm -rf /"}, "args: '--x\\nrm -rf /': control character"),
+    ({"args": [["nested"]]}, "args.0: Input should be a valid string"),
+    ({"environment": ["NOEQUALS"]}, "environment: item 0: 'NOEQUALS' is not KEY=VALUE"),
+    ({"environment": ["BAD;touch x=1"]},
+     "environment: 'BAD;touch x' is not an environment variable name"),
+    ({"environment": ["A=1", "A=2"]}, "environment: item 1: 'A' is set twice"),
+    ({"environment": ["A=x\ny"]}, "environment: A: 'x\\ny': control character"),
+    ({"environment": {"1A": "x"}}, "environment: '1A' is not an environment variable name"),
+    ({"artifacts": [{"path": "../up"}]}, "artifacts: item 0 '../up'"),
+    ({"artifacts": ["/etc"]}, "artifacts: item 0 '/etc': must be a path relative to"),
+    ({"artifacts": [{"pth": "model"}]},
+     "artifacts: item 0: an artifact is {path: ...}; unknown field(s) pth"),
+    ({"requirements": "/etc/passwd"},
+     "requirements: requirements file '/etc/passwd': must be a path relative to working_dir"),
+    ({"requirements": "../r.txt"}, "requirements: requirements file '../r.txt'"),
+    ({"requirements": ["--index-url=http://x"]}, "requirements: '--index-url=http://x' is not a pip requirement"),
+    ({"version": 3.10}, "version: 3.1: write the version quoted"),
+    ({"version": "3"}, "version: '3' is not a Python major.minor version"),
+    ({"working_dir": "a\nb"}, "working_dir: 'a\\nb': control character"),
+    ({"before_run": ["echo \x01"]}, "before_run: 'echo \\x01': control character"),
+    ({"resources": {"cpu": 0}}, "resources.cpu: Input should be greater than 0"),
+    ({"resources": {"memory": "lots"}}, "resources.memory: not a memory size: 'lots'"),
+    ({"resources": {"shm_size": "16XB"}}, "resources.shm_size: not a memory size: '16XB'"),
+    ({"resources": {"gpu": True}}, "resources.gpu: True is not a GPU count"),
+    ({"resources": {"gpu": -1}}, "resources.gpu.count: Input should be greater than or equal"),
+    ({"resources": {"gpu": {"count": 1, "name": "a;b"}}},
+     "resources.gpu.name: 'a;b' is not a GPU type"),
+    ({"resources": {"gpu": {"memory": "big"}}}, "resources.gpu.memory: not a memory size"),
+    ({"resources": {"gpu": {"cuont": 1}}}, "resources.gpu.cuont: unknown field"),
+    ({"resources": {"interruptible": "perhaps"}},
+     "resources.interruptible: Input should be a valid boolean"),
+    ({"resources": {"time": "2h\n#SBATCH"}}, "resources.time: '2h\\n#SBATCH' is not a SLURM"),
+    ({"deps": ["a b"]}, "deps: dependency 'a b' is not a valid name"),
+    ({"deps": ["nowhere"]}, "deps: no workflow named 'nowhere' in this file"),
+    ({"deps": ["train"]}, "deps: a cycle (train -> train)"),
+    ({"deps": ["x"], "depends-on": ["x"]}, "<top level>: write deps or depends-on, not both"),
+    ({"nodez": 2}, "nodez: unknown field"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_FIELDS,
+                         ids=[next(iter(f)) + "-" + str(i) for i, (f, _) in
+                              enumerate(BAD_FIELDS)])
+def test_a_bad_value_in_each_field_is_one_line_naming_file_workflow_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict,
+        message: str) -> None:
+    name = fields.get("name", "train")
+    path = workflows_file(tmp_path, {**entry(), **fields})
+    err = error_of(["launch", "--file", str(path), "--workflow", name,
+                    "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert err.startswith(f"error: {path}: workflow {name}: {message}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_dependency_cycle_is_refused_in_one_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry("a", deps=["b"]), entry("b", **{"depends-on": ["c"]}),
+                          entry("c", deps=["a"]))
+    assert error_of(["launch", "--file", str(path), "--workflow", "a"], capsys) == \
+        f"error: {path}: workflow c: deps: a cycle (a -> b -> c -> a)"
+
+
+def test_a_python_version_mismatch_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry(version="2.7", working_dir=str(tmp_path)))
+    err = error_of(["launch", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert err.startswith(f"error: {path}: workflow train: version: the workflow needs Python "
+                          f"2.7, but tml launch runs on Python {HERE}")
+    assert not (tmp_path / "runs").exists()
