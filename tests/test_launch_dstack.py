@@ -275,3 +275,106 @@ def test_a_python_version_mismatch_is_refused_before_anything_starts(
     assert err.startswith(f"error: {path}: workflow train: version: the workflow needs Python "
                           f"2.7, but tml launch runs on Python {HERE}")
     assert not (tmp_path / "runs").exists()
+
+
+# --- requirements: a file installed into the run's own environment ------------------------
+
+def write_wheel(directory: Path, name: str = "tmlreqprobe", value: str = "from the run env") \
+        -> Path:
+    """A pure-Python wheel written by hand (no build backend, no network): pip installs it
+    from the path alone."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": f"VALUE = {value!r}\n",
+             f"{name}-0.1.dist-info/METADATA":
+                 f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{name}-0.1.dist-info/WHEEL":
+                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{name}-0.1.dist-info/RECORD,,")
+    files[f"{name}-0.1.dist-info/RECORD"] = "\n".join(record) + "\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+USES_THE_PACKAGE = TRAIN.replace(
+    'f.write(f"world=', 'import tmlreqprobe, sys\n'
+    '        f.write(f"{tmlreqprobe.VALUE} {sys.prefix} world=')
+
+
+@pytest.mark.slow
+def test_a_requirements_file_is_installed_into_the_run_environment_only(tmp_path: Path) -> None:
+    """A local wheel named in requirements.txt is importable by both nodes' workers (rank 0
+    writes its value into the artifact), and not by the launcher's interpreter afterwards.
+    PIP_NO_INDEX in the workflow's environment keeps pip off the network (and shows pip gets
+    the workflow's environment)."""
+    wheel = write_wheel(tmp_path / "dist")
+    dstack_repo(tmp_path, EXAMPLE + "    environment:\n      - PIP_NO_INDEX=1\n")
+    (tmp_path / "train.py").write_text(USES_THE_PACKAGE)
+    (tmp_path / "requirements.txt").write_text(
+        f"# a local wheel\n./dist/{wheel.name}\n")
+    result = launch(["train", "--runs-dir", "runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert (run_dir / "artifacts" / "model" / "weights.txt").read_text() == \
+        f"from the run env {run_dir / 'env'} world=2 sum=3\n"
+    assert "Successfully installed tmlreqprobe-0.1" in \
+        (run_dir / "logs" / "requirements.log").read_text()
+    here = subprocess.run([sys.executable, "-c", "import tmlreqprobe"], env=launcher_env(),
+                          capture_output=True, text=True)
+    assert here.returncode != 0 and "No module named 'tmlreqprobe'" in here.stderr
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("--index-url http://evil\n", "line 1: '--index-url http://evil': pip options are not "
+     "allowed"),
+    ("torch\n-r other.txt\n", "line 2: '-r other.txt': pip options are not allowed"),
+    ("-e ./pkg\n", "line 1: '-e ./pkg': pip options are not allowed"),
+    ("../outside.whl\n", "line 1: local path '../outside.whl'"),
+    ("/etc/x.whl\n", "line 1: local path '/etc/x.whl': must be a path relative to"),
+    ("torch >= \n", "line 1: 'torch >=' is not a pip requirement or a local path"),
+    ("ok\nbad\\\n ==!\n", "line 2: 'bad ==!' is not a pip requirement"),
+])
+def test_a_requirements_file_line_that_is_not_a_requirement_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: str, message: str) -> None:
+    path = workflows_file(tmp_path, entry(requirements="requirements.txt",
+                                          working_dir=str(tmp_path)))
+    (tmp_path / "requirements.txt").write_text(lines)
+    err = error_of(["launch", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert err.startswith(f"error: {path}: workflow train: requirements: requirements.txt "
+                          f"{message}") or \
+        err.startswith(f"error: {path}: workflow train: requirements: {message}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_requirements_file_is_named(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry(requirements="reqs.txt", working_dir=str(tmp_path)))
+    assert error_of(["launch", str(path), "--dry-run"], capsys) == \
+        f"error: {path}: workflow train: requirements: {tmp_path}/reqs.txt does not exist"
+
+
+def test_the_backends_run_the_nodes_in_the_run_environment(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    path = workflows_file(tmp_path, entry(requirements="requirements.txt",
+                                          working_dir=str(tmp_path)))
+    (tmp_path / "requirements.txt").write_text("")
+    main(["launch", str(path), "--backend", "slurm", "--dry-run", "--runs-dir",
+          str(tmp_path / "runs")])
+    script = capsys.readouterr().out
+    assert "-m tml.launch.run_env" in script and "/env/bin/python -m torch.distributed.run" \
+        in script
+    main(["launch", str(path), "--backend", "kubernetes", "--dry-run"])
+    manifest = capsys.readouterr().out
+    assert "tml.launch.run_env /tmp/tml-run-env . requirements.txt" in manifest
+    assert "/tmp/tml-run-env/bin/python -m torch.distributed.run" in manifest

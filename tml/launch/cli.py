@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from tml.common.cli import run_cli
-from tml.launch import kubernetes, local, slurm
+from tml.launch import kubernetes, local, run_env, slurm
 from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
@@ -124,12 +124,16 @@ def launch(args: argparse.Namespace) -> str | None:
                               "kubernetes writes one PyTorchJob; run the dependencies first")
         return _kubernetes(args, selected.workflow)
 
+    args.sources = {w.name: _source(selected, w) for w in selected.runs}
     for workflow in selected.runs:  # everything is checked before anything starts
-        source = _source(selected, workflow)
+        source = args.sources[workflow.name]
         check_python_version(workflow, source)
         check_local_files(workflow, source)
         if args.backend == "local":
             check_local_gpus(workflow, source)
+        if workflow.requirements_file is not None:
+            run_env.read_requirements(workflow.working_path(), workflow.requirements_file,
+                                      source)
         if not args.dry_run:
             _check_requirements(workflow, source, args.install_requirements)
     if args.backend == "slurm":
@@ -189,7 +193,7 @@ def _run_one(args: argparse.Namespace, workflow: Workflow) -> str:
         if args.install_requirements:
             _install_requirements(workflow)
         run_dir = make_run_dir(args.runs_dir, workflow, run_id)
-        local.run(workflow, run_dir, run_id)
+        local.run(workflow, run_dir, run_id, source=args.sources[workflow.name])
         return run_dir
     run_dir = make_run_dir(args.runs_dir, workflow, run_id)
     batch_path = slurm.write_scripts(workflow, run_dir, args.partition,

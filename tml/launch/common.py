@@ -68,7 +68,8 @@ def torchrun_args(workflow: Workflow, endpoint: str, rdzv_id: str, is_host: str)
             workflow.file, *workflow.args]
 
 
-def base_environment(workflow: Workflow, cpus_per_node: int | None = None) -> dict[str, str]:
+def base_environment(workflow: Workflow, cpus_per_node: int | None = None,
+                     python: str | None = None) -> dict[str, str]:
     """This process's environment without worker variables, plus the workflow's.
 
     OMP_NUM_THREADS splits the node's cores between its workers unless set (torchrun would
@@ -78,7 +79,8 @@ def base_environment(workflow: Workflow, cpus_per_node: int | None = None) -> di
     env["PYTHONUNBUFFERED"] = "1"
     # before_run commands and the script see the launching interpreter first on PATH, as
     # in an activated virtual environment.
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([os.path.dirname(python or sys.executable),
+                                   env.get("PATH", "")])
     if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in workflow.environment:
         cpus = cpus_per_node or workflow.resources.cpu or os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cpus // workflow.nproc_per_node))

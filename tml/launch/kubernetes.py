@@ -29,6 +29,9 @@ def job_name(workflow: Workflow, run_id: str) -> str:
     return f"{base}-{run_id.rsplit('-', 1)[-1]}"
 
 
+K8S_ENV = "/tmp/tml-run-env"
+
+
 def _resources(workflow: Workflow) -> dict:
     resources = workflow.resources
     amounts: dict[str, str | int] = {}
@@ -43,10 +46,15 @@ def _resources(workflow: Workflow) -> dict:
 
 def _node_script(workflow: Workflow, name: str, python: str,
                  install_requirements: bool) -> str:
+    lines = ["set -euo pipefail"]
+    if workflow.requirements_file is not None:
+        # Into an environment of the pod that sees the image's packages (tml.launch.run_env).
+        lines.append(shlex.join([python, "-m", "tml.launch.run_env", K8S_ENV, ".",
+                                 workflow.requirements_file]))
+        python = f"{K8S_ENV}/bin/python"
     command = torchrun_args(workflow, "${MASTER_ADDR}:${MASTER_PORT}", name, "${is_host}")
     expand = {"${MASTER_ADDR}:${MASTER_PORT}", "is_host=${is_host}"}
     quoted = [f'"{c}"' if c in expand else shlex.quote(c) for c in [python, *command]]
-    lines = ["set -euo pipefail"]
     if install_requirements and workflow.requirement_specs:
         lines.append(shlex.join([python, "-m", "pip", "install", *workflow.requirement_specs]))
     lines += list(workflow.before_run)

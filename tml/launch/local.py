@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from tml.launch import run_env
 from tml.launch.artifacts import refused_error
 from tml.launch.common import base_environment, copy_artifacts, log_tail, torchrun_args
 from tml.launch.workflow import LaunchFailedError, Workflow
@@ -54,16 +55,19 @@ class LocalPlan:
         return "\n".join(lines)
 
 
-def plan(workflow: Workflow, run_id: str, port: int | None = None) -> LocalPlan:
+def plan(workflow: Workflow, run_id: str, port: int | None = None,
+         python: str | None = None) -> LocalPlan:
+    """`python`: the run's environment (a requirements file), else this interpreter."""
+    python = python or sys.executable
     endpoint = f"127.0.0.1:{port or free_port()}"
     rdzv_id = f"{workflow.name}-{run_id}"
-    commands = [[sys.executable, *torchrun_args(workflow, endpoint, rdzv_id,
+    commands = [[python, *torchrun_args(workflow, endpoint, rdzv_id,
                                                 "1" if node == 0 else "0")]
                 for node in range(workflow.nodes)]
     # The nodes share this machine's cores.
     cpus = max(1, (os.cpu_count() or 1) // workflow.nodes)
     return LocalPlan(commands=commands, before_run=list(workflow.before_run),
-                     env=base_environment(workflow, cpus_per_node=cpus),
+                     env=base_environment(workflow, cpus_per_node=cpus, python=python),
                      cwd=workflow.working_path())
 
 
@@ -119,12 +123,17 @@ def _run_before(commands: list[str], env: dict[str, str], cwd: str, log, node: i
                                     f"with code {result.returncode} (log: {log.name})")
 
 
-def run(workflow: Workflow, run_dir: str, run_id: str) -> None:
+def run(workflow: Workflow, run_dir: str, run_id: str, source: str = "workflow") -> None:
     """Run the workflow's nodes here; collect artifacts and logs into `run_dir`.
 
-    Raises LaunchFailedError naming the first node that failed (its log tail is printed).
+    A requirements file is installed first into the run's own environment (the nodes
+    share this machine, so once serves them all). Raises LaunchFailedError naming the
+    first node that failed (its log tail is printed).
     """
-    local = plan(workflow, run_id)
+    python = None
+    if workflow.requirements_file is not None:
+        python = run_env.prepare(workflow, run_dir, source, base_environment(workflow))
+    local = plan(workflow, run_id, python=python)
     logs = [os.path.join(run_dir, "logs", f"node-{node}.log") for node in range(workflow.nodes)]
     processes: list[subprocess.Popen] = []
     files = []

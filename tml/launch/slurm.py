@@ -110,6 +110,9 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
     """
     q = shlex.quote
     python = sys.executable
+    if workflow.requirements_file is not None:
+        # The run's environment, on the shared run directory (tml.launch.run_env).
+        python = os.path.join(run_dir, "env", "bin", "python")
     node_script = os.path.join(run_dir, "node.sh")
     batch = ["#!/bin/bash"]
     batch += [f"#SBATCH {line}" for line in sbatch_directives(workflow, partition)]
@@ -130,8 +133,17 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
         'echo "tml: rendezvous at $TML_RDZV_ENDPOINT on $head_node"',
     ]
     if install_requirements and workflow.requirement_specs:
-        batch.append(shlex.join([python, "-m", "pip", "install", *workflow.requirement_specs])
-                     + " || exit 1")
+        batch.append(shlex.join([sys.executable, "-m", "pip", "install",
+                                 *workflow.requirement_specs]) + " || exit 1")
+    if workflow.requirements_file is not None:
+        batch += ["# The requirements file, into the run's environment (shared by the nodes).",
+                  f"PYTHONPATH={q(_tml_root())}${{PYTHONPATH:+:$PYTHONPATH}} "
+                  + shlex.join([sys.executable, "-m", "tml.launch.run_env",
+                                os.path.join(run_dir, "env"), workflow.working_path(),
+                                workflow.requirements_file])
+                  + ' >> "$RUN_DIR/logs/requirements.log" 2>&1 || '
+                  '{ echo "tml: requirements failed, see logs/requirements.log"; '
+                  'echo 1 > "$RUN_DIR/exit-code"; exit 1; }']
     node_log = _filename_pattern(run_dir) + "/logs/node-%n.log"
     batch += [
         'echo "tml: attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of job $SLURM_JOB_ID"',
