@@ -378,3 +378,106 @@ def test_the_backends_run_the_nodes_in_the_run_environment(tmp_path: Path,
     manifest = capsys.readouterr().out
     assert "tml.launch.run_env /tmp/tml-run-env . requirements.txt" in manifest
     assert "/tmp/tml-run-env/bin/python -m torch.distributed.run" in manifest
+
+
+# --- deps: workflows that run first, and pass their artifacts on -------------------------
+
+PREPARE = """\
+import os
+os.makedirs("data", exist_ok=True)
+with open("data/vocab.txt", "w") as f:
+    f.write("made by prepare in " + os.getcwd() + "\\n")
+"""
+
+CONSUME = """\
+import os
+with open("data/vocab.txt") as f:
+    vocab = f.read()
+os.makedirs("model", exist_ok=True)
+with open("model/out.txt", "w") as f:
+    f.write("train read: " + vocab)
+"""
+
+
+@pytest.mark.slow
+def test_a_dependency_runs_first_and_its_artifact_reaches_the_dependent(tmp_path: Path) -> None:
+    """`train` depends on `prepare`, each in its own working directory: prepare runs first,
+    its artifact `data` is copied into train's working_dir, and train's artifact says it
+    read prepare's file. A failing dependency stops the chain in one line."""
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "prep" / "prepare.py").write_text(PREPARE)
+    (tmp_path / "work" / "train.py").write_text(CONSUME)
+    (tmp_path / "prep" / "fail.py").write_text("raise SystemExit(4)\n")
+    path = tmp_path / "workflows.yaml"
+    path.write_text(yaml.safe_dump({"workflows": [
+        {"name": "train", "provider": "torchrun", "file": "train.py", "working_dir": "work",
+         "depends-on": ["prepare"], "artifacts": [{"path": "model"}]},
+        {"name": "prepare", "provider": "torchrun", "file": "prepare.py",
+         "working_dir": "prep", "artifacts": ["data"]},
+        {"name": "broken", "provider": "torchrun", "file": "fail.py", "working_dir": "prep"},
+        {"name": "after-broken", "provider": "torchrun", "file": "train.py",
+         "working_dir": "work", "deps": ["broken"]},
+    ]}, sort_keys=False))
+    result = launch(["--file", str(path), "--workflow", "train", "--runs-dir", "runs"],
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" / "train"
+    assert (run_dir / "artifacts" / "model" / "out.txt").read_text() == \
+        f"train read: made by prepare in {tmp_path / 'prep'}\n"
+    (prepare_run,) = (tmp_path / "runs" / "prepare").iterdir()
+    assert (run_dir / "deps").read_text() == f"prepare {prepare_run}\n"
+    assert (tmp_path / "work" / "data" / "vocab.txt").is_file()
+
+    result = launch(["after-broken", "--file", str(path), "--runs-dir", "runs"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: dependency broken of after-broken failed, after-broken not started: node 0 "
+        "failed"), result.stderr[-3000:]
+    assert not (tmp_path / "runs" / "after-broken").exists()
+
+
+def test_deps_are_refused_on_kubernetes_and_in_a_single_workflow_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry("a"), entry("b", deps=["a"]))
+    assert error_of(["launch", "b", "--file", str(path), "--backend", "kubernetes",
+                     "--dry-run"], capsys) == (
+        f"error: {path}: workflow b: deps: --backend kubernetes writes one PyTorchJob; run "
+        "the dependencies first")
+    single = tmp_path / "one.yaml"
+    single.write_text(yaml.safe_dump({"name": "one", "file": "train.py", "deps": ["a"]}))
+    assert error_of(["launch", str(single)], capsys).startswith(
+        f"error: {single}: workflow one: deps: a file with one workflow has no other")
+
+
+def test_dry_run_shows_the_dependencies_first(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry("a", working_dir=str(tmp_path)),
+                          entry("b", deps=["a"], working_dir=str(tmp_path)))
+    main(["launch", "b", "--file", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.index("# workflow a") < out.index("# workflow b")
+
+
+def test_a_passed_artifact_never_lands_outside_the_dependent_working_dir(tmp_path: Path) -> None:
+    """The dependent's working_dir holds a link `data -> outside/`: the copy is refused in one
+    line and nothing is written outside."""
+    from tml.launch.cli import _pass_artifacts
+    from tml.launch.workflow import LaunchError, Workflow
+
+    dep_run = tmp_path / "runs" / "prepare" / "1"
+    (dep_run / "artifacts" / "data").mkdir(parents=True)
+    (dep_run / "artifacts" / "data" / "vocab.txt").write_text("v")
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "work" / "data").symlink_to(tmp_path / "outside")
+    dep = Workflow(name="prepare", file="p.py", working_dir=str(tmp_path / "prep"),
+                   artifacts=["data"])
+    workflow = Workflow(name="train", file="t.py", working_dir=str(tmp_path / "work"),
+                        deps=["prepare"])
+    with pytest.raises(LaunchError, match=r"^workflow train: deps: prepare: artifact "
+                       r"destination 'data': resolves outside"):
+        _pass_artifacts(dep, str(dep_run), workflow)
+    assert list((tmp_path / "outside").iterdir()) == []

@@ -22,6 +22,7 @@ from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
     LaunchError,
+    LaunchFailedError,
     Workflow,
     check_local_files,
     check_local_gpus,
@@ -153,7 +154,17 @@ def launch(args: argparse.Namespace) -> str | None:
         for dep in workflow.deps:
             _pass_artifacts(next(w for w in selected.runs if w.name == dep), run_dirs[dep],
                             workflow)
-        run_dirs[workflow.name] = _run_one(args, workflow)
+        try:
+            run_dirs[workflow.name] = _run_one(args, workflow)
+        except LaunchFailedError as error:
+            if workflow is selected.workflow:
+                raise
+            raise LaunchFailedError(f"dependency {workflow.name} of {selected.workflow.name} "
+                                    f"failed, {selected.workflow.name} not started: {error}") \
+                from None
+        if workflow.deps:
+            with open(os.path.join(run_dirs[workflow.name], "deps"), "w") as f:
+                f.write("".join(f"{dep} {run_dirs[dep]}\n" for dep in workflow.deps))
         if workflow is not selected.workflow:
             logger.info("dependency %s finished: %s", workflow.name, run_dirs[workflow.name])
     return run_dirs[selected.workflow.name]
