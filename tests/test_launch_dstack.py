@@ -481,3 +481,67 @@ def test_a_passed_artifact_never_lands_outside_the_dependent_working_dir(tmp_pat
                        r"destination 'data': resolves outside"):
         _pass_artifacts(dep, str(dep_run), workflow)
     assert list((tmp_path / "outside").iterdir()) == []
+
+
+# --- tml run torchrun: the same workflow, from the command line --------------------------
+
+SHOW_ARGS = TRAIN.replace(
+    'f.write(f"world=', 'import sys, json\n'
+    '        f.write(json.dumps([sys.argv[1:], os.environ["TML_X"]]) + f" world=')
+
+
+@pytest.mark.slow
+def test_tml_run_torchrun_runs_a_script_on_two_nodes_without_a_workflow_file(
+        tmp_path: Path) -> None:
+    """Script words pass through as argv words (a `;` stays a character), tml's options may
+    follow them, and a word after `--` is the script's even when it looks like tml's."""
+    (tmp_path / "train.py").write_text(SHOW_ARGS)
+    result = subprocess.run(
+        [sys.executable, "-c", "from tml.launch.cli import main; main()", "run", "torchrun",
+         "train.py", "--lr", "0.1", "two words;touch hacked", "--nnodes", "2", "--cpu", "1",
+         "-e", "TML_X=x=1", "-a", "model", "--runs-dir", "runs", "--", "-e", "kept"],
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" / "train"
+    assert (run_dir / "artifacts" / "model" / "weights.txt").read_text() == \
+        '[["--lr", "0.1", "two words;touch hacked", "-e", "kept"], "x=1"] world=2 sum=3\n'
+    assert not (tmp_path / "hacked").exists()
+
+
+@pytest.mark.parametrize("words, message", [
+    (["-e", "BAD;touch x=1"], "environment: 'BAD;touch x' is not an "
+     "environment variable name"),
+    (["-e", "NOEQUALS"], "environment: item 0: 'NOEQUALS' is not KEY=VALUE"),
+    (["-a", "../up"], "artifacts: item 0 '../up'"),
+    (["-r", "/etc/passwd"], "requirements: requirements file '/etc/passwd': "
+     "must be a path relative to working_dir"),
+    (["--gpu", "two"], "resources.gpu.count: Input should be a valid integer"),
+    (["--nnodes", "0"], "nodes: Input should be greater than 0"),
+    (["--memory", "lots"], "resources.memory: not a memory size: 'lots'"),
+    (["--gpu-name", "a;b"], "resources.gpu.name: 'a;b' is not a GPU type"),
+    (["--name", "../x"], "name: workflow name '../x' is not a valid name"),
+])
+def test_tml_run_torchrun_options_get_the_workflow_checks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        words: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").touch()
+    err = error_of(["run", "torchrun", "train.py", *words, "--runs-dir", "runs"], capsys)
+    assert err.startswith(f"error: tml run torchrun: {message}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tml_run_command_line_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert error_of(["run", "torchrun"], capsys) == \
+        "error: tml run torchrun: FILE is missing (tml run torchrun train.py ...)"
+    assert error_of(["run", "torchrun", "--bogus", "train.py"], capsys).startswith(
+        "error: tml run torchrun: --bogus: unknown option before FILE")
+    assert error_of(["run", "bash", "x.sh"], capsys) == \
+        "error: tml run bash: unknown provider (tml runs torchrun)"
+    assert error_of(["run", "torchrun", "train.py", "--nnodes"], capsys) == \
+        "error: tml run torchrun: --nnodes needs a value"
+    assert error_of(["run", "torchrun", "absent.py"], capsys) == \
+        f"error: tml run torchrun: file: {tmp_path}/absent.py does not exist"

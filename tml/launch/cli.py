@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from tml.common.cli import run_cli
-from tml.launch import kubernetes, local, run_env, slurm
+from tml.launch import kubernetes, local, run_command, run_env, slurm
 from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the image's)")
     launch.add_argument("--python", default="python",
                         help="kubernetes: the interpreter in the image (default: python)")
+    run = commands.add_parser(
+        "run", help="run a script with torchrun, without a workflow file",
+        description="tml run torchrun FILE [ARGS] --nnodes N --gpu N -r REQS -e KEY=VALUE "
+        "-a PATH (tml run torchrun --help: every option)", add_help=False)
+    run.add_argument("provider", help="torchrun")
+    run.add_argument("words", nargs=argparse.REMAINDER, help="FILE, its arguments, options")
     return parser
 
 
@@ -90,6 +96,8 @@ def _install_requirements(workflow: Workflow) -> None:
 
 def _source(selected: Selected, workflow: Workflow) -> str:
     """How errors name a workflow: its file, and its name when the file lists several."""
+    if selected.path == run_command.SOURCE:
+        return run_command.SOURCE
     listed = len(selected.runs) > 1 or selected.workflow.provider is not None
     return f"{selected.path}: workflow {workflow.name}" if listed else selected.path
 
@@ -115,10 +123,11 @@ def _pass_artifacts(dep: Workflow, dep_run_dir: str, workflow: Workflow) -> None
             logger.warning("dependency %s did not produce artifact %s", dep.name, artifact)
 
 
-def launch(args: argparse.Namespace) -> str | None:
+def launch(args: argparse.Namespace, selected: Selected | None = None) -> str | None:
     """Check, then run or write the workflow (after its deps); returns the run directory of
-    the chosen workflow (None on dry runs)."""
-    selected = select(args)
+    the chosen workflow (None on dry runs). `selected`: given by `tml run`."""
+    if selected is None:
+        selected = select(args)
     if args.backend == "kubernetes":
         if len(selected.runs) > 1:
             raise LaunchError(f"{_source(selected, selected.workflow)}: deps: --backend "
@@ -218,7 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     def run() -> None:
-        run_dir = launch(args)
+        selected = None
+        if args.command == "run":
+            if args.provider != "torchrun":
+                raise LaunchError(f"tml run {args.provider}: unknown provider (tml runs "
+                                  "torchrun)")
+            options, selected = run_command.parse(args.words)
+            vars(args).update(vars(options))
+        run_dir = launch(args, selected)
         if run_dir is not None and args.backend != "kubernetes":
             print(run_dir)
 
