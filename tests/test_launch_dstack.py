@@ -4,6 +4,7 @@ refused in one line naming the file, the workflow and the field."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ workflows:
 
 # A worker that needs the other node: gloo all_reduce over both, rank 0 saves a "model".
 TRAIN = """\
+import json
 import os
 import torch
 import torch.distributed as dist
@@ -383,6 +385,7 @@ def test_the_backends_run_the_nodes_in_the_run_environment(tmp_path: Path,
 # --- deps: workflows that run first, and pass their artifacts on -------------------------
 
 PREPARE = """\
+import json
 import os
 os.makedirs("data", exist_ok=True)
 with open("data/vocab.txt", "w") as f:
@@ -390,6 +393,7 @@ with open("data/vocab.txt", "w") as f:
 """
 
 CONSUME = """\
+import json
 import os
 with open("data/vocab.txt") as f:
     vocab = f.read()
@@ -545,3 +549,127 @@ def test_tml_run_command_line_mistakes(tmp_path: Path, capsys: pytest.CaptureFix
         "error: tml run torchrun: --nnodes needs a value"
     assert error_of(["run", "torchrun", "absent.py"], capsys) == \
         f"error: tml run torchrun: file: {tmp_path}/absent.py does not exist"
+
+
+# --- run management: tml runs, tml logs, tml stop ----------------------------------------
+
+SLEEPER = """\
+import os, sys, time
+os.makedirs("progress", exist_ok=True)
+with open(f"progress/started-{os.environ['GROUP_RANK']}", "w") as f:
+    f.write("started\\n")
+print("worker on group rank", os.environ["GROUP_RANK"], "is up", flush=True)
+time.sleep(600)
+"""
+
+
+def tml(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from tml.launch.cli import main; main()",
+                           *argv], cwd=cwd, env=launcher_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _wait_for(check, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_local_run_is_listed_its_logs_read_and_it_is_stopped(tmp_path: Path) -> None:
+    """A 2-node run that would sleep 10 minutes: `tml runs` lists it running, `tml logs RUN
+    --node 1` prints node 1's log, `tml stop RUN` stops it (the launcher ends with one line,
+    no agent or worker is left, the artifacts written so far are copied) and `tml runs`
+    then says stopped."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    path = workflows_file(tmp_path, entry("sleepy", file="sleeper.py", nodes=2,
+                                          artifacts=["progress"]))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tml.launch", "--file", str(path), "--workflow", "sleepy",
+         "--runs-dir", "runs"], cwd=tmp_path, env=launcher_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(list(tmp_path.glob("progress/started-*"))) == 2)
+        (run_dir,) = (tmp_path / "runs" / "sleepy").iterdir()
+        record = json.loads((run_dir / "run.json").read_text())
+        assert len(record["node_pids"]) == 2
+        listing = tml(["runs"], tmp_path).stdout.splitlines()
+        assert listing[0].split() == ["NAME", "RUN", "BACKEND", "STATUS", "START", "EXIT"]
+        assert listing[1].split()[:4] == ["sleepy", run_dir.name, "local", "running"]
+
+        log = tml(["logs", "sleepy", "--node", "1"], tmp_path)
+        assert log.returncode == 0 and "is up" in log.stdout and "==>" not in log.stdout
+        both = tml(["logs", run_dir.name], tmp_path).stdout
+        assert "==> node-0.log <==" in both and "==> node-1.log <==" in both
+        assert tml(["logs", "sleepy", "--node", "5"], tmp_path).stderr.strip() == (
+            f"error: run sleepy/{run_dir.name} has no log of node 5 (logs: node-0.log, "
+            "node-1.log)")
+
+        stopped = tml(["stop", f"sleepy/{run_dir.name}"], tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == f"sleepy/{run_dir.name}: stopped"
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 2
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: run sleepy/{run_dir.name} stopped (signal 15)"), err[-2000:]
+    for pid in record["node_pids"]:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+    assert sorted(os.listdir(run_dir / "artifacts" / "progress")) == \
+        ["started-0", "started-1"]
+    assert tml(["runs"], tmp_path).stdout.splitlines()[1].split()[:4] == \
+        ["sleepy", run_dir.name, "local", "stopped"]
+    assert tml(["stop", "sleepy"], tmp_path).stderr.strip() == \
+        f"error: run sleepy/{run_dir.name} is not running (status stopped)"
+
+
+def _record(runs_dir: Path, name: str, run_id: str, **fields: object) -> Path:
+    from dataclasses import asdict
+
+    from tml.launch.runs import RunRecord, write
+
+    run_dir = runs_dir / name / run_id
+    (run_dir / "logs").mkdir(parents=True)
+    values: dict = {"name": name, "run_id": run_id, "backend": "local", "status": "done",
+                    "start": f"2026-12-02T00:00:{run_id[-2:]}Z", "run_dir": str(run_dir),
+                    **fields}
+    record = RunRecord(**values)
+    write(record)
+    assert json.loads((run_dir / "run.json").read_text()) == asdict(record)
+    return run_dir
+
+
+def test_runs_table_lost_runs_and_run_names(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Records are listed oldest first; a running record whose launcher is gone shows as
+    lost; a run is found by id, NAME/ID or name (newest); errors are one line."""
+    runs_dir = tmp_path / "runs"
+    _record(runs_dir, "train", "20261202-000000-aaaa01", exit_code=0)
+    _record(runs_dir, "train", "20261202-000000-aaaa02", status="failed", exit_code=3)
+    # A launcher that is gone: a pid whose command line is not the recorded one.
+    _record(runs_dir, "prepare", "20261202-000000-bbbb03", status="running",
+            launcher_pid=os.getpid(), launcher_cmdline="not this process")
+    (runs_dir / "junk" / "x").mkdir(parents=True)  # a directory without a record
+    main(["runs", "--runs-dir", str(runs_dir)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[:4] + row[5:] for row in rows[1:]] == [
+        ["train", "20261202-000000-aaaa01", "local", "done", "0"],
+        ["train", "20261202-000000-aaaa02", "local", "failed", "3"],
+        ["prepare", "20261202-000000-bbbb03", "local", "lost"]]
+
+    from tml.launch.runs import find
+
+    assert find(str(runs_dir), "train").run_id == "20261202-000000-aaaa02"
+    assert find(str(runs_dir), "train/20261202-000000-aaaa01").status == "done"
+    assert error_of(["logs", "nothing", "--runs-dir", str(runs_dir)], capsys) == \
+        f"error: no run 'nothing' in {runs_dir} (tml runs lists them)"
+    assert error_of(["stop", "train", "--runs-dir", str(runs_dir)], capsys) == \
+        "error: run train/20261202-000000-aaaa02 is not running (status failed)"
+    main(["stop", "prepare", "--runs-dir", str(runs_dir)])
+    assert capsys.readouterr().out.strip() == "prepare/20261202-000000-bbbb03: stopped"

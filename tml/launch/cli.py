@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from tml.common.cli import run_cli
-from tml.launch import kubernetes, local, run_command, run_env, slurm
+from tml.launch import kubernetes, local, run_command, run_env, runs, slurm
 from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the image's)")
     launch.add_argument("--python", default="python",
                         help="kubernetes: the interpreter in the image (default: python)")
+    listing = commands.add_parser("runs", help="list the runs (name, backend, status, start, "
+                                  "exit code)")
+    logs = commands.add_parser("logs", help="print a run's node logs")
+    logs.add_argument("run", help="run id, NAME/RUN_ID, or a workflow name (its newest run)")
+    logs.add_argument("--node", type=int, default=None, help="only this node's log")
+    stop = commands.add_parser("stop", help="stop a running run")
+    stop.add_argument("run", help="run id, NAME/RUN_ID, or a workflow name (its newest run)")
+    for sub in (listing, logs, stop):
+        sub.add_argument("--runs-dir", default="runs", help="where the runs are (default: "
+                         "runs)")
     run = commands.add_parser(
         "run", help="run a script with torchrun, without a workflow file",
         description="tml run torchrun FILE [ARGS] --nnodes N --gpu N -r REQS -e KEY=VALUE "
@@ -191,6 +201,8 @@ def _kubernetes(args: argparse.Namespace, workflow: Workflow) -> str | None:
     path = os.path.join(run_dir, "pytorchjob.yaml")
     with open(path, "w") as f:
         f.write(text)
+    runs.write(runs.RunRecord(name=workflow.name, run_id=run_id, backend="kubernetes",
+                              status="written", start=runs.now(), run_dir=run_dir))
     print(path)
     logger.info("wrote %s; submit it with: kubectl apply -f %s", path, path)
     return run_dir
@@ -209,16 +221,18 @@ def _dry_run(args: argparse.Namespace, workflow: Workflow) -> None:
 
 def _run_one(args: argparse.Namespace, workflow: Workflow) -> str:
     run_id = new_run_id()
-    if args.backend == "local":
-        if args.install_requirements:
-            _install_requirements(workflow)
-        run_dir = make_run_dir(args.runs_dir, workflow, run_id)
-        local.run(workflow, run_dir, run_id, source=args.sources[workflow.name])
-        return run_dir
     run_dir = make_run_dir(args.runs_dir, workflow, run_id)
-    batch_path = slurm.write_scripts(workflow, run_dir, args.partition,
-                                     args.install_requirements)
-    slurm.submit_and_follow(workflow, run_dir, batch_path)
+    with runs.recorded(run_dir, workflow.name, run_id, args.backend) as record:
+        if args.backend == "local":
+            if args.install_requirements:
+                _install_requirements(workflow)
+            local.run(workflow, run_dir, run_id, source=args.sources[workflow.name],
+                      on_started=lambda pids: runs.note_nodes(record, pids))
+            return run_dir
+        batch_path = slurm.write_scripts(workflow, run_dir, args.partition,
+                                         args.install_requirements)
+        slurm.submit_and_follow(workflow, run_dir, batch_path,
+                                on_submitted=lambda job: runs.note_job(record, job))
     return run_dir
 
 
@@ -227,6 +241,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     def run() -> None:
+        if args.command == "runs":
+            runs.print_lines(runs.table(args.runs_dir))
+            return
+        if args.command == "logs":
+            runs.print_lines(runs.logs(args.runs_dir, args.run, args.node))
+            return
+        if args.command == "stop":
+            record = runs.stop(args.runs_dir, args.run)
+            print(f"{record.name}/{record.run_id}: {record.status}")
+            return
         selected = None
         if args.command == "run":
             if args.provider != "torchrun":

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tml.launch import run_env
@@ -123,7 +124,8 @@ def _run_before(commands: list[str], env: dict[str, str], cwd: str, log, node: i
                                     f"with code {result.returncode} (log: {log.name})")
 
 
-def run(workflow: Workflow, run_dir: str, run_id: str, source: str = "workflow") -> None:
+def run(workflow: Workflow, run_dir: str, run_id: str, source: str = "workflow",
+        on_started: Callable[[list[int]], None] | None = None) -> None:
     """Run the workflow's nodes here; collect artifacts and logs into `run_dir`.
 
     A requirements file is installed first into the run's own environment (the nodes
@@ -147,12 +149,16 @@ def run(workflow: Workflow, run_dir: str, run_id: str, source: str = "workflow")
             processes.append(subprocess.Popen(
                 command, env={**local.env, "TML_NODE_RANK": str(node)}, cwd=local.cwd,
                 stdout=log, stderr=subprocess.STDOUT))
+        if on_started is not None:
+            on_started([p.pid for p in processes])
         logger.info("started %d node(s) x %d worker(s); logs in %s", workflow.nodes,
                     workflow.nproc_per_node, os.path.join(run_dir, "logs"))
         failed = _wait(processes)
-    except BaseException:
+    except BaseException as error:
         for process in processes:
             _stop(process)
+        if isinstance(error, (KeyboardInterrupt, LaunchFailedError)) and processes:
+            copy_artifacts(workflow, run_dir)  # stopped: keep what the run has written
         raise
     finally:
         for log in files:
@@ -163,7 +169,7 @@ def run(workflow: Workflow, run_dir: str, run_id: str, source: str = "workflow")
         print(f"--- node {node} log tail ({logs[node]}) ---\n{log_tail(logs[node])}",
               file=sys.stderr)
         raise LaunchFailedError(f"node {node} failed (exit code {code}); logs and artifacts "
-                                f"in {run_dir}")
+                                f"in {run_dir}", exit_code=code)
     refused = refused_error(run_dir)
     if refused is not None:
         raise refused

@@ -22,9 +22,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from tml.launch.artifacts import refused_error
 from tml.launch.common import _WORKER_VARIABLES, log_tail, torchrun_args
+from tml.launch.runs import RunStopped
 from tml.launch.workflow import LaunchError, LaunchFailedError, Workflow, memory_mebibytes
 
 logger = logging.getLogger(__name__)
@@ -220,7 +222,8 @@ def _final_state(job_id: str, run_dir: str, env: dict[str, str]) -> tuple[str, s
         return "UNKNOWN", "?"
 
 
-def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None:
+def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str,
+                      on_submitted: Callable[[str], None] | None = None) -> None:
     """sbatch the script, poll until the job leaves the queue, raise if it did not complete."""
     env = {k: v for k, v in os.environ.items() if k not in _WORKER_VARIABLES}
     submitted = subprocess.run(sbatch_command(workflow, run_dir, batch_path), env=env,
@@ -231,6 +234,8 @@ def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None
     job_id = submitted.stdout.strip().split(";")[0]
     with open(os.path.join(run_dir, "job-id"), "w") as f:
         f.write(job_id + "\n")
+    if on_submitted is not None:
+        on_submitted(job_id)
     logger.info("submitted SLURM job %s (%d node(s)); logs in %s", job_id, workflow.nodes,
                 os.path.join(run_dir, "logs"))
     last = None
@@ -255,7 +260,7 @@ def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None
                 logger.info("job %s: %s", job_id, state)
                 last = state
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped):
         subprocess.run(["scancel", job_id], env=env, check=False)
         raise
     state, code = _final_state(job_id, run_dir, env)
@@ -264,8 +269,10 @@ def submit_and_follow(workflow: Workflow, run_dir: str, batch_path: str) -> None
         for name in sorted(os.listdir(logs)):
             print(f"--- {name} (tail) ---\n{log_tail(os.path.join(logs, name))}",
                   file=sys.stderr)
+        first = code.split(":")[0]
         raise LaunchFailedError(f"SLURM job {job_id} ended {state} (exit code {code}); "
-                                f"logs in {logs}")
+                                f"logs in {logs}",
+                                exit_code=int(first) if first.isdigit() else None)
     refused = refused_error(run_dir)
     if refused is not None:
         raise refused

@@ -38,6 +38,10 @@ class LaunchError(TmlError):
 class LaunchFailedError(TmlError):
     """A launched workflow ran and failed (a node exited non-zero, the job failed)."""
 
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 # Every field is checked here, in the model, so every backend and --dry-run get the same
 # checks. The backends write values into sbatch, srun and bash scripts (quoted) and into
