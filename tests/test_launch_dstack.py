@@ -608,10 +608,17 @@ def test_a_local_run_is_listed_its_logs_read_and_it_is_stopped(tmp_path: Path) -
             f"error: run sleepy/{run_dir.name} has no log of node 5 (logs: node-0.log, "
             "node-1.log)")
 
+        follower = subprocess.Popen(
+            [sys.executable, "-c", "from tml.launch.cli import main; main()", "logs", "sleepy",
+             "-f", "--node", "0"], cwd=tmp_path, env=launcher_env(), stdout=subprocess.PIPE,
+            text=True)
         stopped = tml(["stop", f"sleepy/{run_dir.name}"], tmp_path)
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout.strip() == f"sleepy/{run_dir.name}: stopped"
         _, err = launcher.communicate(timeout=60)
+        # `tml logs -f` printed node 0's log and ended with the run.
+        followed, _ = follower.communicate(timeout=30)
+        assert "is up" in followed and "==>" not in followed
     finally:
         if launcher.poll() is None:
             launcher.kill()

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs = commands.add_parser("logs", help="print a run's node logs")
     logs.add_argument("run", help="run id, NAME/RUN_ID, or a workflow name (its newest run)")
     logs.add_argument("--node", type=int, default=None, help="only this node's log")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep printing what the nodes write until the run ends")
     stop = commands.add_parser("stop", help="stop a running run")
     stop.add_argument("run", help="run id, NAME/RUN_ID, or a workflow name (its newest run)")
     for sub in (listing, logs, stop):
@@ -245,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.print_lines(runs.table(args.runs_dir))
             return
         if args.command == "logs":
-            runs.print_lines(runs.logs(args.runs_dir, args.run, args.node))
+            if args.follow:
+                runs.follow(args.runs_dir, args.run, args.node)
+            else:
+                runs.print_lines(runs.logs(args.runs_dir, args.run, args.node))
             return
         if args.command == "stop":
             record = runs.stop(args.runs_dir, args.run)

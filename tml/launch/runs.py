@@ -221,6 +221,38 @@ def logs(runs_dir: str, run: str, node: int | None) -> str:
     return "\n".join(parts)
 
 
+def follow(runs_dir: str, run: str, node: int | None, poll_s: float = 0.5) -> None:
+    """`tml logs -f`: print the logs, then what is appended, until the run ends (as
+    `tail -f` does, with a `==> file <==` header when the output switches files)."""
+    record = find(runs_dir, run)
+    directory = os.path.join(record.run_dir, "logs")
+    offsets: dict[str, int] = {}
+    last: str | None = None
+    while True:
+        current = read(record.run_dir)
+        running = current is not None and current.status == "running"
+        names = [f"node-{node}.log"] if node is not None else \
+            sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for name in names:
+            try:
+                with open(os.path.join(directory, name), "rb") as f:
+                    f.seek(offsets.get(name, 0))
+                    chunk = f.read()
+            except OSError:
+                continue
+            if not chunk:
+                continue
+            offsets[name] = offsets.get(name, 0) + len(chunk)
+            if node is None and name != last:
+                sys.stdout.write(f"\n==> {name} <==\n" if last else f"==> {name} <==\n")
+            last = name
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not running:
+            return
+        time.sleep(poll_s)
+
+
 def stop(runs_dir: str, run: str, wait_s: float = 60.0) -> RunRecord:
     """`tml stop`: stop a running run; returns its record once it has stopped."""
     record = find(runs_dir, run)
