@@ -149,6 +149,10 @@ def test_choosing_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     path = workflows_file(tmp_path, entry("a"), entry("a"))
     assert error_of(["launch", "--file", str(path), "--workflow", "a"], capsys) == \
         f"error: {path}: workflows.1: name: workflow 'a' is defined twice"
+    path = workflows_file(tmp_path, entry("a\nb", provider=None))
+    assert error_of(["launch", str(path)], capsys) == (
+        f"error: {path}: workflows.0: name: workflow name 'a\\nb' is not a valid name: use "
+        "1-64 ASCII letters, digits, '_' or '-', starting with a letter or '_'")
     path = workflows_file(tmp_path, {"provider": "torchrun", "file": "train.py"})
     assert error_of(["launch", str(path)], capsys) == \
         f"error: {path}: workflows.0: name: Field required"
@@ -203,7 +207,6 @@ def test_the_field_forms_of_the_dstack_syntax(tmp_path: Path) -> None:
 
 
 BAD_FIELDS = [
-    ({"name": "a b"}, "name: workflow name 'a b' is not a valid name"),
     ({"file": "-m"}, "file: '-m' is not a script path"),
     ({"nodes": 0}, "nodes: Input should be greater than 0"),
     ({"nodes": "two"}, "nodes: Input should be a valid integer"),
@@ -680,3 +683,70 @@ def test_runs_table_lost_runs_and_run_names(tmp_path: Path,
         "error: run train/20261202-000000-aaaa02 is not running (status failed)"
     main(["stop", "prepare", "--runs-dir", str(runs_dir)])
     assert capsys.readouterr().out.strip() == "prepare/20261202-000000-bbbb03: stopped"
+
+
+# --- fuzzing the dstack form --------------------------------------------------------------
+
+FUZZ_SEED = b"""\
+workflows:
+  - name: prepare
+    provider: torchrun
+    file: prepare.py
+    artifacts: [data]
+  - name: train
+    provider: torchrun
+    file: "train.py"
+    args: "--lr 0.1 --name 'two words'"
+    depends-on: [prepare]
+    requirements: "requirements.txt"
+    environment: ["A=1", "B=x=y"]
+    artifacts:
+      - path: model
+    nodes: 2
+    version: "3.11"
+    resources:
+      cpu: 2
+      memory: 16GB
+      shm_size: 2GB
+      interruptible: true
+      gpu: {count: 2, name: K80, memory: 12GB}
+"""
+
+
+def test_the_dstack_fuzz_seed_loads(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_bytes(FUZZ_SEED)
+    assert [w.name for w in load_selected(str(path), "train").runs] == ["prepare", "train"]
+
+
+def _fuzz_case(tmp_path: Path, data: bytes) -> None:
+    from tests.fuzz_support import outcome
+    from tml.launch import kubernetes, slurm
+
+    path = tmp_path / "w.yaml"
+    path.write_bytes(data)
+    loaded = []
+    if outcome(lambda: loaded.append(load_selected(str(path), "train"))) == "ok":
+        for workflow in loaded[0].runs:
+            batch, _ = slurm.render_scripts(workflow, str(tmp_path / "run"))
+            lines = batch.splitlines()
+            directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+            assert directives == list(range(1, len(directives) + 1))
+            kubernetes.render(workflow, "20260101-000000-abcdef")
+            for key in workflow.environment:
+                assert key.isidentifier() and key.isascii()
+
+
+def test_fuzzed_dstack_workflows_files_load_or_fail_with_one_line(tmp_path: Path) -> None:
+    """Mutated dstack files through `load_selected` (what tml launch calls): success or one
+    TmlError line; what loads renders on SLURM with its #SBATCH block intact."""
+    from hypothesis import given
+
+    from tests.fuzz_support import FUZZ_SETTINGS, mutated
+
+    @FUZZ_SETTINGS
+    @given(data=mutated(FUZZ_SEED))
+    def run(data: bytes) -> None:
+        _fuzz_case(tmp_path, data)
+
+    run()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from tml.common.safe_paths import check_name
 from tml.core.config.config_load import parse_config, read_config_data
 from tml.errors import ConfigError
 from tml.launch.workflow import LaunchError, Workflow
@@ -83,6 +84,7 @@ def _entries(path: str, data: dict) -> dict[str, dict]:
         if not isinstance(name, str):
             problem = "Field required" if name is None else f"{name!r} is not a name"
             raise ConfigError(f"{path}: workflows.{i}: name: {problem}")
+        check_name(name, f"{path}: workflows.{i}: name: workflow name", error=ConfigError)
         if name in entries:
             raise ConfigError(f"{path}: workflows.{i}: name: workflow {name!r} is defined "
                               "twice")
