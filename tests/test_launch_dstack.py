@@ -111,7 +111,8 @@ def test_file_and_workflow_options_choose_the_entry(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     dstack_repo(tmp_path)
     for argv, nodes in ((["train"], 2), (["--file", str(path), "--workflow", "train"], 3),
-                        (["train", "--file", str(path)], 3), (["-f", str(path), "prepare"], 1)):
+                        (["train", "--file", str(path)], 3), (["-f", str(path), "prepare"], 1),
+                        ([".dstack/workflows.yaml"], 2)):
         main(["launch", *argv, "--dry-run"])
         assert f"--nnodes {nodes}" in capsys.readouterr().out, argv
     assert not (tmp_path / "runs").exists()
@@ -750,3 +751,15 @@ def test_fuzzed_dstack_workflows_files_load_or_fail_with_one_line(tmp_path: Path
         _fuzz_case(tmp_path, data)
 
     run()
+
+
+def test_a_dependency_in_the_same_working_dir_is_not_copied_onto_itself(tmp_path: Path) -> None:
+    from tml.launch.cli import _pass_artifacts
+    from tml.launch.workflow import Workflow
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "vocab.txt").write_text("written by the dependency")
+    dep = Workflow(name="prepare", file="p.py", working_dir=str(tmp_path), artifacts=["data"])
+    workflow = Workflow(name="train", file="t.py", working_dir=str(tmp_path), deps=["prepare"])
+    _pass_artifacts(dep, str(tmp_path / "no-such-run"), workflow)
+    assert (tmp_path / "data" / "vocab.txt").read_text() == "written by the dependency"
