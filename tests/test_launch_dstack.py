@@ -763,3 +763,16 @@ def test_a_dependency_in_the_same_working_dir_is_not_copied_onto_itself(tmp_path
     workflow = Workflow(name="train", file="t.py", working_dir=str(tmp_path), deps=["prepare"])
     _pass_artifacts(dep, str(tmp_path / "no-such-run"), workflow)
     assert (tmp_path / "data" / "vocab.txt").read_text() == "written by the dependency"
+
+
+def test_a_run_launched_on_another_host_is_not_judged_or_signalled_here(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shared runs directory: a running record from another login node stays running
+    (its process ids mean nothing here) and tml stop refuses to signal anything."""
+    runs_dir = tmp_path / "runs"
+    _record(runs_dir, "train", "20261202-000000-cccc01", status="running",
+            launcher_pid=os.getpid(), launcher_cmdline="elsewhere", host="other-host")
+    main(["runs", "--runs-dir", str(runs_dir)])
+    assert capsys.readouterr().out.splitlines()[1].split()[3] == "running"
+    assert error_of(["stop", "train", "--runs-dir", str(runs_dir)], capsys) == \
+        "error: run train/20261202-000000-cccc01 was launched on other-host; run tml stop there"

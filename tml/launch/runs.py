@@ -5,8 +5,8 @@ the launcher's process id, the node agents' ids, the SLURM job id) when it start
 when it ends; the file is replaced atomically, so a reader sees one version or the other.
 
 A RUN is named by its run id (`20261202-043000-a1b2c3`), by `NAME/RUN_ID`, or by a workflow
-name alone (its newest run). A record that says `running` whose launcher is gone is shown
-as `lost` (the launcher was killed; the nodes may still be running, `tml stop` stops them).
+name alone (its newest run). A record that says `running` whose launcher is gone (checked
+on the host that launched it) is shown as `lost` (the launcher was killed; the nodes may still be running, `tml stop` stops them).
 
 `tml stop` on the local backend sends SIGTERM to the launcher, which stops its nodes (each
 agent stops its workers), copies the artifacts there are and records `stopped`; if the
@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ class RunRecord:
     node_pids: list[int] = field(default_factory=list)
     node_cmdlines: list[str] = field(default_factory=list)
     job_id: str | None = None
+    host: str | None = None  # where the launcher runs: process ids mean something there only
 
 
 def now() -> str:
@@ -88,9 +90,15 @@ def read(run_dir: str) -> RunRecord | None:
     except (OSError, ValueError, TypeError):
         return None
     record.run_dir = run_dir
-    if record.status == "running" and not _alive(record.launcher_pid, record.launcher_cmdline):
+    if record.status == "running" and _here(record) \
+            and not _alive(record.launcher_pid, record.launcher_cmdline):
         record.status = "lost"
     return record
+
+
+def _here(record: RunRecord) -> bool:
+    """The launcher runs on this host (runs dirs may be shared between login nodes)."""
+    return record.host in (None, socket.gethostname())
 
 
 def _alive(pid: int | None, expected: str | None) -> bool:
@@ -107,7 +115,7 @@ def recorded(run_dir: str, name: str, run_id: str, backend: str) -> Iterator[Run
     pid = os.getpid()
     record = RunRecord(name=name, run_id=run_id, backend=backend, status="running",
                        start=now(), run_dir=run_dir, launcher_pid=pid,
-                       launcher_cmdline=cmdline(pid))
+                       launcher_cmdline=cmdline(pid), host=socket.gethostname())
     write(record)
 
     def stop(signum: int, frame: object) -> None:
@@ -259,6 +267,9 @@ def stop(runs_dir: str, run: str, wait_s: float = 60.0) -> RunRecord:
     if record.status not in ("running", "lost"):
         raise LaunchError(f"run {record.name}/{record.run_id} is not running (status "
                           f"{record.status})")
+    if not _here(record) and not (record.backend == "slurm" and record.job_id):
+        raise LaunchError(f"run {record.name}/{record.run_id} was launched on {record.host}; "
+                          "run tml stop there")
     with open(os.path.join(record.run_dir, STOP_REQUESTED), "w") as f:
         f.write(now() + "\n")
     if record.backend == "slurm" and record.job_id:
