@@ -776,3 +776,16 @@ def test_a_run_launched_on_another_host_is_not_judged_or_signalled_here(
     assert capsys.readouterr().out.splitlines()[1].split()[3] == "running"
     assert error_of(["stop", "train", "--runs-dir", str(runs_dir)], capsys) == \
         "error: run train/20261202-000000-cccc01 was launched on other-host; run tml stop there"
+
+
+def test_requirements_lines_are_read_as_pip_reads_them(tmp_path: Path) -> None:
+    """Comments (whole-line and after whitespace), blank lines and `\\` continuations; a
+    local path becomes absolute inside working_dir; a `#` inside a word stays."""
+    from tml.launch.run_env import read_requirements
+
+    (tmp_path / "r.txt").write_text("# c\nfoo>=1 # why\nbar\t# tab\nbaz \\\n  ==1\n\n"
+                                    "./dist/x-0.1-py3-none-any.whl\n"
+                                    "pkg @ https://example.org/p.whl#sha256=00\n")
+    assert read_requirements(str(tmp_path), "r.txt", "wf") == [
+        "foo>=1", "bar", "baz   ==1", f"{tmp_path}/dist/x-0.1-py3-none-any.whl",
+        "pkg @ https://example.org/p.whl#sha256=00"]

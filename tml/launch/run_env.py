@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import site
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tml.launch.workflow import LaunchError, Workflow, no_control_characters
 logger = logging.getLogger(__name__)
 
 ENV_DIR = "env"
+_COMMENT = re.compile(r"(^|\s)#.*$")  # as pip strips comments
 _ARCHIVES = (".whl", ".tar.gz", ".tgz", ".zip", ".tar.bz2")
 
 
@@ -41,9 +43,7 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
     for number, raw in enumerate(text.splitlines(), start=1):
         if not pending:
             start = number
-        line = raw if not raw.lstrip().startswith("#") else ""
-        if " #" in line:
-            line = line[:line.index(" #")]
+        line = _COMMENT.sub("", raw)
         if line.endswith("\\"):
             pending += line[:-1]
             continue
@@ -87,8 +87,8 @@ def read_requirements(working_dir: str, relative: str, source: str) -> list[str]
             raise LaunchError(f"{where}: {line!r}: pip options are not allowed in a workflow's "
                               "requirements (set PIP_INDEX_URL and the like in environment)")
         if _is_path(line):
-            checked.append(confine(working_dir, line, f"{where}: local path",
-                                   error=LaunchError))
+            checked.append(os.path.normpath(confine(working_dir, line, f"{where}: local path",
+                                                    error=LaunchError)))
             continue
         try:
             Requirement(line)
@@ -121,8 +121,11 @@ def create(env_dir: str) -> str:
                           f"{' '.join(result.stderr.split())[-300:]}")
     python = env_python(env_dir)
     own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    with open(os.path.join(own, "_tml_launcher.pth"), "w") as f:
+                         capture_output=True, text=True)
+    if own.returncode != 0 or not os.path.isdir(own.stdout.strip()):
+        raise LaunchError(f"the run's environment {env_dir} does not start: "
+                          f"{' '.join(own.stderr.split())[-300:]}")
+    with open(os.path.join(own.stdout.strip(), "_tml_launcher.pth"), "w") as f:
         f.write("".join(p + "\n" for p in launcher_site_paths()))
     return python
 
