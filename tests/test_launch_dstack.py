@@ -192,6 +192,9 @@ def test_the_field_forms_of_the_dstack_syntax(tmp_path: Path) -> None:
     workflow = load_selected(str(path), "train").workflow
     assert workflow.args == ["--lr", "0.1", "--name", "two words", "x;y"]
     assert workflow.environment == {"A": "1", "B": "x=y", "EMPTY": ""}
+    numbers = workflows_file(tmp_path, entry(environment={"PORT": 8080, "RATE": 0.5}))
+    assert load_selected(str(numbers), None).workflow.environment == \
+        {"PORT": "8080", "RATE": "0.5"}
     assert workflow.artifacts == ["out", "model"]
     assert workflow.resources.gpu.count == 0 and workflow.resources.interruptible
     assert workflow.resources.memory == "16GB" and workflow.resources.shm_size == "2GB"
@@ -220,6 +223,8 @@ BAD_FIELDS = [
     ({"environment": ["A=1", "A=2"]}, "environment: item 1: 'A' is set twice"),
     ({"environment": ["A=x\ny"]}, "environment: A: 'x\\ny': control character"),
     ({"environment": {"1A": "x"}}, "environment: '1A' is not an environment variable name"),
+    ({"environment": {"A": True}}, "environment.A: Input should be a valid string"),
+    ({"environment": {"A": ["x"]}}, "environment.A: Input should be a valid string"),
     ({"artifacts": [{"path": "../up"}]}, "artifacts: item 0 '../up'"),
     ({"artifacts": ["/etc"]}, "artifacts: item 0 '/etc': must be a path relative to"),
     ({"artifacts": [{"pth": "model"}]},

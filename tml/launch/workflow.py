@@ -244,7 +244,11 @@ class Workflow(BaseConfig):
     @pydantic.field_validator("environment", mode="before")
     @classmethod
     def _environment_list(cls, value: object) -> object:
-        # dstack also writes `environment: ["KEY=VALUE", ...]`.
+        # dstack also writes `environment: ["KEY=VALUE", ...]`, and numbers as values
+        # (`PORT: 8080`), which YAML reads as numbers.
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else v for k, v in value.items()}
         if not isinstance(value, list):
             return value
         mapping: dict[str, object] = {}
