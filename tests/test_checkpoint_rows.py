@@ -110,6 +110,7 @@ def write_sharded_and_evaluate(full: str, out: str, config: str) -> dict:
     return evaluate_checkpoint(config, out, candidate_chunk=4, query_chunk=8)
 
 
+@pytest.mark.slow
 def test_two_worker_checkpoint_rows_sharded_evaluation_and_export(tmp_path, monkeypatch):
     from projects.twhin.cli import dispatch
     from projects.twhin.link_prediction import evaluate_checkpoint
