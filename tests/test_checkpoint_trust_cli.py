@@ -77,6 +77,7 @@ def _twhin(*args):
                           timeout=180)
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_refuse_a_hostile_metadata_and_run_nothing(project, tmp_path):
     config, save = project
     marker = tmp_path / "pwned"
