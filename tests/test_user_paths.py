@@ -104,3 +104,21 @@ def test_logging_switches_choose_ranks_and_level() -> None:
                            "[launcher] INFO tml.check: an info line",
                            "[launcher] WARNING tml.check: a warning line"],
     }
+
+
+@pytest.mark.gpu
+def test_more_workers_than_gpus_is_refused_naming_the_count_and_the_cpu_way_out() -> None:
+    from tests.conftest import gpu_env
+
+    code = ("import torch, sys; from tml.common.run_training import check_nproc_per_node;"
+            "from tml.errors import TmlError\n"
+            "n = torch.cuda.device_count(); assert n > 0, 'torch without CUDA'\n"
+            "try:\n    check_nproc_per_node(n + 1)\nexcept TmlError as e:\n"
+            "    print(n, e); sys.exit(0)\nsys.exit('not refused')")
+    done = subprocess.run([sys.executable, "-c", code], env=gpu_env(), capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, message = done.stdout.strip().split(" ", 1)
+    assert message == (f"nproc_per_node={int(count) + 1} but this node has {count} CUDA "
+                       "device(s): each worker needs its own GPU; lower nproc_per_node or set "
+                       "CUDA_VISIBLE_DEVICES=\"\" to run on CPU")
