@@ -12,6 +12,7 @@ NOTEBOOK = os.path.join(REPO, "docs", "notebooks", "quickstart.ipynb")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)   # the kernel allows 300 s per cell
 def test_quickstart_notebook_trains_and_returns_each_ranks_result(tmp_path, monkeypatch):
     for module in ("nbformat", "nbclient", "ipykernel", "jupyter_client"):
         require(importlib.util.find_spec(module), f"the notebook test needs {module} "

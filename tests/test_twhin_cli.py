@@ -289,6 +289,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)   # 49 s alone; 205 s measured on a loaded 2-core host
 def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path):
     """docs/twhin_cli.md, for real: sharded training on 2 workers, evaluation on 2."""
     tsv = _write_tsv(tmp_path / "edges.tsv", _triples(n_users=40, n_items=20, seed=1))
