@@ -75,3 +75,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (marker gpu)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_trained_twhin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One small TwHIN trained once per test run (projects/twhin/run.py, 1 worker, 10 steps,
+    checkpoints at 5 and 10), for the tests that only read or copy it: `config` (its YAML),
+    `save` (its save_dir; copy it before changing anything), `run_py`. Sharing it saves an
+    interpreter start, a graph and a training run per test."""
+    from projects.twhin.data.generate import generate_graph
+    from tests.twhin_setup import launcher_env, small_twhin_config
+
+    root = tmp_path_factory.mktemp("small_trained_twhin")
+    graph = root / "graph"
+    generate_graph(str(graph), num_users=300, num_tweets=100, num_edges=3000,
+                   num_communities=4, seed=1, validation_fraction=0.05)
+    config = small_twhin_config(root / "twhin.yaml", graph, 300, 100, 100,
+                                train_log_every_n=5, eval_log_every_n=100000,
+                                num_eval_steps=1, num_epochs=1, num_train_steps=10,
+                                checkpoint_every_n=5)
+    run_py = os.path.join(REPO, "projects", "twhin", "run.py")
+    save = root / "save"
+    done = subprocess.run([sys.executable, run_py, f"--config_yaml_path={config}",
+                           f"--save_dir={save}", "--nproc_per_node=1"], env=launcher_env(),
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"5", "10"} <= set(os.listdir(save))
+    return {"config": str(config), "save": str(save), "run_py": run_py}
