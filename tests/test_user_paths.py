@@ -122,3 +122,27 @@ def test_more_workers_than_gpus_is_refused_naming_the_count_and_the_cpu_way_out(
     assert message == (f"nproc_per_node={int(count) + 1} but this node has {count} CUDA "
                        "device(s): each worker needs its own GPU; lower nproc_per_node or set "
                        "CUDA_VISIBLE_DEVICES=\"\" to run on CPU")
+
+
+@pytest.mark.slow
+def test_warm_start_from_the_yaml_through_run_py(tmp_path, small_trained_twhin) -> None:
+    """`training.initial_checkpoint_dir` in the YAML: run.py starts at step 0 from those
+    weights (not resuming its step), saves into its own save_dir and leaves the source."""
+    import yaml
+
+    source = os.path.join(small_trained_twhin["save"], "10")
+    before = sorted(os.listdir(small_trained_twhin["save"]))
+    data = yaml.safe_load(open(small_trained_twhin["config"]).read())
+    data["training"].update(initial_checkpoint_dir=source, num_train_steps=5)
+    config = tmp_path / "warm.yaml"
+    config.write_text(yaml.safe_dump(data))
+    save = tmp_path / "save"
+    done = subprocess.run([sys.executable, small_trained_twhin["run_py"],
+                           f"--config_yaml_path={config}", f"--save_dir={save}",
+                           "--nproc_per_node=1"], env=launcher_env(), capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"warm start: weights from {source}, starting at step 0" in done.stderr, \
+        done.stderr[-3000:]
+    assert sorted(n for n in os.listdir(save) if n.isdigit()) == ["5"]
+    assert sorted(os.listdir(small_trained_twhin["save"])) == before
