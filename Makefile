@@ -14,7 +14,7 @@ SAVE_DIR ?= runs/twhin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv data train test test-bazel lint bench clean
+.PHONY: venv data train test test-fast test-bazel lint bench clean
 
 venv: $(STAMP)
 
@@ -33,8 +33,13 @@ data: $(STAMP)
 train: data
 	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC)
 
+# Every test (CI runs this): each test is bounded by pytest-timeout (pyproject.toml).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# For development: skips the tests that start worker processes (marker slow).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Bazel (4.2.3, offline, native Python rules); installs Debian's bazel-bootstrap if missing.
 test-bazel: $(STAMP)

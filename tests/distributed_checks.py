@@ -13,14 +13,11 @@ from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
 from projects.twhin.models.config import TwhinModelConfig
 from projects.twhin.models.models import (
+    OPERATORS,
     TwhinModel,
     TwhinModelAndLoss,
     apply_optimizers,
-    global_negative_logits,
-    in_batch_negative_logits,
-    labels_and_weights,
     operator_code,
-    score,
 )
 from projects.twhin.optimizer import build_optimizer
 from tml.common.device import setup_and_get_device
@@ -80,38 +77,80 @@ def _full_tables(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
+def edge_score(lhs: torch.Tensor, relation: torch.Tensor, rhs: torch.Tensor,
+               operator: str) -> torch.Tensor:
+    """The score of ONE edge, written from the operator definitions (models/config.py:Operator), not
+    from the model's batched `relation_query`: the reference the model is checked against."""
+    if operator == "translation":
+        return (lhs * (rhs + relation)).sum()
+    if operator == "identity":
+        return (lhs * rhs).sum()
+    if operator == "diagonal":
+        return (lhs * relation * rhs).sum()
+    assert operator == "complex_diagonal", operator
+    half = lhs.shape[-1] // 2
+
+    def complex_(x: torch.Tensor) -> torch.Tensor:
+        return torch.complex(x[:half], x[half:])
+
+    return (complex_(lhs) * complex_(relation) * complex_(rhs).conj()).sum().real
+
+
+def in_batch_samples(rel: torch.Tensor, n: int, seed: int) -> dict[int, tuple[list, list]]:
+    """The rows each relation's edges are contrasted with, drawn as documented: with the
+    seed set, for each relation present (ascending) a permutation of its rows for the lhs
+    side, then one for the rhs side, repeated when it has fewer than n rows."""
+    torch.manual_seed(seed)
+    samples = {}
+    for relation in sorted(set(rel.tolist())):
+        rows = [i for i in range(len(rel)) if int(rel[i]) == relation]
+        repeats = -(-n // len(rows))
+        lhs_perm = torch.randperm(len(rows)).tolist() * repeats
+        rhs_perm = torch.randperm(len(rows)).tolist() * repeats
+        samples[relation] = ([rows[p] for p in lhs_perm[:n]], [rows[p] for p in rhs_perm[:n]])
+    return samples
+
+
 def _reference(weights, translations, lhs, rhs, rel, rt, seed, neg_lhs=None,  # noqa: ANN001, ANN202
-               neg_rhs=None, codes=None):
-    """Loss and gradients of one batch computed with plain torch on full tables."""
+               neg_rhs=None, operators=None):
+    """Loss and gradients of one batch with plain torch on full tables, edge by edge.
+
+    Independent of the model's code: each logit is `edge_score` of one (lhs, relation, rhs)
+    in a loop over the batch; in-batch negatives pair each edge with the rows
+    `in_batch_samples` draws (B x n tail-side logits, then B x n head-side); global
+    negatives with its own G sampled ids per side; labels 1 / 0 and the negatives together
+    weighted like the B positives.
+    """
     names = list(TABLES)
+    ops = list(operators) if operators else ["translation"] * len(rt)
     w = {k: v.clone().requires_grad_() for k, v in weights.items()}
     t = translations.clone().requires_grad_()
-    lhs_vec = torch.zeros(BATCH, DIM)
-    rhs_vec = torch.zeros(BATCH, DIM)
-    for index, name in enumerate(names):
-        lhs_vec = torch.where((rt[rel, 0] == index)[:, None], w[name][lhs.clamp(max=TABLES[name] - 1)], lhs_vec)
-        rhs_vec = torch.where((rt[rel, 1] == index)[:, None], w[name][rhs.clamp(max=TABLES[name] - 1)], rhs_vec)
-    torch.manual_seed(seed)
-    if codes is None:
-        positives = (lhs_vec * (rhs_vec + t[rel])).sum(-1)
-        negatives = in_batch_negative_logits(lhs_vec, rhs_vec, rel, t, NEGATIVES)
-        logits = torch.cat([positives, negatives])
-    else:
-        # Operators and global negatives: plain per-lookup indexing of the full tables.
-        def rows(side, ids):  # noqa: ANN001, ANN202
-            out = torch.zeros(*ids.shape, DIM)
-            for index, name in enumerate(names):
-                mask = (rt[rel, side] == index).view(-1, *[1] * (ids.dim() - 1))
-                out = torch.where(mask.unsqueeze(-1), w[name][ids.clamp(max=TABLES[name] - 1)],
-                                  out)
-            return out
 
-        positives = score(lhs_vec, t[rel], rhs_vec, codes[rel])
-        negatives = in_batch_negative_logits(lhs_vec, rhs_vec, rel, t, NEGATIVES, codes)
-        global_logits = global_negative_logits(lhs_vec, rhs_vec, rows(0, neg_lhs),
-                                               rows(1, neg_rhs), t[rel], codes[rel])
-        logits = torch.cat([positives, negatives, global_logits])
-    labels, loss_weights = labels_and_weights(logits, torch.ones(BATCH), torch.ones(BATCH))
+    def vector(side: int, i: int, row: int) -> torch.Tensor:
+        table = names[int(rt[rel[i], side])]
+        return w[table][min(int(row), TABLES[table] - 1)]
+
+    lhs_vec = [vector(0, i, lhs[i]) for i in range(BATCH)]
+    rhs_vec = [vector(1, i, rhs[i]) for i in range(BATCH)]
+    positives = [edge_score(lhs_vec[i], t[rel[i]], rhs_vec[i], ops[rel[i]])
+                 for i in range(BATCH)]
+    samples = in_batch_samples(rel, NEGATIVES, seed)
+    tails = [edge_score(lhs_vec[i], t[rel[i]], rhs_vec[j], ops[rel[i]])
+             for i in range(BATCH) for j in samples[int(rel[i])][1]]
+    heads = [edge_score(lhs_vec[j], t[rel[i]], rhs_vec[i], ops[rel[i]])
+             for i in range(BATCH) for j in samples[int(rel[i])][0]]
+    global_tails, global_heads = [], []
+    if neg_lhs is not None and neg_lhs.shape[1]:
+        global_tails = [edge_score(lhs_vec[i], t[rel[i]], vector(1, i, neg_rhs[i, g]),
+                                   ops[rel[i]])
+                        for i in range(BATCH) for g in range(neg_rhs.shape[1])]
+        global_heads = [edge_score(vector(0, i, neg_lhs[i, g]), t[rel[i]], rhs_vec[i],
+                                   ops[rel[i]])
+                        for i in range(BATCH) for g in range(neg_lhs.shape[1])]
+    negatives = tails + heads + global_tails + global_heads
+    logits = torch.stack(positives + negatives)
+    labels = torch.tensor([1.0] * BATCH + [0.0] * len(negatives))
+    loss_weights = torch.tensor([1.0] * BATCH + [BATCH / len(negatives)] * len(negatives))
     loss = F.binary_cross_entropy_with_logits(logits, labels, loss_weights)
     loss.backward()
     return float(loss.detach()), {k: v.grad for k, v in w.items()}, t.grad
@@ -128,9 +167,7 @@ def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int =
     device = setup_and_get_device()
     rank = dist.get_rank()
     config = _model_config(tuple(operators)) if operators else _model_config()
-    codes = None
-    if operators or global_negatives:
-        codes = torch.tensor([operator_code(r.operator) for r in config.relations])
+    operator_names = [OPERATORS[operator_code(r.operator)].value for r in config.relations]
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES,
                                   global_negatives=global_negatives)
@@ -158,7 +195,7 @@ def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int =
         trans_after = translations.detach().clone()
 
         refs = [_reference(before, trans_before, *e[:4], seed=100 + r, neg_lhs=e[5],
-                           neg_rhs=e[6], codes=codes)
+                           neg_rhs=e[6], operators=operator_names)
                 for r, e in enumerate(edges)]
         world = len(refs)
         diffs = {"loss": abs(float(loss) - refs[rank][0]), "changed": 0.0}
@@ -193,3 +230,26 @@ def adam_tables_train() -> float:
     loss.backward()
     optimizer.step()
     return float((_full_tables(dmp)["user"] - before).abs().max())
+
+
+PLAIN_TYPES = ["table_wise", "row_wise", "column_wise"]
+OPERATOR_TYPES = ["table_wise", "row_wise"]
+OPERATOR_SET = ("translation", "diagonal", "complex_diagonal")
+
+
+def all_sharded_checks() -> dict[str, object]:
+    """The sharded-model checks of tests/test_twhin_sharded.py in one launch (a torch elastic
+    start costs more than the checks): every sharding type against the reference, global
+    negatives with three operators, and the message Adam on the tables gets on CPU."""
+    from tml.errors import ConfigError
+
+    results: dict[str, object] = {
+        "plain": sharded_matches_unsharded(PLAIN_TYPES),
+        "operators": sharded_matches_unsharded(OPERATOR_TYPES, 2, OPERATOR_SET),
+    }
+    try:
+        results["adam"] = adam_tables_train()
+    except ConfigError as error:   # refused before any collective: the group stays usable
+        results["adam"] = f"ConfigError: {error}"
+    dist.barrier()
+    return results

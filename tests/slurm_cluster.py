@@ -39,10 +39,11 @@ def ensure_slurm_installed() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
                "-o", "DPkg::Lock::Timeout=120", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
         # A fresh machine may have empty package lists: update once, then try again.
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        result = subprocess.run(install, env=env, capture_output=True, text=True)
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True,
+                       timeout=300)
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: "
                                    f"{result.stderr.strip()[-500:]}")

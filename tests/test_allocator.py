@@ -33,7 +33,7 @@ FAULTS = textwrap.dedent("""
 def test_tuned_malloc_reuses_step_buffers_instead_of_faulting_fresh_pages() -> None:
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], check=True,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=120)
         return int(out.stdout.strip())
 
     default, tuned = faults("default"), faults("tuned")

@@ -22,7 +22,7 @@ from projects.twhin.signature import (
     checkpoint_extra,
     model_signature,
 )
-from tests.twhin_setup import LOCAL, REPO, launcher_env, small_twhin_config
+from tests.twhin_setup import LOCAL, REPO, launcher_env
 from tml.common.checkpointing import EXTRA_FILE, TMP_PREFIX, read_extra, save_checkpoint
 from tml.core.config import load_config_from_yaml
 from tml.errors import CheckpointError
@@ -105,17 +105,12 @@ def test_a_checkpoint_without_a_signature_passes_with_a_warning(tmp_path, caplog
 
 @pytest.mark.slow
 def test_training_records_the_signature_and_resume_or_evaluate_with_another_operator_fails(
-        tmp_path):
-    from projects.twhin.data.generate import generate_graph
+        tmp_path, small_trained_twhin):
+    import shutil
 
-    graph = tmp_path / "graph"
-    generate_graph(str(graph), num_users=300, num_tweets=100, num_edges=3000,
-                   num_communities=4, seed=1, validation_fraction=0.05)
-    config = small_twhin_config(tmp_path / "twhin.yaml", graph, 300, 100, 100,
-                                train_log_every_n=5, eval_log_every_n=100000,
-                                num_eval_steps=1, num_epochs=1, num_train_steps=5,
-                                checkpoint_every_n=5)
+    config = small_trained_twhin["config"]          # trained once per run: steps 5 and 10
     save = tmp_path / "save"
+    shutil.copytree(small_trained_twhin["save"], save)
 
     def run(config_path, *extra):
         return subprocess.run([sys.executable, os.path.join(REPO, "projects", "twhin", "run.py"),
@@ -123,12 +118,12 @@ def test_training_records_the_signature_and_resume_or_evaluate_with_another_oper
                                "--nproc_per_node=1", *extra], env=launcher_env(),
                               capture_output=True, text=True, timeout=240, cwd=REPO)
 
-    done = run(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = read_extra(str(save / "5"))
-    assert saved is not None
     trained = load_config_from_yaml(TwhinConfig, config)
-    assert saved[SIGNATURE_KEY] == model_signature(trained)
+    for step in ("5", "10"):
+        saved = read_extra(str(save / step))
+        assert saved is not None
+        assert saved[SIGNATURE_KEY] == model_signature(trained)
+    shutil.rmtree(save / "10")                      # the run to resume: step 5 of 10
 
     data = yaml.safe_load(open(config).read())
     data["model"]["relations"][0]["operator"] = "diagonal"

@@ -30,13 +30,30 @@ def _env(**extra):
     return launcher_env(CLUSTER_VARS, **{"TML_RDZV_TIMEOUT": "120", **extra})
 
 
-def _wait_listening(port, timeout=60.0):
+def _wait_listening(port, timeout=60.0, process=None):
+    """Wait for the chief's store on `port`; fail (with the chief's output) on timeout or
+    when the chief exits first, rather than starting the other nodes against nothing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the chief exited ({process.returncode}) before listening on port "
+                        f"{port}:\n{process.communicate()[0][-3000:]}")
         time.sleep(0.2)
+    if process is not None:
+        process.kill()
+    pytest.fail(f"nothing listened on port {port} within {timeout:.0f} s")
+
+
+def test_waiting_for_the_chief_fails_on_timeout_or_when_it_exits_first():
+    with pytest.raises(pytest.fail.Exception, match="nothing listened on port"):
+        _wait_listening(_free_port(), timeout=0.5)
+    chief = subprocess.Popen([sys.executable, "-c", "print('chief: bad config')"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)exited \(0\).*chief: bad config"):
+        _wait_listening(_free_port(), timeout=30, process=chief)
 
 
 def _start_nodes(cmd, envs, port):
@@ -46,7 +63,7 @@ def _start_nodes(cmd, envs, port):
     """
     procs = [subprocess.Popen(cmd, env=envs[0], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)]
-    _wait_listening(port)
+    _wait_listening(port, process=procs[0])
     procs += [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True) for env in envs[1:]]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -116,6 +133,7 @@ def test_a_worker_that_crashes_once_is_restarted(tmp_path):
     assert "worker rank 1 failed (exit code 3)" in again.stderr
 
 
+@pytest.mark.slow
 def test_busy_rendezvous_port_and_missing_nodes_fail_clearly(tmp_path):
     busy = socket.socket()
     busy.bind(("0.0.0.0", 0))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 from tests.test_launch_workflow import (  # noqa: F401 (tiny_graph is a fixture)
     REPO,
@@ -28,7 +29,8 @@ from tests.test_launch_workflow import (  # noqa: F401 (tiny_graph is a fixture)
 )
 from tml.launch.local import free_port
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# 15 min: the first test also starts the cluster, installing SLURM with apt-get if missing.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def slurm_env(cluster: SlurmCluster) -> dict[str, str]:
@@ -43,7 +45,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     try:
         cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     except SlurmUnavailable as error:
-        pytest.skip(str(error))
+        require(False, f"SLURM: {error}")
     print(f"SLURM cluster up in {time.monotonic() - start:.1f} s")
     try:
         yield cluster
@@ -123,7 +125,7 @@ def test_an_interruptible_job_requeued_mid_training_resumes_from_its_checkpoint(
         (job_file,) = runs.glob("twhin-requeue/*/job-id")
         job_id = job_file.read_text().strip()
         requeue = subprocess.run(["scontrol", "requeue", job_id], env=slurm.env,
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, timeout=60)
         assert requeue.returncode == 0, requeue.stderr
         out, err = process.communicate(timeout=240)
     finally:

@@ -323,7 +323,9 @@ def test_example_workflows_load() -> None:
     for path in sorted(WORKFLOWS.glob("*.yaml")):
         workflow = load_workflow(str(path))
         assert workflow.file == "projects/twhin/run.py"
-        assert os.path.isfile(workflow.file_path()) or workflow.working_dir == "."
+        # "." (kubernetes): the image's working directory, a copy of this repository
+        root = str(REPO) if workflow.working_dir == "." else workflow.working_path()
+        assert os.path.isfile(os.path.join(root, workflow.file)), (path, root)
 
 
 def test_memory_sizes() -> None:

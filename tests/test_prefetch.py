@@ -20,20 +20,31 @@ def test_same_items_in_order(depth: int) -> None:
 
 
 def test_reads_ahead_while_the_consumer_works() -> None:
+    """With one item consumed and depth 2, the reader holds exactly 3 more: 2 queued and
+    1 in hand waiting for a free slot. It cannot take a 4th until the consumer takes one,
+    so once it holds 3 the count is final (no race: a correct reader can never pass it)."""
     produced: list[int] = []
+    holding_three = threading.Event()
 
-    def slow_source():
-        for i in range(4):
+    def source():
+        for i in range(6):
             produced.append(i)
+            if len(produced) == 4:
+                holding_three.set()
             yield i
 
-    items = prefetch(slow_source(), depth=2)
+    items = prefetch(source(), depth=2)
     assert next(items) == 0
-    deadline = time.monotonic() + 5
-    while len(produced) < 3 and time.monotonic() < deadline:
+    assert holding_three.wait(timeout=10), produced   # it reads ahead while we "work"
+    time.sleep(0.3)                                    # time to overrun, were it able to
+    assert produced == [0, 1, 2, 3]                    # depth ahead plus one in hand
+    assert next(items) == 1
+    deadline = time.monotonic() + 10
+    while len(produced) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert produced == [0, 1, 2]   # two ahead of the one consumed, not more
-    assert list(items) == [1, 2, 3]
+    time.sleep(0.3)
+    assert produced == [0, 1, 2, 3, 4]                 # one slot freed: one more read
+    assert list(items) == [2, 3, 4, 5]
 
 
 def test_error_is_raised_at_the_failing_item() -> None:

@@ -13,10 +13,13 @@ WORKER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def launcher_env(remove: Iterable[str] = WORKER_VARS, **extra: str) -> dict[str, str]:
-    """This process's environment for a child launcher: not a worker, repo importable."""
+    """This process's environment for a child launcher: not a worker, repo importable, and
+    CPU workers (`CUDA_VISIBLE_DEVICES=""`: on a GPU host the "more workers than GPUs"
+    check would refuse 2 workers on 1 GPU; `gpu` tests use tests.conftest.gpu_env)."""
     removed = set(remove)
     env = {k: v for k, v in os.environ.items() if k not in removed}
     env["PYTHONPATH"] = REPO
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env
 
