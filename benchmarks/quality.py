@@ -72,6 +72,7 @@ CANDIDATES.update({
     "g32c_rel50": {**_G32, "model.translation_optimizer.sgd.lr": 50.0},
     "g32c_rel05": {**_G32, "model.translation_optimizer.sgd.lr": 0.5},
     "g32c_dim128": {**_G32, "model.embeddings.tables.*.embedding_dim": 128},
+    "g32c_e5": {**_G32, "training.num_epochs": 5},
     "g32c_e20": {**_G32, "training.num_epochs": 20},
     "g32c_lr01_e50": {**_G32, "training.num_epochs": 50,
                       "model.embeddings.tables.*.optimizer.adagrad.lr": 0.1,
