@@ -14,7 +14,7 @@ SAVE_DIR ?= runs/twhin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv data train test test-fast test-bazel lint bench clean
+.PHONY: venv data train test test-fast test-bazel lint bench bench-quality clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,12 @@ test-bazel: $(STAMP)
 BENCH_NAME ?= cpu-$(shell nproc)core
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --name $(BENCH_NAME)
+
+# Link-prediction quality of `twhin import`'s config on generated graphs (issue 20):
+# the written config against the popularity baseline (and the earlier config);
+# writes benchmarks/results/quality.json. PyKEEN rows: benchmarks/kg_compare.py.
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.quality --candidates defaults,old
 
 lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests

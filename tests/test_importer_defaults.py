@@ -10,16 +10,34 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from projects.twhin.importer import MAX_GLOBAL_NEGATIVES, choose_defaults, import_triples
+from projects.twhin.importer import (
+    LARGE_EPOCHS,
+    LARGE_RELATION_LR,
+    LARGE_TABLE_LR,
+    MAX_GLOBAL_NEGATIVES,
+    choose_defaults,
+    import_triples,
+)
 
 
-def test_large_graph_with_few_relations_keeps_the_in_batch_defaults():
+def test_few_relations_per_batch_get_uniform_negatives_complex_and_a_live_relation_lr():
     # The built-in graph: 2M edges, 4 relations (50/15/20/15 %), 100k users, 20k tweets.
+    # Issue 20: the earlier settings here (10 in-batch + 5 global negatives, translation,
+    # relation SGD 0.05 = 1e-4 of the tables') ranked below the popularity baseline.
     n = 1_960_000
     d = choose_defaults(n, [int(n * p) for p in (0.5, 0.15, 0.2, 0.15)], [100_000, 20_000], 32)
-    assert (d.batch, d.in_batch_negatives, d.global_negatives) == (1000, 10, 5)
-    assert (d.table_lr, d.relation_lr, d.operator, d.epochs) == (0.5, 0.05, "translation", 10)
+    assert (d.batch, d.in_batch_negatives, d.global_negatives) == (1000, 0, 32)
+    assert (d.table_lr, d.relation_lr, d.operator, d.epochs) == (
+        LARGE_TABLE_LR, LARGE_RELATION_LR, "complex_diagonal", LARGE_EPOCHS)
+    assert d.relation_lr >= d.table_lr    # no longer 1e-4 of the tables'
     assert d.same_relation == pytest.approx(1000 * (0.25 + 0.0225 + 0.04 + 0.0225))
+    # the reason names every setting and why
+    for words in ("32 uniform global negatives", "drawn by popularity",
+                  "operator complex_diagonal", "query entity itself",
+                  f"SGD {LARGE_RELATION_LR:g} for the relation vectors", f"{LARGE_EPOCHS} epochs"):
+        assert words in d.reason
+    assert choose_defaults(n, [n], [100_000, 20_000], 31).operator == "diagonal"   # odd dim
+    assert choose_defaults(n, [n], [5, 20_000], 32).global_negatives == 4   # smallest - 1
 
 
 def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagonal():
@@ -42,9 +60,9 @@ def test_threshold_and_epochs():
     # One relation: every edge of a batch shares it, so same_relation == batch size.
     below = choose_defaults(999, [999], [100], 8)             # batch 49 < 50
     at = choose_defaults(1000, [1000], [100], 8)              # batch 50
-    assert below.in_batch_negatives == 0 and at.in_batch_negatives == 10
-    # Epochs: 10 with in-batch negatives (as before); else at least 4000 steps, 10 to 200.
-    assert choose_defaults(100_000, [100_000], [10], 8).epochs == 10
+    assert (below.table_lr, at.table_lr) == (5.0, LARGE_TABLE_LR)
+    # Epochs: LARGE_EPOCHS with few relations per batch; else at least 4000 steps, 10 to 200.
+    assert choose_defaults(100_000, [100_000], [10], 8).epochs == LARGE_EPOCHS
     many = [1000] * 1000                                      # same_relation 1: many relations
     assert choose_defaults(1_000_000, many, [10], 8).epochs == 10     # 1000 steps/epoch
     assert choose_defaults(100_000, many[:100], [10], 8).epochs == 40   # 100 steps/epoch
@@ -80,13 +98,16 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
     expected = data["per_replica_batch_size"] * float((p ** 2).sum())
     assert f"only {expected:.1f} edges of a relation per batch" in result["defaults"]
 
-    # One relation, a batch of 60 edges: in-batch negatives and translation, as before.
+    # One relation, a batch of 65 edges: the few-relations settings.
     sparse = [(f"user:u{i % 300}", "likes", f"item:i{(7 * i) % 97}") for i in range(1300)]
-    import_triples(_write(tmp_path / "sparse.tsv", sparse), str(tmp_path / "sparse"),
-                   valid=_write(tmp_path / "v.tsv", sparse[:20]), dim=8)
-    config = yaml.safe_load((tmp_path / "sparse" / "config.yaml").read_text())
+    result = import_triples(_write(tmp_path / "sparse.tsv", sparse), str(tmp_path / "sparse"),
+                            valid=_write(tmp_path / "v.tsv", sparse[:20]), dim=8)
+    text = (tmp_path / "sparse" / "config.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert result["defaults"] in text and "uniform global negatives" in text
     assert config["train_data"]["per_replica_batch_size"] == 65
     assert (config["train_data"]["in_batch_negatives"],
-            config["train_data"]["global_negatives"]) == (10, 5)
-    assert config["model"]["relations"][0]["operator"] == "translation"
-    assert config["training"]["num_epochs"] == 10
+            config["train_data"]["global_negatives"]) == (0, 32)
+    assert config["model"]["relations"][0]["operator"] == "complex_diagonal"
+    assert config["model"]["translation_optimizer"] == {"sgd": {"lr": LARGE_RELATION_LR}}
+    assert config["training"]["num_epochs"] == LARGE_EPOCHS

@@ -218,7 +218,9 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
                        str(tmp_path / "save"), "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert {"mrr", "hits_at_1", "hits_at_3", "hits_at_10", "mean_rank", "auc", "head", "tail",
-            "per_relation"} <= set(printed)
+            "per_relation", "popularity"} <= set(printed)
+    assert printed["popularity"]["count"] == printed["count"]   # same ranks, same protocol
+    assert 0 < printed["popularity"]["mrr"] <= 1
     assert printed["num_edges"] == result["num_edges"] > 0
     assert 0 < printed["mrr"] <= 1 and printed["mean_rank"] >= 1
 

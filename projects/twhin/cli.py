@@ -169,6 +169,12 @@ def _print_metrics(result: dict) -> None:
     print(row("all", result))
     for side in ("head", "tail"):
         print(row(f"  {side}", result[side]))
+    popular = result.get("popularity")
+    if popular:
+        print(row("popularity baseline", popular))
+        if popular.get("count") and result.get("count") and result["mrr"] <= popular["mrr"]:
+            print(f"warning: MRR {result['mrr']:.4f} is not above the popularity baseline's "
+                  f"{popular['mrr']:.4f}: these embeddings rank worse than counting")
     for name, metrics in result["per_relation"].items():
         print(row(name, metrics))
         for side in ("head", "tail"):

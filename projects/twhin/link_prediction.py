@@ -30,6 +30,11 @@ identically on every worker (same seed), so it does not depend on W either.
 
 Edges whose head, tail or relation never occur in the training split are skipped and
 counted (their vectors are untrained), or rejected with `strict`.
+
+The popularity baseline (`popularity_rank_sums`, reported as `popularity`): every candidate
+scored by how often it is the same side of the same relation in the training split, ranked
+by the very same `filtered_ranks` (same filter, same ties at the mean). Embeddings that rank
+below it are worse than counting: a user should see that at once, beside the model's MRR.
 """
 
 from __future__ import annotations
@@ -236,6 +241,51 @@ def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors:
     return sums
 
 
+def popularity_counts(train: Edges, relations: list[Relation], sizes: Mapping[str, int]
+                      ) -> list[dict[str, torch.Tensor]]:
+    """Per relation and side, (num_candidates, 1) training-edge counts of every candidate."""
+    lhs, rel, rhs = train
+    out = []
+    for r, relation in enumerate(relations):
+        chosen = rel == r
+        out.append({
+            "tail": torch.from_numpy(np.bincount(rhs[chosen], minlength=sizes[relation.rhs])
+                                     .astype(np.float64)).unsqueeze(1),
+            "head": torch.from_numpy(np.bincount(lhs[chosen], minlength=sizes[relation.lhs])
+                                     .astype(np.float64)).unsqueeze(1)})
+    return out
+
+
+def popularity_rank_sums(train: Edges, relations: list[Relation], sizes: Mapping[str, int],
+                         edges: Edges, known: KnownEdges, query_chunk: int = 1024,
+                         candidate_chunk: int = 8192) -> np.ndarray:
+    """`rank_sums` of the popularity baseline: candidate score = its training count.
+
+    Same protocol as the model's ranks (`filtered_ranks` with the identity operator on
+    1-d "vectors": anchor 1, candidate its count), computed whole on every worker (the
+    counts are one number per entity).
+    """
+    counts = popularity_counts(train, relations, sizes)
+    identity = operator_code("identity")
+    lhs, rel, rhs = edges
+    sums = np.zeros((len(relations), 2, len(COLUMNS)))
+    for r in range(len(relations)):
+        chosen = np.nonzero(rel == r)[0]
+        for side_index, side in enumerate(SIDES):
+            anchors, truths = (lhs, rhs) if side == "tail" else (rhs, lhs)
+            anchors, truths = anchors[chosen], truths[chosen]
+            for start in range(0, len(chosen), query_chunk):
+                a = anchors[start:start + query_chunk]
+                t = truths[start:start + query_chunk]
+                positions, entities = known.lookup(side, r, a)
+                ranks = filtered_ranks(torch.ones(len(a), 1, dtype=torch.float64),
+                                       torch.ones(1, dtype=torch.float64), identity, side,
+                                       counts[r][side], t, positions, entities,
+                                       candidate_chunk)
+                _add(sums[r, side_index], ranks)
+    return sums
+
+
 @torch.no_grad()
 def auc_scores(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors: torch.Tensor,
                relations: list[Relation], edges: Edges, chunk: int = 1000,
@@ -314,8 +364,9 @@ def _data_config(config: TwhinConfig, split: str) -> TwhinDataConfig:
 
 
 def prepare(config: TwhinConfig, split: str, strict: bool = False
-            ) -> tuple[Edges, KnownEdges, dict[str, int]]:
-    """The edges to evaluate (unseen ones removed), the filter index, and counts."""
+            ) -> tuple[Edges, KnownEdges, dict[str, int], Edges]:
+    """The edges to evaluate (unseen ones removed), the filter index, counts, and the
+    training edges (for the popularity baseline)."""
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
     relations = config.model.relations
     evaluated_root = _data_config(config, split).data_root
@@ -358,7 +409,7 @@ def prepare(config: TwhinConfig, split: str, strict: bool = False
         logger.warning("%s: skipping %d of %d edges whose entity or relation never occurs in "
                        "training", evaluated_root, skipped, len(lhs))
     counts = {"num_edges": len(lhs), "num_skipped_unseen": skipped}
-    return (lhs[ok], rel[ok], rhs[ok]), known, counts
+    return (lhs[ok], rel[ok], rhs[ok]), known, counts, train
 
 
 def _check_range(edges: Edges, sizes: dict[str, int], relations: list[Relation],
@@ -415,7 +466,7 @@ def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
     config = load_config_from_yaml(TwhinConfig, config_path)
     path = resolve_checkpoint(checkpoint)
     tables, relation_vectors = load_shards(config, path, rank, world)
-    edges, known, counts = prepare(config, split, strict)
+    edges, known, counts, train = prepare(config, split, strict)
     reduce: Reduce | None = None
     if distributed:
         def reduce(tensor: torch.Tensor) -> None:
@@ -426,6 +477,10 @@ def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
     positives, negatives = auc_scores(tables, relation_vectors, relations, edges,
                                       reduce=reduce)
     result = summarize(sums, relations)
+    sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
+    popular = summarize(popularity_rank_sums(train, relations, sizes, edges, known,
+                                             query_chunk, candidate_chunk), relations)
+    result["popularity"] = {key: popular[key] for key in popular if key != "per_relation"}
     result.update(counts)
     result["auc"] = auc(positives, negatives)
     result["split"] = split

@@ -1,0 +1,195 @@
+"""Link-prediction quality of `twhin import`'s config on generated graphs (issue 20).
+
+For every graph (`projects.twhin.data.kg_generate`: shape, entities, edges, seed): generate,
+`twhin import` (valid / test files given), `twhin train` with the written config as is
+(row "defaults") or with `--set` overrides (candidate settings, `--candidates`), then
+`twhin evaluate --json` on validation and test: filtered MRR / Hits@10 of the model and of
+the popularity baseline (same protocol), and the wall-clock of the whole train command.
+Every command is the CLI a user runs, in a subprocess with 1 thread.
+
+    .venv/bin/python -m benchmarks.quality [--graphs patterns:3000:40000:1,longtail:...]
+        [--candidates defaults,NAME...] [--out benchmarks/results/quality.json]
+
+Choose settings on the validation MRR of some graphs (seeds); check them on others.
+PyKEEN is not run here (no rows are claimed for it): see benchmarks/kg_compare.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRAPHS = "patterns:3000:40000:21,longtail:10000:60000:21"   # the check graphs (docs)
+
+# Candidate settings tried against the written config: `--set` overrides ("OPS" sets
+# every relation's operator). Kept so the measurements in docs/twhin_cli.md can be redone.
+OLD_OTHERWISE = {"train_data.in_batch_negatives": 10, "train_data.global_negatives": 5,
+                 "model.embeddings.tables.*.optimizer.adagrad.lr": 0.5,
+                 "model.translation_optimizer.sgd.lr": 0.05, "OPS": "translation",
+                 "training.num_epochs": 10}
+CANDIDATES: dict[str, dict] = {
+    "defaults": {},
+    "old": OLD_OTHERWISE,
+    "old_complex": {**OLD_OTHERWISE, "OPS": "complex_diagonal"},
+    "old_complex_rel_lr": {**OLD_OTHERWISE, "OPS": "complex_diagonal",
+                           "model.translation_optimizer.sgd.lr": 5.0},
+    "global32_complex": {"train_data.in_batch_negatives": 0,
+                         "train_data.global_negatives": 32,
+                         "model.embeddings.tables.*.optimizer.adagrad.lr": 0.5,
+                         "model.translation_optimizer.sgd.lr": 5.0,
+                         "OPS": "complex_diagonal", "training.num_epochs": 10},
+    "global32_complex_lr5": {"train_data.in_batch_negatives": 0,
+                             "train_data.global_negatives": 32,
+                             "model.embeddings.tables.*.optimizer.adagrad.lr": 5.0,
+                             "model.translation_optimizer.sgd.lr": 50.0,
+                             "OPS": "complex_diagonal", "training.num_epochs": 10},
+    "global32_complex_lr1": {"train_data.in_batch_negatives": 0,
+                             "train_data.global_negatives": 32,
+                             "model.embeddings.tables.*.optimizer.adagrad.lr": 1.0,
+                             "model.translation_optimizer.sgd.lr": 10.0,
+                             "OPS": "complex_diagonal", "training.num_epochs": 10},
+    "mixed_complex": {"train_data.in_batch_negatives": 10,
+                      "train_data.global_negatives": 32,
+                      "model.embeddings.tables.*.optimizer.adagrad.lr": 0.5,
+                      "model.translation_optimizer.sgd.lr": 5.0,
+                      "OPS": "complex_diagonal", "training.num_epochs": 10},
+}
+_G32 = CANDIDATES["global32_complex"]
+CANDIDATES.update({
+    "g32c_e50": {**_G32, "training.num_epochs": 50},
+    "g32c_lr1_e50": {**CANDIDATES["global32_complex_lr1"], "training.num_epochs": 50},
+    "mixed_e50": {**CANDIDATES["mixed_complex"], "training.num_epochs": 50},
+    "g128c": {**_G32, "train_data.global_negatives": 128},
+    "g128c_e20": {**_G32, "train_data.global_negatives": 128, "training.num_epochs": 20},
+    "g32c_rel50": {**_G32, "model.translation_optimizer.sgd.lr": 50.0},
+    "g32c_rel05": {**_G32, "model.translation_optimizer.sgd.lr": 0.5},
+    "g32c_dim128": {**_G32, "model.embeddings.tables.*.embedding_dim": 128},
+    "g32c_e5": {**_G32, "training.num_epochs": 5},
+    "g32c_e20": {**_G32, "training.num_epochs": 20},
+    "g32c_lr01_e50": {**_G32, "training.num_epochs": 50,
+                      "model.embeddings.tables.*.optimizer.adagrad.lr": 0.1,
+                      "model.translation_optimizer.sgd.lr": 1.0},
+    "g32c_b256_e20": {**_G32, "training.num_epochs": 20,
+                      "train_data.per_replica_batch_size": 256},
+})
+
+
+def run(cmd: list[str], log: str) -> tuple[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:4])} failed ({proc.returncode}); see {log}")
+    return proc.stdout, seconds
+
+
+def _sets(config: dict, overrides: dict) -> list[str]:
+    sets = {}
+    for key, value in overrides.items():
+        if key == "OPS":
+            for i in range(len(config["model"]["relations"])):
+                sets[f"model.relations.{i}.operator"] = value
+        elif ".*." in key:
+            for i in range(len(config["model"]["embeddings"]["tables"])):
+                sets[key.replace(".*.", f".{i}.")] = value
+        else:
+            sets[key] = value
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0) -> list[dict]:
+    shape, entities, edges, graph_seed = spec.split(":")
+    twhin = [sys.executable, "-m", "projects.twhin"]
+    folder = os.path.join(work, spec.replace(":", "_"))
+    raw = os.path.join(folder, "raw")
+    run([sys.executable, "-m", "projects.twhin.data.kg_generate", "--shape", shape,
+         "--entities", entities, "--edges", edges, "--seed", graph_seed, "--out", raw],
+        os.path.join(folder + "_gen.log"))
+    data = os.path.join(folder, "data")
+    run(twhin + ["import", "--triples", os.path.join(raw, "train.tsv"), "--valid",
+                 os.path.join(raw, "valid.tsv"), "--test", os.path.join(raw, "test.tsv"),
+                 "--out", data, "--force"], os.path.join(folder + "_import.log"))
+    config_path = os.path.join(data, "config.yaml")
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    with open(config_path) as f:
+        reason = f.readlines()[1].strip()
+    rows = []
+    for name in candidates:
+        save = os.path.join(folder, f"run_{name}_s{seed}")
+        flags = _sets(config, CANDIDATES[name]) + ["--set", f"training.seed={seed}"]
+        _, train_s = run(twhin + ["train", "--config", config_path, "--save_dir", save,
+                                  "--nproc_per_node", "1"] + flags, save + "_train.log")
+        result = {}
+        for split in ("validation", "test"):
+            out, _ = run(twhin + ["evaluate", "--config",
+                                  os.path.join(save, "twhin_config.yaml"), "--checkpoint",
+                                  save, "--split", split, "--json"], save + f"_{split}.log")
+            result[split] = json.loads(out)
+        test, valid = result["test"], result["validation"]
+        rows.append({"graph": spec, "candidate": name, "seed": seed,
+                     "valid_mrr": valid["mrr"], "mrr": test["mrr"],
+                     "hits_at_10": test["hits_at_10"],
+                     "popularity_mrr": test["popularity"]["mrr"],
+                     "popularity_hits_at_10": test["popularity"]["hits_at_10"],
+                     "train_seconds": round(train_s, 1), "import_reason": reason,
+                     "overrides": CANDIDATES[name]})
+        print(f"{spec} {name} seed {seed}: valid MRR {valid['mrr']:.3f}, test MRR "
+              f"{test['mrr']:.3f}, H@10 {test['hits_at_10']:.3f} (popularity "
+              f"{test['popularity']['mrr']:.3f} / {test['popularity']['hits_at_10']:.3f}), "
+              f"train {train_s:.0f} s", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| graph | settings | valid MRR | test MRR | H@10 | popularity MRR | "
+             "popularity H@10 | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['graph']} | {r['candidate']} | {r['valid_mrr']:.3f} | {r['mrr']:.3f} "
+              f"| {r['hits_at_10']:.3f} | {r['popularity_mrr']:.3f} "
+              f"| {r['popularity_hits_at_10']:.3f} | {r['train_seconds']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--graphs", default=GRAPHS,
+                   help="comma-separated shape:entities:edges:seed")
+    p.add_argument("--candidates", default="defaults",
+                   help=f"comma-separated, of: {', '.join(CANDIDATES)}")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--work", help="keep data, checkpoints and logs here")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
+                                                 "quality.json"))
+    args = p.parse_args(argv)
+    work = args.work or tempfile.mkdtemp(prefix="quality_")
+    os.makedirs(work, exist_ok=True)
+    names = args.candidates.split(",")
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        sys.exit(f"error: --candidates: unknown {', '.join(unknown)}")
+    rows = []
+    for spec in args.graphs.split(","):
+        rows += one_graph(spec, names, work, args.seed)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"metric": "filtered, ties at the mean, head and tail, test split "
+                             "(valid_mrr: validation split); popularity: same protocol",
+                   "threads": 1, "rows": rows}, f, indent=1)
+    print(table(rows))
+    print(f"\nwritten: {args.out}; logs: {work}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/quality.py: candidate overrides expand to valid `--set` flags for a config."""
+
+import copy
+
+import pytest
+
+from benchmarks.quality import CANDIDATES, _sets
+from projects.twhin.cli import apply_overrides
+
+CONFIG = {"training": {"num_epochs": 1, "seed": 0},
+          "model": {"translation_optimizer": {"sgd": {"lr": 0.05}},
+                    "embeddings": {"tables": [{"optimizer": {"adagrad": {"lr": 0.5}}},
+                                              {"optimizer": {"adagrad": {"lr": 0.5}}}]},
+                    "relations": [{"operator": "translation"}, {"operator": "translation"}]},
+          "train_data": {"in_batch_negatives": 10, "global_negatives": 5,
+                         "per_replica_batch_size": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_every_candidate_applies_to_every_table_and_relation(name):
+    flags = _sets(CONFIG, CANDIDATES[name])
+    values = [f for f in flags if f != "--set"]
+
+    data = apply_overrides(copy.deepcopy(CONFIG), values, "config.yaml")
+    overrides = CANDIDATES[name]
+    if "OPS" in overrides:
+        assert {r["operator"] for r in data["model"]["relations"]} == {overrides["OPS"]}
+    key = "model.embeddings.tables.*.optimizer.adagrad.lr"
+    if key in overrides:
+        assert [t["optimizer"]["adagrad"]["lr"] for t in data["model"]["embeddings"]["tables"]] \
+            == [overrides[key]] * 2
