@@ -37,3 +37,14 @@ class TrainingFailedError(TmlError):
         self.rank = rank
         self.exitcode = exitcode
         self.worker_message = worker_message
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text as one line of at most `limit` characters.
+
+    For wrapping a library's error (pyarrow's messages can run over several lines) into a
+    user error, which is printed as one line.
+    """
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

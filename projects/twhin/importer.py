@@ -57,10 +57,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from projects.twhin.triples import Chunk, one_line, read_triples
+from projects.twhin.triples import Chunk, read_triples
 from tml.common.atomic_directory import atomic_directory, cannot_write, refuse_non_empty
 from tml.common.safe_paths import check_name, is_inside
-from tml.errors import DataError
+from tml.errors import DataError, error_line
 
 __all__ = ["import_triples", "read_triples", "read_vocabulary", "choose_defaults",
            "default_config", "Vocabulary", "RESERVED_NAMES"]
@@ -431,7 +431,7 @@ def _read_parquet(path: str, columns: list[str]) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException, ValueError) as error:
-        raise DataError(f"{path}: cannot read as parquet: {one_line(error)}") from None
+        raise DataError(f"{path}: cannot read as parquet: {error_line(error)}") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (a vocabulary written "
@@ -453,7 +453,7 @@ def _vocabulary_table(path: str) -> np.ndarray:
     try:
         values = ids.cast(pa.string()).to_pylist()
     except (pa.ArrowException, UnicodeDecodeError, ValueError) as error:
-        raise DataError(f"{path}: column 'id': {one_line(error)}") from None
+        raise DataError(f"{path}: column 'id': {error_line(error)}") from None
     out = np.empty(len(rows), dtype=object)
     out[rows] = values
     return out
@@ -484,6 +484,6 @@ def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
             order = np.argsort(table.column("index").to_numpy(zero_copy_only=False))
             names = table.column("name").cast(pa.string()).to_pylist()
         except (pa.ArrowException, UnicodeDecodeError, ValueError) as error:
-            raise DataError(f"{path}: {one_line(error)}") from None
+            raise DataError(f"{path}: {error_line(error)}") from None
         relations = [names[i] for i in order]
     return tables, relations

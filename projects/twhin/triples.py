@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tml.errors import DataError
+from tml.errors import DataError, error_line
 
 CHUNK_ROWS = 100_000
 # Longest text line read (characters): far above any id, far below memory trouble.
@@ -48,14 +48,6 @@ class Chunk:
         return f"{self.unit} {self.positions[i]}"
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's text as one line of at most `limit` characters (pyarrow's own
-    messages can run over several lines)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    text = text or type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def file_format(path: str) -> str:
     """'parquet', or the delimiter of a text file (by extension, else sniffed)."""
     lower = path.lower()
@@ -69,7 +61,7 @@ def file_format(path: str) -> str:
         with open(path, "rb") as handle:
             first = handle.readline(MAX_LINE_CHARS)
     except OSError as error:
-        raise DataError(f"{path}: cannot read: {error.strerror or one_line(error)}") from None
+        raise DataError(f"{path}: cannot read: {error.strerror or error_line(error)}") from None
     return "\t" if b"\t" in first else ","
 
 
@@ -123,7 +115,7 @@ def _lines(path: str, handle) -> Iterator[str]:  # noqa: ANN001 (a text file)
             line = readline(MAX_LINE_CHARS)
         except OSError as error:
             raise DataError(f"{path}: line {number + 1}: cannot read: "
-                            f"{error.strerror or one_line(error)}") from None
+                            f"{error.strerror or error_line(error)}") from None
         if not line:
             return
         number += 1
@@ -137,7 +129,7 @@ def _read_text(path: str, delimiter: str) -> Iterator[Chunk]:
     try:
         handle = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as error:
-        raise DataError(f"{path}: cannot read: {error.strerror or one_line(error)}") from None
+        raise DataError(f"{path}: cannot read: {error.strerror or error_line(error)}") from None
     with handle:
         reader = csv.reader(_lines(path, handle), delimiter=delimiter)
         chunk = Chunk([], [], "line")
@@ -176,7 +168,7 @@ def _read_text(path: str, delimiter: str) -> Iterator[Chunk]:
 
 
 def _csv_problem(error: csv.Error) -> str:
-    text = one_line(error)
+    text = error_line(error)
     if "field larger than field limit" in text:
         return (f"a field is longer than {csv.field_size_limit()} characters (a quote that "
                 "is never closed?)")
@@ -225,7 +217,7 @@ def _strings(path: str, column: pa.Array, name: str, first_row: int) -> list[str
             except (pa.ArrowException, UnicodeDecodeError, ValueError):
                 raise DataError(f"{path}: row {first_row + i}: column {name!r} is not UTF-8 "
                                 "text") from None
-        raise DataError(f"{path}: column {name!r}: {one_line(error)}") from None
+        raise DataError(f"{path}: column {name!r}: {error_line(error)}") from None
     for i, value in enumerate(values):
         if value is None or not value.strip():
             what = "null" if value is None else "empty"
@@ -237,7 +229,7 @@ def _read_parquet(path: str) -> Iterator[Chunk]:
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException, ValueError) as error:
-        raise DataError(f"{path}: cannot read as parquet: {one_line(error)}") from None
+        raise DataError(f"{path}: cannot read as parquet: {error_line(error)}") from None
     with parquet:
         columns = _parquet_columns(path, parquet)
         first_row = 1                             # rows are counted from 1, like lines
@@ -249,7 +241,7 @@ def _read_parquet(path: str) -> Iterator[Chunk]:
                 return
             except (OSError, pa.ArrowException, ValueError) as error:
                 raise DataError(f"{path}: cannot read the rows from row {first_row} on: "
-                                f"{one_line(error)}") from None
+                                f"{error_line(error)}") from None
             if batch.num_columns != 3:
                 raise DataError(f"{path}: expected columns {', '.join(columns)}, read "
                                 f"{', '.join(batch.schema.names)}")

@@ -42,7 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
 from projects.twhin.models.config import Relation
-from tml.errors import ConfigError, DataError
+from tml.errors import ConfigError, DataError, error_line
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class EdgesDataset:
                     return
                 except (OSError, pa.ArrowException, ValueError) as error:
                     raise DataError(f"{file.display} row {position - file_start}: cannot read "
-                                    f"the rows from here on: {_one_line(error)}") from None
+                                    f"the rows from here on: {error_line(error)}") from None
                 begin, end = position, position + record_batch.num_rows
                 position = end
                 if end <= first_row:
@@ -361,7 +361,7 @@ class EdgesDataset:
                 schema = parquet.schema_arrow
                 metadata = parquet.metadata
         except (OSError, pa.ArrowException, ValueError) as error:
-            raise DataError(f"{display}: cannot read as parquet: {_one_line(error)}") from None
+            raise DataError(f"{display}: cannot read as parquet: {error_line(error)}") from None
         for name in (self.lhs_column, self.rel_column, self.rhs_column, self.weight_column):
             if schema.names.count(name) > 1:
                 raise DataError(f"{display}: column '{name}' occurs "
@@ -411,14 +411,6 @@ def _resolve(data_root: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     if not paths:
         raise DataError(f"data_root '{data_root}' matches no parquet files")
     return fs, sorted(paths)
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's text as one line of at most `limit` characters (pyarrow's own
-    messages can run over several lines)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    text = text or type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
