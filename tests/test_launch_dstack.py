@@ -210,6 +210,37 @@ def test_the_field_forms_of_the_dstack_syntax(tmp_path: Path) -> None:
                          None).workflow.nproc_per_node == 2
 
 
+def test_the_spellings_of_dstack_s_provider_source_and_readme(tmp_path: Path) -> None:
+    """dstack's torchrun provider reads `script` or `file` (its README writes `script`), its
+    schema puts `nodes` under resources too and allows the version as a number (YAML reads
+    3.10 as 3.1), and `depends-on` entries may carry the tag `:latest`."""
+    raw = {"name": "train", "provider": "torchrun", "script": "train.py",
+           "resources": {"nodes": 3, "cpu": 1}, "version": 3.10,
+           "depends-on": ["prep:latest"]}
+    path = workflows_file(tmp_path, raw, entry("prep"))
+    selected = load_selected(str(path), "train")
+    workflow = selected.workflow
+    assert (workflow.file, workflow.nodes, workflow.resources.cpu) == ("train.py", 3, 1)
+    assert workflow.version == "3.10" and workflow.deps == ["prep:latest"]
+    # prep:latest is not run again: only the chosen workflow runs, prep is reused.
+    assert [w.name for w in selected.runs] == ["train"] and list(selected.reused) == ["prep"]
+    for number, text in ((3.9, "3.9"), (3.11, "3.11"), (3.12, "3.12")):
+        numbered = workflows_file(tmp_path, entry(version=number))
+        assert load_selected(str(numbered), None).workflow.version == text
+
+
+def test_a_latest_dependency_without_a_finished_run_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflows_file(tmp_path, entry("prep"), entry("train", deps=["prep:latest"],
+                                                         working_dir=str(tmp_path)))
+    runs_dir = tmp_path / "runs"
+    err = error_of(["launch", "train", "--file", str(path), "--runs-dir", str(runs_dir),
+                    "--dry-run"], capsys)
+    assert err == (f"error: {path}: workflow train: deps: prep:latest: no finished run of prep in {runs_dir} "
+                   "(launch prep first, or write prep without :latest to run it before)")
+    assert not runs_dir.exists()
+
+
 BAD_FIELDS = [
     ({"file": "-m"}, "file: '-m' is not a script path"),
     ({"nodes": 0}, "nodes: Input should be greater than 0"),
@@ -233,7 +264,8 @@ BAD_FIELDS = [
      "requirements: requirements file '/etc/passwd': must be a path relative to working_dir"),
     ({"requirements": "../r.txt"}, "requirements: requirements file '../r.txt'"),
     ({"requirements": ["--index-url=http://x"]}, "requirements: '--index-url=http://x' is not a pip requirement"),
-    ({"version": 3.10}, "version: 3.1: write the version quoted"),
+    ({"version": 3.2}, "version: 3.2: write the version quoted"),
+    ({"version": 3}, "version: 3: write the version quoted"),
     ({"version": "3"}, "version: '3' is not a Python major.minor version"),
     ({"working_dir": "a\nb"}, "working_dir: 'a\\nb': control character"),
     ({"before_run": ["echo \x01"]}, "before_run: 'echo \\x01': control character"),
@@ -253,6 +285,11 @@ BAD_FIELDS = [
     ({"deps": ["nowhere"]}, "deps: no workflow named 'nowhere' in this file"),
     ({"deps": ["train"]}, "deps: a cycle (train -> train)"),
     ({"deps": ["x"], "depends-on": ["x"]}, "<top level>: write deps or depends-on, not both"),
+    ({"deps": ["x:v1"]}, "deps: 'x:v1': only the tag :latest is supported"),
+    ({"deps": ["nowhere:latest"]}, "deps: no workflow named 'nowhere' in this file"),
+    ({"script": "train.py"}, "<top level>: write file or script, not both"),
+    ({"nodes": 2, "resources": {"nodes": 3}},
+     "<top level>: nodes is 2 but resources.nodes is 3: write one"),
     ({"nodez": 2}, "nodez: unknown field"),
 ]
 
@@ -443,6 +480,21 @@ def test_a_dependency_runs_first_and_its_artifact_reaches_the_dependent(tmp_path
     assert (run_dir / "deps").read_text() == f"prepare {prepare_run}\n"
     assert (tmp_path / "work" / "data" / "vocab.txt").is_file()
 
+    # `prepare:latest`: prepare is not run again; its newest finished run's artifact is used.
+    (tmp_path / "work" / "data" / "vocab.txt").unlink()
+    with open(path) as f:
+        workflows = yaml.safe_load(f)
+    workflows["workflows"][0]["depends-on"] = ["prepare:latest"]
+    path.write_text(yaml.safe_dump(workflows, sort_keys=False))
+    result = launch(["--file", str(path), "--workflow", "train", "--runs-dir", "runs"],
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [prepare_run] == list((tmp_path / "runs" / "prepare").iterdir())
+    second = Path(result.stdout.strip().splitlines()[-1])
+    assert (second / "deps").read_text() == f"prepare:latest {prepare_run}\n"
+    assert (second / "artifacts" / "model" / "out.txt").read_text() == \
+        f"train read: made by prepare in {tmp_path / 'prep'}\n"
+
     result = launch(["after-broken", "--file", str(path), "--runs-dir", "runs"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
@@ -533,6 +585,7 @@ def test_tml_run_torchrun_runs_a_script_on_two_nodes_without_a_workflow_file(
     (["--nnodes", "0"], "nodes: Input should be greater than 0"),
     (["--memory", "lots"], "resources.memory: not a memory size: 'lots'"),
     (["--gpu-name", "a;b"], "resources.gpu.name: 'a;b' is not a GPU type"),
+    (["--gpu-memory", "big"], "resources.gpu.memory: not a memory size: 'big'"),
     (["--name", "../x"], "name: workflow name '../x' is not a valid name"),
 ])
 def test_tml_run_torchrun_options_get_the_workflow_checks(
@@ -794,3 +847,16 @@ def test_requirements_lines_are_read_as_pip_reads_them(tmp_path: Path) -> None:
     assert read_requirements(str(tmp_path), "r.txt", "wf") == [
         "foo>=1", "bar", "baz   ==1", f"{tmp_path}/dist/x-0.1-py3-none-any.whl",
         "pkg @ https://example.org/p.whl#sha256=00"]
+
+
+def test_tml_run_torchrun_takes_dstack_s_gpu_options(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tml.launch import run_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").touch()
+    _, selected = run_command.parse(["train.py", "--gpu", "2", "--gpu-name", "H100",
+                                     "--gpu-memory", "80GB", "--lr", "0.1"])
+    gpu = selected.workflow.resources.gpu
+    assert (gpu.count, gpu.name, gpu.memory) == (2, "H100", "80GB")
+    assert selected.workflow.args == ["--lr", "0.1"]

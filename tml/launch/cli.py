@@ -21,6 +21,7 @@ from tml.launch import kubernetes, local, run_command, run_env, runs, slurm
 from tml.launch.artifacts import ArtifactRefused, copy_one
 from tml.launch.common import make_run_dir, new_run_id, run_dir_path
 from tml.launch.workflow import (
+    LATEST,
     LaunchError,
     LaunchFailedError,
     Workflow,
@@ -28,6 +29,7 @@ from tml.launch.workflow import (
     check_local_gpus,
     check_python_version,
     missing_requirements,
+    split_dep,
 )
 from tml.launch.workflows_file import Selected, load_selected, resolve_target
 from tml.ml_logging import setup_logging
@@ -135,13 +137,25 @@ def _pass_artifacts(dep: Workflow, dep_run_dir: str, workflow: Workflow) -> None
             logger.warning("dependency %s did not produce artifact %s", dep.name, artifact)
 
 
+def _latest_finished(runs_dir: str, name: str, source: str) -> str:
+    """The run directory of `name`'s newest run that finished with exit code 0."""
+    finished = [r for r in runs.all_runs(runs_dir) if r.name == name and r.status == "done"]
+    if not finished:
+        raise LaunchError(f"{source}: deps: {name}:{LATEST}: no finished run of "
+                          f"{name} in {os.path.abspath(runs_dir)} (launch {name} first, or "
+                          f"write {name} without :{LATEST} to run it before)")
+    newest = finished[-1]
+    # Where it is now (the record may hold the path as written then, relative to elsewhere).
+    return os.path.join(os.path.abspath(runs_dir), newest.name, newest.run_id)
+
+
 def launch(args: argparse.Namespace, selected: Selected | None = None) -> str | None:
     """Check, then run or write the workflow (after its deps); returns the run directory of
     the chosen workflow (None on dry runs). `selected`: given by `tml run`."""
     if selected is None:
         selected = select(args)
     if args.backend == "kubernetes":
-        if len(selected.runs) > 1:
+        if len(selected.runs) > 1 or selected.reused:
             raise LaunchError(f"{_source(selected, selected.workflow)}: deps: --backend "
                               "kubernetes writes one PyTorchJob; run the dependencies first")
         return _kubernetes(args, selected.workflow)
@@ -158,6 +172,13 @@ def launch(args: argparse.Namespace, selected: Selected | None = None) -> str | 
                                       source)
         if not args.dry_run:
             _check_requirements(workflow, source, args.install_requirements)
+    # NAME:latest deps: their newest finished runs, found before anything starts.
+    run_dirs: dict[str, str] = {}
+    for workflow in selected.runs:
+        for name, tag in map(split_dep, workflow.deps):
+            if tag is not None and name not in run_dirs:
+                run_dirs[name] = _latest_finished(args.runs_dir, name,
+                                                  args.sources[workflow.name])
     if args.backend == "slurm":
         if not args.dry_run:
             slurm.check_tools()
@@ -170,11 +191,12 @@ def launch(args: argparse.Namespace, selected: Selected | None = None) -> str | 
             _dry_run(args, workflow)
         return None
 
-    run_dirs: dict[str, str] = {}
     for workflow in selected.runs:
-        for dep in workflow.deps:
-            _pass_artifacts(next(w for w in selected.runs if w.name == dep), run_dirs[dep],
-                            workflow)
+        for written in workflow.deps:
+            dep, tag = split_dep(written)
+            dep_workflow = selected.reused[dep] if tag is not None else \
+                next(w for w in selected.runs if w.name == dep)
+            _pass_artifacts(dep_workflow, run_dirs[dep], workflow)
         try:
             run_dirs[workflow.name] = _run_one(args, workflow)
         except LaunchFailedError as error:
@@ -185,7 +207,8 @@ def launch(args: argparse.Namespace, selected: Selected | None = None) -> str | 
                 from None
         if workflow.deps:
             with open(os.path.join(run_dirs[workflow.name], "deps"), "w") as f:
-                f.write("".join(f"{dep} {run_dirs[dep]}\n" for dep in workflow.deps))
+                f.write("".join(f"{dep} {run_dirs[split_dep(dep)[0]]}\n"
+                                for dep in workflow.deps))
         if workflow is not selected.workflow:
             logger.info("dependency %s finished: %s", workflow.name, run_dirs[workflow.name])
     return run_dirs[selected.workflow.name]

@@ -1,5 +1,8 @@
 """`tml run torchrun FILE [ARGS] --nnodes N --gpu N -r REQS -e KEY=VALUE -a PATH`.
 
+Options as dstack's provider names them (--nnodes, --gpu, --gpu-name, --gpu-memory, --cpu,
+--memory, --shm-size, -r, -e, -a, --working-dir), plus tml's own.
+
 dstack's command-line form of a torchrun workflow, without a workflow file. The options
 build the same mapping a workflow file holds and go through the same `Workflow` model, so
 every check of a file (environment names, artifact paths, the requirements file, sizes)
@@ -33,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpu", default=None, help="GPUs per node (workers per node; default 0: one CPU "
         "worker)")
     add("--gpu-name", default=None, help="GPU type, e.g. a100")
+    add("--gpu-memory", default=None, help="least memory per GPU, e.g. 40GB")
     add("--cpu", default=None, help="CPU cores per node")
     add("--memory", default=None, help="memory per node, e.g. 16GB")
     add("--shm-size", default=None, help="shared memory per node, e.g. 2GB")
@@ -117,9 +121,10 @@ def parse(words: list[str]) -> tuple[argparse.Namespace, Selected]:
     if args.nnodes is not None:
         raw["nodes"] = args.nnodes
     resources: dict[str, object] = {}
-    if args.gpu is not None or args.gpu_name is not None:
-        resources["gpu"] = {"count": args.gpu or 0, **({"name": args.gpu_name}
-                                                         if args.gpu_name else {})}
+    if args.gpu is not None or args.gpu_name is not None or args.gpu_memory is not None:
+        resources["gpu"] = {"count": args.gpu or 0,
+                            **({"name": args.gpu_name} if args.gpu_name else {}),
+                            **({"memory": args.gpu_memory} if args.gpu_memory else {})}
     for field in ("cpu", "memory", "shm_size"):
         if getattr(args, field) is not None:
             resources[field] = getattr(args, field)

@@ -107,6 +107,16 @@ def _as_value_error(check: Callable[..., str], *args: str) -> str:
         raise ValueError(str(error)) from None
 
 
+LATEST = "latest"
+
+
+def split_dep(dep: str) -> tuple[str, str | None]:
+    """`"prepare"` -> ("prepare", None): run it first; `"prepare:latest"` -> ("prepare",
+    "latest"): reuse the artifacts of its newest finished run (dstack's tag syntax)."""
+    name, sep, tag = dep.partition(":")
+    return name, (tag if sep else None)
+
+
 def _reject_bool(value: object, field: str) -> None:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a {field}")
@@ -176,7 +186,7 @@ class Workflow(BaseConfig):
     provider: str | None = Field(None, description="dstack's provider; only torchrun (the "
                                  "default) is run by tml.")
     file: str = Field(description="The Python script every worker runs, relative to "
-                      "working_dir.")
+                      "working_dir (dstack also writes it `script`).")
     args: list[str] = Field(default_factory=list, description="Arguments of the script: a "
                             "list, or one string split as a shell would (never run by one).")
     nodes: pydantic.PositiveInt = Field(1, description="Nodes (torch elastic agents).")
@@ -202,16 +212,29 @@ class Workflow(BaseConfig):
     resources: Resources = Field(default_factory=Resources, description="Per-node resources.")
     deps: list[str] = Field(default_factory=list, description="Workflows of the same file "
                             "that run first; their artifacts are copied into this one's "
-                            "working_dir (also written depends-on).")
+                            "working_dir (also written depends-on). NAME:latest runs nothing: "
+                            "it copies the artifacts of NAME's newest finished run.")
 
     @pydantic.model_validator(mode="before")
     @classmethod
-    def _depends_on(cls, value: object) -> object:
-        # dstack spells it `depends-on`; `deps` is the attribute.
-        if isinstance(value, dict) and "depends-on" in value:
-            if "deps" in value:
-                raise ValueError("write deps or depends-on, not both")
-            value = {("deps" if k == "depends-on" else k): v for k, v in value.items()}
+    def _dstack_spellings(cls, value: object) -> object:
+        # dstack's torchrun provider reads `script` or `file` (its README writes `script`),
+        # writes `depends-on` for deps, and its schema also allows `nodes` under resources.
+        if not isinstance(value, dict):
+            return value
+        for alias, field in (("depends-on", "deps"), ("script", "file")):
+            if alias in value:
+                if field in value:
+                    raise ValueError(f"write {field} or {alias}, not both")
+                value = {(field if k == alias else k): v for k, v in value.items()}
+        resources = value.get("resources")
+        if isinstance(resources, dict) and "nodes" in resources:
+            nodes = resources["nodes"]
+            if "nodes" in value and value["nodes"] != nodes:
+                raise ValueError(f"nodes is {value['nodes']!r} but resources.nodes is "
+                                 f"{nodes!r}: write one")
+            value = {**value, "nodes": nodes,
+                     "resources": {k: v for k, v in resources.items() if k != "nodes"}}
         return value
 
     @pydantic.field_validator("provider")
@@ -225,7 +248,11 @@ class Workflow(BaseConfig):
     @classmethod
     def _dep_names(cls, value: list[str]) -> list[str]:
         for dep in value:
-            _as_value_error(check_name, dep, "dependency")
+            name, tag = split_dep(dep)
+            _as_value_error(check_name, name, "dependency")
+            if tag not in (None, LATEST):
+                raise ValueError(f"{dep!r}: only the tag :{LATEST} is supported (the newest "
+                                 f"finished run of {name})")
         return value
 
     @pydantic.field_validator("args", mode="before")
@@ -282,9 +309,16 @@ class Workflow(BaseConfig):
     @pydantic.field_validator("version", mode="before")
     @classmethod
     def _version_is_text(cls, value: object) -> object:
+        # dstack's schema allows a number (3.9, 3.10): YAML reads `3.10` as 3.1, so the number
+        # 3.1 means 3.10 (nobody targets Python 3.1); other numbers are read as written.
+        if isinstance(value, float) and not isinstance(value, bool):
+            text = repr(value)
+            if text == "3.1":
+                return "3.10"
+            if re.fullmatch(r"3\.(?:[7-9]|1[1-9])", text):
+                return text
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise ValueError(f"{value!r}: write the version quoted, e.g. \"3.11\" (YAML reads "
-                             "3.10 as the number 3.1)")
+            raise ValueError(f"{value!r}: write the version quoted, e.g. \"3.11\"")
         return value
 
     @pydantic.field_validator("name")

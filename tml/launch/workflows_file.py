@@ -18,12 +18,12 @@ one line naming the file, the workflow and the field.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tml.common.safe_paths import check_name
 from tml.core.config.config_load import parse_config, read_config_data
 from tml.errors import ConfigError
-from tml.launch.workflow import LaunchError, Workflow
+from tml.launch.workflow import LaunchError, Workflow, split_dep
 
 DSTACK_FILE = os.path.join(".dstack", "workflows.yaml")
 
@@ -34,6 +34,9 @@ class Selected:
 
     path: str
     runs: list[Workflow]  # dependencies first, the chosen workflow last
+    # Workflows named as `NAME:latest` deps: not run, their newest finished run's artifacts
+    # are copied (by name).
+    reused: dict[str, Workflow] = field(default_factory=dict)
 
     @property
     def workflow(self) -> Workflow:
@@ -130,12 +133,20 @@ def load_selected(path: str, name: str | None) -> Selected:
 
     order: list[Workflow] = []
     done: set[str] = set()
+    reused: dict[str, Workflow] = {}
 
     def visit(current: str, chain: list[str]) -> None:
         if current in done:
             return
         workflow = _validate(path, current, entries[current], listed=True)
-        for dep in workflow.deps:
+        for written in workflow.deps:
+            dep, tag = split_dep(written)
+            if tag is not None:   # NAME:latest: nothing runs; its artifacts list is needed
+                if dep not in entries:
+                    raise ConfigError(f"{path}: workflow {current}: deps: no workflow named "
+                                      f"{dep!r} in this file")
+                reused[dep] = _validate(path, dep, entries[dep], listed=True)
+                continue
             if dep in chain or dep == current:
                 loop = chain[chain.index(dep):] if dep in chain else []
                 cycle = " -> ".join([*loop, current, dep])
@@ -148,4 +159,4 @@ def load_selected(path: str, name: str | None) -> Selected:
         order.append(workflow)
 
     visit(name, [])
-    return Selected(path, order)
+    return Selected(path, order, reused)
