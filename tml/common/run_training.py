@@ -525,7 +525,7 @@ def _maybe_local_readers(reader_fn: Callable[..., Any] | None, readers: ReadersC
     world_size = node.num_nodes * nproc_per_node
     command = [sys.executable, *entrypoint, *script_args]
     child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
-    timeout = readers.connect_timeout_s if readers is not None else 60.0
+    timeout = readers.start_timeout_s if readers is not None else 300.0
     with roles.local_readers(command, count, world_size, child_env, log_dir,
                              start_timeout_s=timeout) as found:
         env[roles.READERS_ENV] = ",".join(found)

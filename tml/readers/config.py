@@ -28,9 +28,12 @@ class ReadersConfig(BaseConfig):
     block_batches: pydantic.PositiveInt = Field(
         8, description="Consecutive batches a trainer takes from one reader before the next "
         "(with several readers per trainer).")
+    start_timeout_s: pydantic.PositiveFloat = Field(
+        300.0, description="How long the launcher waits for the readers it starts beside "
+        "the trainers to serve (they import torch and check their data first).")
     connect_timeout_s: pydantic.PositiveFloat = Field(
-        60.0, description="How long a trainer (and the launcher) waits for a reader to come "
-        "up before the run ends naming it.")
+        60.0, description="How long a trainer waits for a reader to answer before the run "
+        "ends naming it.")
     batch_timeout_s: pydantic.PositiveFloat = Field(
         120.0, description="How long a trainer waits for a reader's next batch before the "
         "run ends naming it.")

@@ -9,6 +9,7 @@ Validation and test data stay in the trainers (they are read once per evaluation
 from __future__ import annotations
 
 import functools
+import logging
 
 from projects.twhin.config import TwhinConfig
 from projects.twhin.data.data import create_dataset
@@ -16,6 +17,8 @@ from projects.twhin.data.dataset import EdgesDataset
 from projects.twhin.data.edges import EdgeBatch
 from tml.readers.client import ReaderDataset
 from tml.readers.roles import reader_addresses, serve_reader
+
+logger = logging.getLogger(__name__)
 
 
 def _train_dataset(config: TwhinConfig, rank: int, world_size: int) -> EdgesDataset:
@@ -38,6 +41,12 @@ def reader_train_dataset(config: TwhinConfig, rank: int,
     """This trainer's training batches from its readers, or None when there are none."""
     addresses = reader_addresses(config.readers)
     if not addresses:
+        if config.readers.num_readers:
+            logger.warning("readers.num_readers=%d, but no readers were started for this "
+                           "worker (torchrun or tml launch started it directly): reading "
+                           "in-process (the same batches); start readers with "
+                           "TML_ROLE=reader and list them in TML_READERS to use them",
+                           config.readers.num_readers)
         return None
     return ReaderDataset(addresses, rank, world_size, EdgeBatch,
                          connect_timeout_s=config.readers.connect_timeout_s,
