@@ -60,26 +60,6 @@ def _rate(batches: Iterator, batch_size: int, seconds: float) -> dict:
             "edges_per_s": count * batch_size / elapsed}
 
 
-def serving_rates(config: str, work: str, seconds: float = 4.0) -> dict:
-    """batches/s in-process and from 1 and 2 reader processes (one trainer)."""
-    from projects.twhin.config import TwhinConfig
-    from projects.twhin.data.data import create_dataset
-    from projects.twhin.data.edges import EdgeBatch
-    from tml.core.config import load_config_from_yaml
-    from tml.readers.client import ReaderDataset
-
-    cfg = load_config_from_yaml(TwhinConfig, config)
-    batch = cfg.train_data.per_replica_batch_size
-    rows = {"in_process": _rate(iter(create_dataset(cfg.train_data, cfg.model, num_epochs=100)),
-                                batch, seconds)}
-    for count in (1, 2):
-        with reader_processes(config, count, 1, work) as addresses:
-            dataset = ReaderDataset(addresses, 0, 1, EdgeBatch)
-            rows[f"{count}_readers"] = _rate(iter(dataset), batch, seconds)
-            dataset.close()
-    return rows
-
-
 def _train(config: str, work: str, name: str, addresses: list[str] | None) -> dict:
     out = tempfile.mkdtemp(dir=work, prefix=name)
     env = _env()
@@ -100,13 +80,30 @@ def _train(config: str, work: str, name: str, addresses: list[str] | None) -> di
             "final": final[-1].split("done: ", 1)[1].split("; checkpoint")[0] if final else None}
 
 
-def training_rows(config: str, work: str) -> dict:
-    """The same short run reading in-process and fed by 2 readers."""
-    rows = {"in_process": _train(config, work, "in_process", None)}
-    with reader_processes(config, 2, 1, work) as addresses:
-        rows["2_readers"] = _train(config, work, "readers", addresses)
-    rows["same_result"] = rows["in_process"]["final"] == rows["2_readers"]["final"]
-    return rows
+def measure(config: str, train_config: str, work: str, seconds: float = 4.0) -> dict:
+    """batches/s to one trainer in-process and from 1 and 2 reader processes; then the
+    short run of `train_config` in-process and fed by the same 2 readers (the training
+    section does not change what the readers serve)."""
+    from projects.twhin.config import TwhinConfig
+    from projects.twhin.data.data import create_dataset
+    from projects.twhin.data.edges import EdgeBatch
+    from tml.core.config import load_config_from_yaml
+    from tml.readers.client import ReaderDataset
+
+    cfg = load_config_from_yaml(TwhinConfig, config)
+    batch = cfg.train_data.per_replica_batch_size
+    serving = {"in_process": _rate(iter(create_dataset(cfg.train_data, cfg.model,
+                                                       num_epochs=100)), batch, seconds)}
+    training = {"in_process": _train(train_config, work, "in_process", None)}
+    for count in (1, 2):
+        with reader_processes(config, count, 1, work) as addresses:
+            dataset = ReaderDataset(addresses, 0, 1, EdgeBatch)
+            serving[f"{count}_readers"] = _rate(iter(dataset), batch, seconds)
+            dataset.close()
+            if count == 2:
+                training["2_readers"] = _train(train_config, work, "readers", addresses)
+    training["same_result"] = training["in_process"]["final"] == training["2_readers"]["final"]
+    return {"serving": serving, "training": training}
 
 
 def table(report: dict) -> str:
@@ -128,14 +125,14 @@ def table(report: dict) -> str:
 
 
 def run(config: str, work: str, train_steps: int = 60) -> dict:
-    """Both groups of rows for `config` (the training rows stop at `train_steps`)."""
+    """The reader rows for `config` (the training rows stop at `train_steps`)."""
     data = yaml.safe_load(open(config))
     data["training"]["num_train_steps"] = train_steps
     data["training"]["train_log_every_n"] = train_steps
     short = os.path.join(work, "readers-train.yaml")
     with open(short, "w") as f:
         yaml.safe_dump(data, f)
-    report = {"serving": serving_rates(config, work), "training": training_rows(short, work)}
+    report = measure(config, short, work)
     report["table"] = table(report)
     return report
 

@@ -150,9 +150,10 @@ def test_resume_continues_from_the_position(edges, readers, num_readers, positio
 
 
 def test_codec_round_trips_and_refuses_a_foreign_schema(edges):
-    batch = next(iter(_factory(edges)(0, 1)))
-    record = codec.encode(batch)
-    assert_same([codec.Decoder(EdgeBatch, "r").decode(record)], [batch])
+    batches = list(itertools.islice(iter(_factory(edges)(0, 1)), 3))
+    record = codec.encode(batches)
+    assert_same(codec.Decoder(EdgeBatch, "r").decode(record), batches)
+    assert_same(codec.Decoder(EdgeBatch, "r").decode(record.slice(1, 2)), batches[1:])
     other = pa.RecordBatch.from_pydict({"nodes.values": [[1]], "evil": [[1]]})
     with pytest.raises(TmlError, match="r: the stream has"):
         codec.Decoder(EdgeBatch, "r").decode(other)

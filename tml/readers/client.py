@@ -225,8 +225,9 @@ class _Pump:
                 except StopIteration:
                     self._put(_END)
                     return
-                if not self._put(decoder.decode(chunk.data)):
-                    return
+                for batch in decoder.decode(chunk.data):
+                    if not self._put(batch):
+                        return
         except TmlError as error:
             self._put(_Failure(error))
         except (flight.FlightError, OSError) as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -29,38 +30,58 @@ _FROM_ARROW = {v: k for k, v in _TO_ARROW.items()}
 _META = b"tml.batch"
 
 
-def _list_column(flat: np.ndarray, kind: pa.DataType) -> pa.Array:
-    values = pa.array(flat, type=kind)
-    return pa.LargeListArray.from_arrays(pa.array([0, len(values)], pa.int64()), values)
+def _list_column(parts: list[np.ndarray], kind: pa.DataType) -> pa.Array:
+    """One list row per array of `parts` (flattened), as a LargeListArray."""
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind))
 
 
-def _tensor_columns(name: str, tensor: torch.Tensor) -> dict[str, pa.Array]:
-    if tensor.dtype not in _TO_ARROW:
-        raise TypeError(f"batch field {name}: dtype {tensor.dtype} cannot be served")
-    array = tensor.detach().cpu().contiguous().numpy()
-    return {name: _list_column(array.reshape(-1), _TO_ARROW[tensor.dtype]),
-            f"{name}.shape": _list_column(np.asarray(array.shape, np.int64), pa.int64())}
-
-
-def encode(batch: Any) -> pa.RecordBatch:
-    """One record batch holding every field of the dataclass `batch`."""
-    columns: dict[str, pa.Array] = {}
+def _tensors(batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """The batch's tensors by column name, and the keys of its KeyedJaggedTensors."""
+    tensors: dict[str, torch.Tensor] = {}
     keys: dict[str, list[str]] = {}
     for field in dataclasses.fields(batch):
         value = getattr(batch, field.name)
         if isinstance(value, KeyedJaggedTensor):
             keys[field.name] = list(value.keys())
-            columns.update(_tensor_columns(f"{field.name}.values", value.values()))
-            columns.update(_tensor_columns(f"{field.name}.lengths", value.lengths()))
+            tensors[f"{field.name}.values"] = value.values()
+            tensors[f"{field.name}.lengths"] = value.lengths()
             if value.weights_or_none() is not None:
-                columns.update(_tensor_columns(f"{field.name}.weights", value.weights()))
+                tensors[f"{field.name}.weights"] = value.weights()
         elif isinstance(value, torch.Tensor):
-            columns.update(_tensor_columns(field.name, value))
+            tensors[field.name] = value
         else:
             raise TypeError(f"batch field {field.name}: {type(value).__name__} cannot be served")
-    schema = pa.schema([pa.field(n, c.type) for n, c in columns.items()],
+    return tensors, keys
+
+
+def encode(batches: list[Any]) -> pa.RecordBatch:
+    """One record batch with one row per batch of `batches` (same class, same fields).
+
+    Several batches per message: the per-message cost (Arrow arrays, gRPC) is paid once.
+    """
+    columns: dict[str, list[np.ndarray]] = {}
+    shapes: dict[str, list[np.ndarray]] = {}
+    kinds: dict[str, pa.DataType] = {}
+    keys: dict[str, list[str]] = {}
+    for batch in batches:
+        tensors, keys = _tensors(batch)
+        for name, tensor in tensors.items():
+            if tensor.dtype not in _TO_ARROW:
+                raise TypeError(f"batch field {name}: dtype {tensor.dtype} cannot be served")
+            array = tensor.detach().cpu().contiguous().numpy()
+            kinds[name] = _TO_ARROW[tensor.dtype]
+            columns.setdefault(name, []).append(array.reshape(-1))
+            shapes.setdefault(name, []).append(np.asarray(array.shape, np.int64))
+    arrays: dict[str, pa.Array] = {}
+    for name, parts in columns.items():
+        arrays[name] = _list_column(parts, kinds[name])
+        arrays[f"{name}.shape"] = _list_column(shapes[name], pa.int64())
+    schema = pa.schema([pa.field(n, c.type) for n, c in arrays.items()],
                        metadata={_META: json.dumps({"kjt_keys": keys}).encode()})
-    return pa.RecordBatch.from_arrays(list(columns.values()), schema=schema)
+    return pa.RecordBatch.from_arrays(list(arrays.values()), schema=schema)
 
 
 class Decoder:
@@ -112,35 +133,52 @@ class Decoder:
                                  "numbers")
         self._checked, self._keys = schema, keys
 
-    def _tensor(self, record: pa.RecordBatch, name: str) -> torch.Tensor:
-        values = record.column(name)
-        shape = record.column(f"{name}.shape")
-        if len(values) != 1 or len(shape) != 1 or values.null_count or shape.null_count:
-            raise self._fail(f"column '{name}' does not hold one tensor")
-        flat = values.values.to_numpy(zero_copy_only=False)
-        dims = [int(d) for d in shape.values.to_numpy(zero_copy_only=False)]
-        if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != len(flat):
-            raise self._fail(f"column '{name}': shape {dims} does not fit its "
-                             f"{len(flat)} values")
-        # A copy: the Arrow buffer is read-only, and the batch must own its memory.
-        return torch.from_numpy(np.array(flat).reshape(dims))
+    def _column(self, record: pa.RecordBatch, name: str) -> list[np.ndarray]:
+        """Column `name` as one array per row, shaped by its `.shape` column (checked)."""
+        values, shapes = record.column(name), record.column(f"{name}.shape")
+        if values.null_count or shapes.null_count:
+            raise self._fail(f"column '{name}' has nulls")
+        # One copy per column: the Arrow buffer is read-only, torch wants writable memory.
+        flat = np.array(values.values.to_numpy(zero_copy_only=False))
+        offsets = values.offsets.to_numpy()
+        dims_flat = shapes.values.to_numpy(zero_copy_only=False)
+        dims_offsets = shapes.offsets.to_numpy()
+        rows = []
+        for row in range(len(values)):   # offsets index `.values`, also in a slice
+            lo, hi = int(offsets[row]), int(offsets[row + 1])
+            dims = [int(d) for d in dims_flat[dims_offsets[row]:dims_offsets[row + 1]]]
+            if any(d < 0 for d in dims) or math.prod(dims) != hi - lo:
+                raise self._fail(f"column '{name}': shape {dims} does not fit its "
+                                 f"{hi - lo} values")
+            rows.append(flat[lo:hi].reshape(dims))
+        return rows
 
-    def decode(self, record: pa.RecordBatch) -> Any:
+    def decode(self, record: pa.RecordBatch) -> list[Any]:
+        """The batches of `record` (one per row), checked against the batch class."""
         self._check_schema(record.schema)
-        fields: dict[str, Any] = {}
-        for field in dataclasses.fields(self.batch_type):
-            if field.name in self._keys:
-                lengths = self._tensor(record, f"{field.name}.lengths")
-                values = self._tensor(record, f"{field.name}.values")
+        names = record.schema.names
+        columns = {name: self._column(record, name) for name in names
+                   if not name.endswith(".shape")}
+        batches = []
+        for row in range(record.num_rows):
+            fields: dict[str, Any] = {}
+            for field in dataclasses.fields(self.batch_type):
+                name = field.name
+                if name not in self._keys:
+                    fields[name] = torch.from_numpy(columns[name][row])
+                    continue
+                lengths = torch.from_numpy(columns[f"{name}.lengths"][row])
+                values = torch.from_numpy(columns[f"{name}.values"][row])
                 weights = None
-                if f"{field.name}.weights" in record.schema.names:
-                    weights = self._tensor(record, f"{field.name}.weights")
-                keys = self._keys[field.name]
-                if lengths.dim() != 1 or int(lengths.sum()) != len(values) or (
-                        keys and len(lengths) % len(keys)) or (lengths < 0).any():
-                    raise self._fail(f"field '{field.name}': lengths do not fit the values")
-                fields[field.name] = KeyedJaggedTensor(keys=keys, values=values,
-                                                       lengths=lengths, weights=weights)
-            else:
-                fields[field.name] = self._tensor(record, field.name)
-        return self.batch_type(**fields)
+                if f"{name}.weights" in columns:
+                    weights = torch.from_numpy(columns[f"{name}.weights"][row])
+                keys = self._keys[name]
+                if lengths.dim() != 1 or values.dim() != 1 or (lengths < 0).any() or \
+                        int(lengths.sum()) != len(values) or \
+                        (keys and len(lengths) % len(keys)) or \
+                        (weights is not None and weights.shape != values.shape):
+                    raise self._fail(f"field '{name}': lengths do not fit the values")
+                fields[name] = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths,
+                                                 weights=weights)
+            batches.append(self.batch_type(**fields))
+        return batches
