@@ -73,7 +73,8 @@ def _wait_serving(process, address, timeout=90):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_reader_role_processes_serve_in_process_batches_and_faults_are_named(tmp_path, graph):
-    config_path = _config(tmp_path, graph, readers={"block_batches": 2})
+    # 3 epochs: more data than gRPC's buffers hold, so a stalled reader is noticed.
+    config_path = _config(tmp_path, graph, readers={"block_batches": 2}, num_epochs=3)
     addresses = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     env = launcher_env(TML_ROLE="reader", TML_READERS=",".join(addresses),
                        TML_TRAINER_WORLD_SIZE="1")
@@ -86,10 +87,10 @@ def test_reader_role_processes_serve_in_process_batches_and_faults_are_named(tmp
         for process, address in zip(readers, addresses):
             _wait_serving(process, address)
         config = load_config_from_yaml(TwhinConfig, config_path)
-        local = create_dataset(config.train_data, config.model, 0, 1)
+        local = create_dataset(config.train_data, config.model, 0, 1, num_epochs=3)
         remote = ReaderDataset(addresses, 0, 1, EdgeBatch, batch_timeout_s=3.0,
                                queue_depth=1)
-        assert len(remote) == len(local) == 152
+        assert len(remote) == len(local) == 152 and remote.num_epochs == 3
         assert_same(list(remote), list(local))
 
         # A stalled reader: the trainer waits batch_timeout_s, then names it.
