@@ -50,14 +50,17 @@ def reader_processes(config: str, count: int, world_size: int,
 
 def _rate(batches: Iterator, batch_size: int, seconds: float) -> dict:
     next(batches)   # connected and started (not part of the rate)
-    count, start = 0, time.perf_counter()
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
     for _ in batches:
         count += 1
         if time.perf_counter() - start > seconds:
             break
     elapsed = time.perf_counter() - start
+    # The trainer process's own CPU per batch (all its threads): what the readers take off
+    # the trainer's cores, measurable even when the host's cores are all busy.
     return {"batches": count, "seconds": elapsed, "batches_per_s": count / elapsed,
-            "edges_per_s": count * batch_size / elapsed}
+            "edges_per_s": count * batch_size / elapsed,
+            "trainer_cpu_ms_per_batch": 1e3 * (time.process_time() - cpu) / max(count, 1)}
 
 
 def _train(config: str, work: str, name: str, addresses: list[str] | None) -> dict:
@@ -109,11 +112,13 @@ def measure(config: str, train_config: str, work: str, seconds: float = 4.0) -> 
 def table(report: dict) -> str:
     serving, training = report["serving"], report["training"]
     base = serving["in_process"]["batches_per_s"]
-    lines = ["| data to one trainer | batches/s | vs in-process |", "|---|---|---|"]
+    lines = ["| data to one trainer | batches/s | vs in-process | trainer CPU ms per batch |",
+             "|---|---|---|---|"]
     for name, key in (("in-process reading", "in_process"), ("1 reader process", "1_readers"),
                       ("2 reader processes", "2_readers")):
         rate = serving[key]["batches_per_s"]
-        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}x |")
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}x | "
+                     f"{serving[key]['trainer_cpu_ms_per_batch']:.2f} |")
     plain, fed = training["in_process"], training["2_readers"]
     lines += ["", "| training run, 1 worker | steps | steps/s | result |", "|---|---|---|---|",
               f"| reading in-process | {plain['steps']} | {plain['steps_per_s']:.1f} | "
