@@ -75,9 +75,10 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
                 save_dir)
 
     # From the reader processes when the run has them (tml.readers), else read here.
-    train_dataset = reader_train_dataset(all_config, rank, world_size) or create_dataset(
-        all_config.train_data, all_config.model, rank, world_size,
-        num_epochs=training.num_epochs)
+    train_dataset = reader_train_dataset(all_config, rank, world_size)
+    if train_dataset is None:
+        train_dataset = create_dataset(all_config.train_data, all_config.model, rank,
+                                       world_size, num_epochs=training.num_epochs)
     validation_dataset = None
     if all_config.validation_data is not None:
         validation_dataset = create_dataset(all_config.validation_data, all_config.model,
