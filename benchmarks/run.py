@@ -10,7 +10,9 @@ report gives ratios within the run):
   (`tml.common.allocator`), so the table shows how much of a difference is the allocator's;
 * the data reader alone (batches/s), which must be at least 5x the training rate;
 * command-to-finish of a one-step run: `python projects/twhin/run.py` (self-launch) against
-  a direct `torchrun` of the same script (the launcher's own cost).
+  a direct `torchrun` of the same script (the launcher's own cost);
+* reader processes (`benchmarks/readers.py`): batches/s to a trainer from 1 and 2 readers
+  against in-process reading, and a short run fed by readers against in-process reading.
 
 Writes benchmarks/results/<name>.json and <name>.md, and prints the table.
 
@@ -31,6 +33,7 @@ import time
 import yaml
 
 import tml  # noqa: F401
+from benchmarks import readers as readers_bench
 from projects.twhin.data.generate import generate_graph
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["plain_pytorch_tuned_malloc"] = _run_plain(config, work, tuned_malloc=True)
         report["reader"] = _reader_rate(config)
         report["launch"] = _launch_overhead(one_step, work)
-    report["table"] = _table(report)
+        # Reader processes (issue 17): their rows and table come from benchmarks/readers.py.
+        report["readers"] = readers_bench.run(config, work)
+    report["table"] = _table(report) + "\n\n" + report["readers"].pop("table")
     with open(os.path.join(args.results, f"{args.name}.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.results, f"{args.name}.md"), "w") as f:

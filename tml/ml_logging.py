@@ -63,7 +63,12 @@ class _RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         rank = current_rank()
-        record.rank = "launcher" if rank is None else f"rank {rank}"
+        if rank is not None:
+            record.rank = f"rank {rank}"
+        elif os.environ.get("TML_ROLE") == "reader":   # tml.readers: a reader process
+            record.rank = f"reader {os.environ.get('TML_READER_INDEX', '?')}"
+        else:
+            record.rank = "launcher"
         if rank not in (None, 0) and not self.all_ranks:
             return record.levelno >= logging.WARNING
         return True

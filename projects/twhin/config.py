@@ -6,6 +6,7 @@ from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.models.config import TwhinModelConfig
 from tml.core.config.base_config import BaseConfig, Field
 from tml.core.config.training import RuntimeConfig, TrainingConfig
+from tml.readers.config import ReadersConfig
 
 
 class TwhinConfig(BaseConfig):
@@ -22,3 +23,6 @@ class TwhinConfig(BaseConfig):
     test_data: TwhinDataConfig | None = Field(None, description="Test edges, read only by "
                                               "`twhin evaluate --split test` (filtered "
                                               "link prediction); never used in training.")
+    readers: ReadersConfig = Field(default_factory=ReadersConfig, description="Reader "
+                                   "processes serving the training data (none by default: "
+                                   "the trainers read it). See docs/readers.md.")

@@ -48,6 +48,12 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     model_config, validation = all_config.model, all_config.validation_data
 
     def train_data(rank: int, world_size: int, num_epochs: int):  # noqa: ANN202
+        # From the reader processes when the run has them (tml.readers), else read here.
+        from projects.twhin.data.readers import reader_train_dataset
+
+        dataset = reader_train_dataset(all_config, rank, world_size)
+        if dataset is not None:
+            return dataset
         return create_dataset(all_config.train_data, model_config, rank, world_size,
                               num_epochs=num_epochs)
 
@@ -102,6 +108,17 @@ def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
             **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
 
 
+def serve_from_yaml(config_yaml_path: str, save_dir: str | None = None,
+                    only_evaluate: bool = False, evaluate_until_step: int | None = None) -> None:
+    """Reader entry point (`TML_ROLE=reader`): serve the training data until stopped.
+
+    Takes the trainers' kwargs (the launcher forwards the same ones to both roles)."""
+    from projects.twhin.data.readers import serve_train_data
+
+    del save_dir, only_evaluate, evaluate_until_step
+    serve_train_data(load_config_from_yaml(TwhinConfig, config_yaml_path))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags; an unknown or misspelt one is a one-line error naming it (never ignored)."""
     parser = StrictArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
@@ -134,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     source = args.config_yaml_path
     config = load_config_from_yaml(TwhinConfig, source)
     save_dir = require_save_dir(args.save_dir, config, source)
-    if not args.only_evaluate:
+    from tml.readers.roles import is_reader
+
+    if not args.only_evaluate and not is_reader():   # a reader checks its data itself
         workers = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node or 1))
         preflight(config, source, save_dir, workers_per_node=workers)
     kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path,
@@ -144,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.evaluate_until_step is not None:
             kwargs["evaluate_until_step"] = args.evaluate_until_step
     launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
+           reader_fn=None if args.only_evaluate else serve_from_yaml, readers=config.readers,
            **kwargs)
 
 

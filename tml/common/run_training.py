@@ -41,12 +41,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tml.common.cluster_env import NodeSetup, resolve_node_setup
 from tml.common.machines import nproc_from_machines_file
 from tml.common.rendezvous_probe import probe_rendezvous_store
 from tml.errors import TmlError, TrainingFailedError
+
+if TYPE_CHECKING:
+    from tml.readers.config import ReadersConfig
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +401,8 @@ def maybe_run_training(
     max_restarts: int | None = None,
     rdzv_endpoint: str | None = None,
     run_id: str | None = None,
+    reader_fn: Callable[..., Any] | None = None,
+    readers: ReadersConfig | None = None,
     **training_kwargs: Any,
 ) -> Any:
     """Run `train_fn(**training_kwargs)` in this worker, or launch workers that will.
@@ -419,6 +424,14 @@ def maybe_run_training(
       max_restarts: restarts of the whole worker group after a failure (torch elastic);
         default `TML_MAX_RESTARTS` or 0. Workers see the attempt in
         `TORCHELASTIC_RESTART_COUNT`.
+      reader_fn: the reader role's function (`tml.readers`): a process started with
+        `TML_ROLE=reader` (or on a SLURM reader node) runs `reader_fn(**training_kwargs)`
+        instead of training. When no reader addresses are given (`TML_READERS`, SLURM,
+        `readers.addresses`) and `readers.num_readers` (else `TML_NUM_READERS`, else the
+        machines file's `num_dataset_workers`) is positive, the launcher starts that many
+        readers beside the trainers, hands their addresses to the workers in
+        `TML_READERS`, and stops them at the end.
+      readers: the run's `ReadersConfig` (see reader_fn).
       **training_kwargs: passed to `train_fn`, forwarded to workers as `--key=value`.
 
     Returns:
@@ -429,6 +442,16 @@ def maybe_run_training(
       TrainingFailedError: a worker failed; names its rank and its message.
       TmlError: the launch itself cannot happen (bad node setup, busy port, timeout).
     """
+    if reader_fn is not None and not is_distributed_worker():
+        from tml.readers import roles
+
+        if roles.is_reader():
+            kwargs = dict(training_kwargs)
+            if FORWARDED_KWARGS_ENV in os.environ:
+                forwarded = _forwarded_keys(os.environ[FORWARDED_KWARGS_ENV])
+                kwargs.update(args_to_kwargs(sys.argv[1:], forwarded, strict=True))
+            check_kwargs_fit(reader_fn, kwargs)
+            return roles.run_reader(reader_fn, kwargs)
     if is_distributed_worker():
         return run_in_worker(train_fn, training_kwargs)
 
@@ -460,7 +483,9 @@ def maybe_run_training(
     subprocess_mode = running_under_bazel() if set_python_path_in_subprocess is None \
         else set_python_path_in_subprocess
 
-    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir:
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir, \
+            _maybe_local_readers(reader_fn, readers, entrypoint, script_args, env,
+                                 node, nproc_per_node, log_dir):
         args = build_torchrun_args(entrypoint, script_args, nproc_per_node, node, restarts,
                                    log_dir=log_dir, join_timeout_s=join_timeout)
         logger.info("launching %d worker(s) per node on %d node(s) (%s): torchrun %s",
@@ -473,6 +498,38 @@ def maybe_run_training(
             env["TORCHELASTIC_ERROR_FILE"] = os.path.join(log_dir, "launcher-error.json")
             _run_torchrun_in_process(args, env, node, join_timeout)
     return None
+
+
+@contextmanager
+def _maybe_local_readers(reader_fn: Callable[..., Any] | None, readers: ReadersConfig | None,
+                         entrypoint: list[str], script_args: list[str], env: dict[str, str],
+                         node: NodeSetup, nproc_per_node: int, log_dir: str) -> Iterator[None]:
+    """Start readers beside the trainers when asked and no reader addresses are given;
+    their addresses go to the workers in `env` (`tml.readers.roles`)."""
+    if reader_fn is None:
+        yield
+        return
+    from tml.readers import roles
+
+    if roles.reader_addresses(readers) is not None:
+        yield   # readers on their own nodes: the workers find them the same way
+        return
+    count = roles.local_reader_count(readers)
+    if not count:
+        yield
+        return
+    if node.num_nodes > 1:
+        raise TmlError(f"readers beside the trainers run on one node; with {node.num_nodes} "
+                       f"nodes start them on their own nodes and list them in "
+                       f"{roles.READERS_ENV}")
+    world_size = node.num_nodes * nproc_per_node
+    command = [sys.executable, *entrypoint, *script_args]
+    child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
+    timeout = readers.start_timeout_s if readers is not None else 300.0
+    with roles.local_readers(command, count, world_size, child_env, log_dir,
+                             start_timeout_s=timeout) as found:
+        env[roles.READERS_ENV] = ",".join(found)
+        yield
 
 
 def _rendezvous_timeout() -> int:

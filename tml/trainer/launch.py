@@ -16,10 +16,13 @@ from tml.core.config.training import TrainingConfig
 
 
 def launch(train_fn: Callable[..., Any], module_name: str, training: TrainingConfig,
-           nproc_per_node: int | None = None, **training_kwargs: Any) -> Any:
-    """`maybe_run_training(train_fn, module_name, ...)` honouring `training.max_restarts`."""
+           nproc_per_node: int | None = None, reader_fn: Callable[..., Any] | None = None,
+           readers: Any = None, **training_kwargs: Any) -> Any:
+    """`maybe_run_training(train_fn, module_name, ...)` honouring `training.max_restarts`;
+    `reader_fn` / `readers`: the run's reader processes (`tml.readers`), if it has any."""
     return maybe_run_training(train_fn, module_name, nproc_per_node=nproc_per_node,
-                              max_restarts=training.max_restarts, **training_kwargs)
+                              max_restarts=training.max_restarts, reader_fn=reader_fn,
+                              readers=readers, **training_kwargs)
 
 
 def finish_workers() -> None:
