@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tml.common.cli import StrictArgumentParser, run_cli
+from tml.core.config.overrides import apply_overrides  # noqa: F401  (re-exported)
 from tml.errors import ConfigError
 
 
@@ -72,43 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
-    """Set `dotted.key=value` items (values parsed as YAML scalars) in a config dict.
-
-    A key must name a field of the config (checked by validation afterwards) and its path
-    must go through mappings or list indices; anything else is an error naming the key.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key part")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            where = ".".join(parts[:depth + 1])
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"{source}: --set {key}: '{where}' is not a section")
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:-1])}' is not a "
-                              "section")
-    return data
-
-
 def _train(args: argparse.Namespace) -> None:
     """Validate everything, then write `SAVE_DIR/twhin_config.yaml` and start the workers.
 
@@ -121,19 +85,11 @@ def _train(args: argparse.Namespace) -> None:
     from projects.twhin.config import TwhinConfig
     from projects.twhin.preflight import preflight
     from projects.twhin.run import train_from_yaml
-    from tml.common.run_training import maybe_run_training
-    from tml.core.config import parse_config, read_config_data
-    from tml.core.config.config_load import (
-        config_variables,
-        escape_variables,
-        substitute_in_values,
-    )
+    from tml.core.config.config_load import escape_variables
+    from tml.core.config.overrides import load_config_with_overrides
+    from tml.trainer.launch import launch
 
-    data = read_config_data(args.config, substitute=False)
-    apply_overrides(data, args.set, args.config)
-    source = f"{args.config} (with --set)" if args.set else args.config
-    data = substitute_in_values(data, config_variables(args.config), source)
-    config = parse_config(TwhinConfig, data, source=source)
+    config, data, source = load_config_with_overrides(TwhinConfig, args.config, args.set)
     save_dir = os.path.abspath(args.save_dir)
     preflight(config, source, save_dir, workers_per_node=args.nproc_per_node or 1)
 
@@ -150,9 +106,8 @@ def _train(args: argparse.Namespace) -> None:
     link = os.path.join(save_dir, "vocab")
     if os.path.isdir(vocab) and not os.path.lexists(link):
         os.symlink(vocab, link)
-    maybe_run_training(train_from_yaml, "projects.twhin.run",
-                       nproc_per_node=args.nproc_per_node, config_yaml_path=effective,
-                       save_dir=save_dir)
+    launch(train_from_yaml, "projects.twhin.run", config.training,
+           nproc_per_node=args.nproc_per_node, config_yaml_path=effective, save_dir=save_dir)
 
 
 def _print_metrics(result: dict) -> None:

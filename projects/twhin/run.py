@@ -10,7 +10,7 @@ starts its own workers through `maybe_run_training`; the original launch line
 
 runs the same code in workers torchrun started. Reads like TorchRec's golden example: set
 up the device, build the tables on the meta device with fused optimizers, shard, combine
-optimizers, train.
+optimizers, train: all of it is `tml.trainer`; this file only names TwHIN's parts.
 
 `--only_evaluate` runs an evaluator beside a training job instead: it follows the save_dir,
 evaluates every new complete checkpoint once (held-out AUC) and writes the metrics to
@@ -28,18 +28,48 @@ from typing import TYPE_CHECKING
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
 from projects.twhin.config import TwhinConfig
 from tml.common.cli import StrictArgumentParser, run_cli
-from tml.common.run_training import maybe_run_training
 from tml.core.config import load_config_from_yaml
-from tml.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    import torch
-
     import tml.core.custom_training_loop as ctl
+    from tml.trainer import ProjectParts
 
 logger = logging.getLogger(__name__)
+
+
+def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
+    """What the trainer needs from TwHIN: its model, data and tables."""
+    from projects.twhin.data.data import create_dataset
+    from projects.twhin.metrics import evaluate
+    from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
+    from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
+    from tml.trainer import ProjectParts
+
+    model_config, validation = all_config.model, all_config.validation_data
+
+    def train_data(rank: int, world_size: int, num_epochs: int):  # noqa: ANN202
+        return create_dataset(all_config.train_data, model_config, rank, world_size,
+                              num_epochs=num_epochs)
+
+    def validation_data(rank: int, world_size: int):  # noqa: ANN202
+        return create_dataset(validation, model_config, rank, world_size)
+
+    # Every checkpoint records how this model scores (operators, tables), and one trained
+    # as another model is refused before it is loaded (same shapes, wrong scores).
+    def verify_checkpoint(path: str) -> None:
+        check_checkpoint_matches(all_config, path)
+
+    return ProjectParts(
+        model=lambda: TwhinModelAndLoss(TwhinModel(model_config, all_config.train_data)),
+        tables=model_config.embeddings.tables,
+        dense_optimizer=model_config.translation_optimizer,
+        train_data=train_data,
+        batch_size=all_config.train_data.per_replica_batch_size,
+        validation_data=validation_data if validation is not None else None,
+        evaluate=evaluate,
+        checkpoint_extra=checkpoint_extra(all_config),
+        verify_checkpoint=verify_checkpoint,
+    )
 
 
 def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: bool = False,
@@ -51,129 +81,23 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     """
     # Imported here, in the workers: the launcher process only validates the config and
     # starts them, and skipping torchrec and fbgemm there saves seconds on every launch.
-    import torch
-    import torch.distributed as dist
-
-    import tml.core.custom_training_loop as ctl
-    from projects.twhin.data.data import create_dataset
-    from projects.twhin.metrics import evaluate
-    from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
-    from projects.twhin.optimizer import build_optimizer
     from projects.twhin.preflight import require_save_dir
-    from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
-    from tml.common.device import setup_and_get_device
-    from tml.common.sharding import maybe_shard_model
+    from tml.trainer import train
 
-    device = setup_and_get_device()
-    if all_config.runtime.enable_tensorfloat32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     save_dir = require_save_dir(save_dir, all_config, "the config")
-    training = all_config.training
-    logger.info("training on %s with %d worker(s); checkpoints in %s", device, world_size,
-                save_dir)
-
-    train_dataset = create_dataset(all_config.train_data, all_config.model, rank, world_size,
-                                   num_epochs=training.num_epochs)
-    validation_dataset = None
-    if all_config.validation_data is not None:
-        validation_dataset = create_dataset(all_config.validation_data, all_config.model,
-                                            rank, world_size)
-    # The run ends at num_train_steps or when num_epochs of data are read, whichever first.
-    train_steps = min(training.num_train_steps, len(train_dataset) * training.num_epochs)
-    logger.info("train data: %d batches of %d edges per worker per epoch, %d epoch(s): "
-                "%d steps", len(train_dataset), all_config.train_data.per_replica_batch_size,
-                training.num_epochs, train_steps)
-
-    # Same initial weights in every run of this config: a crashed-and-resumed run can be
-    # compared with an uninterrupted one.
-    torch.manual_seed(training.seed)
-    model = TwhinModel(all_config.model, all_config.train_data)
-    apply_optimizers(model, all_config.model)
-    model_and_loss = TwhinModelAndLoss(model)
-    sharding_types = {t.name: t.sharding_type.value
-                      for t in all_config.model.embeddings.tables if t.sharding_type}
-    # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
-    sharded = maybe_shard_model(model_and_loss, device, sharding_types, output_dtensor=True)
-    optimizer, scheduler = build_optimizer(sharded, all_config.model)
-
-    evaluate_fn = None
-    if validation_dataset is not None and len(validation_dataset) > 0:
-        def evaluate_fn(m, step):  # noqa: ANN001, ANN202
-            metrics = evaluate(m, validation_dataset, device, training.num_eval_steps)
-            logger.info("step %d: held-out AUC %.4f, loss %.5f (%d batches per worker)",
-                        step, metrics["auc"], metrics["loss"], metrics["batches"])
-            return metrics
-
-    # Every checkpoint records how this model scores (operators, tables), and one trained
-    # as another model is refused before it is loaded (same shapes, wrong scores).
-    def verify_checkpoint(path: str) -> None:
-        check_checkpoint_matches(all_config, path)
-
-    if only_evaluate:
-        return _only_evaluate(sharded, save_dir, evaluate_fn,
-                              evaluate_until_step or train_steps, verify_checkpoint)
-
-    result = ctl.train(
-        model=sharded,
-        optimizer=optimizer,
-        device=device,
-        save_dir=save_dir,
-        logging_interval=training.train_log_every_n,
-        train_steps=train_steps,
-        checkpoint_frequency=training.checkpoint_every_n,
-        dataset=train_dataset,
-        worker_batch_size=all_config.train_data.per_replica_batch_size * world_size,
-        scheduler=scheduler,
-        initial_checkpoint_dir=training.initial_checkpoint_dir,
-        gradient_accumulation=training.gradient_accumulation,
-        checkpoint_max_to_keep=training.checkpoint_max_to_keep,
-        evaluate_fn=evaluate_fn,
-        eval_every_n=training.eval_log_every_n,
-        async_checkpoint=training.async_checkpoint,
-        seed=training.seed,
-        checkpoint_extra=checkpoint_extra(all_config),
-        verify_checkpoint=verify_checkpoint,
-    )
-    if result.final_step > result.start_step:
-        logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
-                    result.final_step, _fmt(result.last_loss), _fmt(result.eval_metrics.get("auc")),
-                    result.checkpoint)
-    return result
-
-
-def _only_evaluate(model: torch.nn.Module, save_dir: str, evaluate_fn: object,
-                   until_step: int,
-                   verify_checkpoint: Callable[[str], None]) -> ctl.TrainResult:
-    import tml.core.custom_training_loop as ctl
-
-    if evaluate_fn is None:
-        raise ConfigError("--only_evaluate needs validation_data in the config")
-    logger.info("only evaluating: following %s until step %d", save_dir, until_step)
-    evaluated = ctl.evaluate_checkpoints(model, save_dir, evaluate_fn,  # type: ignore[arg-type]
-                                         until_step, poll_interval_s=2.0,
-                                         verify_checkpoint=verify_checkpoint)
-    last = max(evaluated, default=0)
-    return ctl.TrainResult(0, last, None, None, evaluated.get(last, {}), None)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return train(twhin_parts(all_config), all_config.training, all_config.runtime, save_dir,
+                 only_evaluate=only_evaluate, evaluate_until_step=evaluate_until_step)
 
 
 def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
                     only_evaluate: bool = False, evaluate_until_step: int | None = None) -> dict:
     """Worker entry point: load the config and train (or evaluate); a summary of the run."""
-    import torch.distributed as dist
+    from tml.trainer.launch import finish_workers
 
     config = load_config_from_yaml(TwhinConfig, config_yaml_path)
     result = run(config, save_dir=save_dir, only_evaluate=only_evaluate,
                  evaluate_until_step=evaluate_until_step)
-    if dist.is_initialized():
-        # Leave together: rank 0 may host the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
-        # and a rank still tearing down its process group when rank 0 exits aborts.
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_workers()
     return {"final_step": result.final_step, "checkpoint": result.checkpoint,
             **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
 
@@ -204,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torchrun-started worker before it builds a model), as one line.
     """
     from projects.twhin.preflight import preflight, require_save_dir
+    from tml.trainer.launch import launch
 
     args = parse_args(argv)
     source = args.config_yaml_path
@@ -218,8 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs["only_evaluate"] = True
         if args.evaluate_until_step is not None:
             kwargs["evaluate_until_step"] = args.evaluate_until_step
-    maybe_run_training(train_from_yaml, __name__, nproc_per_node=args.nproc_per_node,
-                       max_restarts=config.training.max_restarts, **kwargs)
+    launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
+           **kwargs)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (listing, logs, stop):
         sub.add_argument("--runs-dir", default="runs", help="where the runs are (default: "
                          "runs)")
+    report = commands.add_parser("report", help="draw a run's loss and evaluation curves "
+                                 "to a PNG and print its summary (from SAVE_DIR/metrics.jsonl)")
+    report.add_argument("save_dir", help="the run's save_dir")
+    report.add_argument("--out", default=None, help="the PNG (default: SAVE_DIR/report.png)")
     run = commands.add_parser(
         "run", help="run a script with torchrun, without a workflow file",
         description="tml run torchrun FILE [ARGS] --nnodes N --gpu N -r REQS -e KEY=VALUE "
@@ -274,6 +278,13 @@ def main(argv: list[str] | None = None) -> None:
                 runs.follow(args.runs_dir, args.run, args.node)
             else:
                 runs.print_lines(runs.logs(args.runs_dir, args.run, args.node))
+            return
+        if args.command == "report":
+            from tml.core.run_report import write_report
+
+            path, table = write_report(args.save_dir, args.out)
+            print("\n".join(table))
+            print(f"curves: {path}")
             return
         if args.command == "stop":
             record = runs.stop(args.runs_dir, args.run)

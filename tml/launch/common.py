@@ -64,8 +64,72 @@ def torchrun_args(workflow: Workflow, endpoint: str, rdzv_id: str, is_host: str)
             "--rdzv_endpoint", endpoint,
             "--rdzv_id", rdzv_id,
             "--rdzv_conf", f"is_host={is_host}",
-            "--max_restarts", "0",
+            "--max_restarts", str(max_restarts_of(workflow)),
             workflow.file, *workflow.args]
+
+
+_CONFIG_FLAGS = ("--config_yaml_path", "--config")
+
+
+def _config_path(workflow: Workflow) -> str | None:
+    """The config file named in the script's args (`--config_yaml_path X`, `--config=X`)."""
+    args = workflow.args
+    for index, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if flag in _CONFIG_FLAGS:
+            if sep:
+                return value
+            return args[index + 1] if index + 1 < len(args) else None
+    return None
+
+
+def max_restarts_of(workflow: Workflow) -> int:
+    """Restarts of the worker group: the workflow's `max_restarts`, else the
+    `training.max_restarts` of the config it runs, else TML_MAX_RESTARTS, else 0.
+
+    The config is read as data (not validated: that is the script's job, in the workers);
+    a value that is not a non-negative integer is a LaunchError naming the file.
+    """
+    if workflow.max_restarts is not None:
+        return workflow.max_restarts
+    path = _config_path(workflow)
+    if path is not None:
+        from tml.core.config import read_config_data
+        from tml.errors import ConfigError
+
+        full = path if "://" in path else os.path.join(workflow.working_path(), path)
+        try:
+            data = read_config_data(full, substitute=False)
+        except ConfigError:
+            data = {}   # the script reports a missing or broken config, with its context
+        training = data.get("training")
+        value = training.get("max_restarts") if isinstance(training, dict) else None
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LaunchError(f"{path}: training.max_restarts must be a non-negative "
+                                  f"integer, got {value!r}")
+            return value
+    text = workflow.environment.get("TML_MAX_RESTARTS", os.environ.get("TML_MAX_RESTARTS", "0"))
+    try:
+        value = int(text)
+    except ValueError:
+        raise LaunchError(f"TML_MAX_RESTARTS={text!r} must be an integer") from None
+    if value < 0:
+        raise LaunchError(f"TML_MAX_RESTARTS={text!r} must be >= 0")
+    return value
+
+
+def workflow_environment(workflow: Workflow) -> dict[str, str]:
+    """The workflow's environment, plus what restarts need.
+
+    torch 2.13: a restarted group often fails in init_process_group when it shares the
+    rendezvous TCP store (pytorch issue 135712), so restarts run with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 unless the workflow sets it.
+    """
+    env = dict(workflow.environment)
+    if max_restarts_of(workflow) and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
 
 
 def base_environment(workflow: Workflow, cpus_per_node: int | None = None,
@@ -84,7 +148,7 @@ def base_environment(workflow: Workflow, cpus_per_node: int | None = None,
     if "OMP_NUM_THREADS" not in env and "OMP_NUM_THREADS" not in workflow.environment:
         cpus = cpus_per_node or workflow.resources.cpu or os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cpus // workflow.nproc_per_node))
-    env.update(workflow.environment)
+    env.update(workflow_environment(workflow))
     return env
 
 

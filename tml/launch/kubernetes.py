@@ -15,7 +15,7 @@ import shlex
 
 import yaml
 
-from tml.launch.common import torchrun_args
+from tml.launch.common import torchrun_args, workflow_environment
 from tml.launch.workflow import Workflow, memory_mebibytes
 
 DEFAULT_IMAGE = "REPLACE-ME/tml:latest"
@@ -69,7 +69,7 @@ def manifest(workflow: Workflow, run_id: str, image: str = DEFAULT_IMAGE,
     """The PyTorchJob as a dict (see `render`)."""
     name = job_name(workflow, run_id)
     resources = workflow.resources
-    env = [{"name": k, "value": v} for k, v in workflow.environment.items()]
+    env = [{"name": k, "value": v} for k, v in workflow_environment(workflow).items()]
     env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
     container: dict = {
         "name": CONTAINER,

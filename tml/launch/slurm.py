@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from tml.launch.artifacts import refused_error
-from tml.launch.common import _WORKER_VARIABLES, log_tail, torchrun_args
+from tml.launch.common import _WORKER_VARIABLES, log_tail, torchrun_args, workflow_environment
 from tml.launch.runs import RunStopped
 from tml.launch.workflow import LaunchError, LaunchFailedError, Workflow, memory_mebibytes
 
@@ -169,7 +169,7 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
     quoted = [f'"{c}"' if c in expand else q(c) for c in [python, *command]]
     node = ["#!/bin/bash", "# One node of the job: its before_run, then its torchrun agent.",
             "set -euo pipefail", f"cd {q(workflow.working_path())}"]
-    node += [f"export {key}={q(value)}" for key, value in workflow.environment.items()]
+    node += [f"export {key}={q(value)}" for key, value in workflow_environment(workflow).items()]
     node += ["export PYTHONUNBUFFERED=1",
              f'export PATH={q(os.path.dirname(python))}:"$PATH"',
              f"workers={workflow.nproc_per_node}",

@@ -210,6 +210,10 @@ class Workflow(BaseConfig):
     version: str | None = Field(None, description="Python major.minor the workflow needs; "
                                 "checked against the launching interpreter.")
     resources: Resources = Field(default_factory=Resources, description="Per-node resources.")
+    max_restarts: pydantic.NonNegativeInt | None = Field(
+        None, description="Restarts of the whole worker group after a failure (torchrun "
+        "--max_restarts). Default: the training.max_restarts of the config the script is "
+        "given (--config_yaml_path or --config in args), else TML_MAX_RESTARTS, else 0.")
     deps: list[str] = Field(default_factory=list, description="Workflows of the same file "
                             "that run first; their artifacts are copied into this one's "
                             "working_dir (also written depends-on). NAME:latest runs nothing: "

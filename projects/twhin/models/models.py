@@ -27,14 +27,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.data.edges import EdgeBatch
 from projects.twhin.models.config import Operator, TwhinModelConfig
 from tml.common.modules.embedding.embedding import LargeEmbeddings
-from tml.errors import ConfigError
-from tml.optimizers.optimizer import get_optimizer_class, optimizer_kwargs
+from tml.trainer.fused_tables import apply_table_optimizers
 
 # Operator codes as stored in tensors (position in this tuple).
 OPERATORS: tuple[Operator, ...] = (Operator.TRANSLATION, Operator.IDENTITY, Operator.DIAGONAL,
@@ -307,23 +305,8 @@ torch.fx.wrap("_global_logits")
 
 
 def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> TwhinModel:
-    """Attach each table's optimizer to its weights, to be fused into backward by TorchRec."""
-    ebc = model.large_embeddings.ebc
-    for table in model_config.embeddings.tables:
-        if table.optimizer.sgd is not None and table.optimizer.sgd.momentum:
-            raise ConfigError(f"model.embeddings.tables '{table.name}': sgd momentum is not "
-                              "supported by fused embedding optimizers; use adagrad or adam")
-        weight = ebc.embedding_bags[table.name].weight
-        apply_optimizer_in_backward(
-            optimizer_class=get_optimizer_class(table.optimizer),
-            params=[weight],
-            optimizer_kwargs=optimizer_kwargs(table.optimizer),
-        )
-        # TorchRec hands these kwargs to fbgemm's fused kernel when it shards the table;
-        # fbgemm spells Adam's `betas` as beta1 / beta2 (else: unexpected keyword 'betas').
-        for kwargs in getattr(weight, "_optimizer_kwargs", []):
-            if "betas" in kwargs:
-                kwargs["beta1"], kwargs["beta2"] = kwargs.pop("betas")
+    """Attach each table's optimizer to its weights (`tml.trainer.fused_tables`)."""
+    apply_table_optimizers(model, model_config.embeddings.tables)
     return model
 
 
