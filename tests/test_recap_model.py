@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from projects.home.recap.config import RecapConfig
 from projects.home.recap.data.batch import RecapBatch
 from projects.home.recap.model.config import MaskNetConfig, PositionDebiasConfig
-from projects.home.recap.model.embeddings import init_tables_from_exports
+from projects.home.recap.model.embeddings import init_tables_from_exports, trainer_tables
 from projects.home.recap.model.mask_net import MaskNet
 from projects.home.recap.model.position_debias import PositionDebias
 from projects.home.recap.model.ranking import RankingModel, RankingModelAndLoss, multi_task_loss
@@ -22,6 +22,7 @@ from projects.home.recap.optimizer.optimizer import build_optimizer
 from tests.recap_setup import TASKS, config_dict
 from tml.core.config import parse_config
 from tml.errors import DataError
+from tml.trainer.fused_tables import apply_table_optimizers
 
 SHAPES = {"continuous": 20, "binary": 16, "discrete": 8, "user_embedding": 8}
 B = 32
@@ -49,7 +50,8 @@ def _batch(n=B, users=20, seed=0):
 
 
 def _model(config):
-    return RankingModel(config.model, config.train_data, SHAPES, embedding_device="cpu")
+    model = RankingModel(config.model, config.train_data, SHAPES, embedding_device="cpu")
+    return apply_table_optimizers(model, trainer_tables(config.model.large_embeddings))
 
 
 @pytest.mark.parametrize("kind", ["share_all", "share_partial", "share_none", "separate"])

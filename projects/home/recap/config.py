@@ -17,32 +17,18 @@ import pydantic
 from projects.home.recap.data.config import RecapDataConfig
 from projects.home.recap.model.config import ModelConfig
 from projects.home.recap.optimizer.config import RecapOptimizerConfig
+from tml.core.config import training as training_config
 from tml.core.config.base_config import BaseConfig, Field
 
 
-class TrainingConfig(BaseConfig):
-    """The training loop (the original's fields plus tml's seed, checkpoint and restart
-    options)."""
+class TrainingConfig(training_config.TrainingConfig):
+    """tml's training loop settings (a superset of the original recap ones). The data repeats
+    until num_train_steps, as the original's datasets do, unless num_epochs is set."""
 
-    save_dir: str | None = Field(None, description="Checkpoints; overridden by --save_dir.")
     num_train_steps: pydantic.PositiveInt = Field(1_000_000, description="Steps to train.")
-    initial_checkpoint_dir: str | None = Field(None, at_most_one_of="initialization",
-                                               description="Warm start (weights, step 0).")
-    checkpoint_every_n: pydantic.PositiveInt = Field(1000, description="Save every N steps.")
-    checkpoint_max_to_keep: pydantic.PositiveInt | None = Field(None, description="Keep the "
-                                                                "newest N (default all).")
-    train_log_every_n: pydantic.PositiveInt = Field(1000, description="Log every N steps.")
-    num_eval_steps: int = Field(16384, description="Batches per evaluation per worker; < 0: "
-                                "all the validation data.")
-    eval_log_every_n: pydantic.PositiveInt = Field(5000, description="Evaluate every N steps.")
-    eval_timeout_in_s: pydantic.PositiveFloat = Field(3600.0, description="Not used "
-                                                      "(evaluation runs in the loop).")
-    gradient_accumulation: pydantic.PositiveInt | None = Field(None, description="Step the "
-                                                               "dense optimizer every N.")
-    async_checkpoint: bool = Field(True, description="Write checkpoints in the background.")
-    max_restarts: pydantic.NonNegativeInt | None = Field(None, description="torch elastic "
-                                                         "restarts after a failure.")
-    seed: int = Field(0, description="Initial weights and per-step random numbers.")
+    num_epochs: pydantic.PositiveInt = Field(1_000_000_000, description="Passes over the "
+                                             "training data (default: repeat until "
+                                             "num_train_steps).")
 
 
 class JobMode(str, enum.Enum):
@@ -53,6 +39,7 @@ class JobMode(str, enum.Enum):
 
 class RecapConfig(BaseConfig):
     training: TrainingConfig = Field(TrainingConfig())
+    runtime: training_config.RuntimeConfig = Field(training_config.RuntimeConfig())
     model: ModelConfig
     train_data: RecapDataConfig
     validation_data: dict[str, RecapDataConfig] = Field({}, description="Named validation "

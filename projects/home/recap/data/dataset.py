@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -28,13 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from projects.home.recap.data.batch import RecapBatch
 from projects.home.recap.data.config import RecapDataConfig
 from projects.home.recap.data.schema import EMBEDDING_INPUTS, Feature, load_schema
 from projects.home.recap.model.config import ModelConfig
 from tml.errors import ConfigError, DataError, error_line
+
+if TYPE_CHECKING:
+    from projects.home.recap.data.batch import RecapBatch
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +316,11 @@ class RecapDataset:
         return []
 
     def _to_batch(self, rows: dict[str, np.ndarray]) -> RecapBatch:
+        # Imported here: the launcher checks the data without paying for torchrec.
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from projects.home.recap.data.batch import RecapBatch
+
         spec = self.spec
         labels = np.stack([rows[c.feature.name] for c in spec.labels], axis=1).astype(np.float32)
         weights = labels / spec.pos_rates + (1.0 - labels) / spec.neg_rates

@@ -2,8 +2,8 @@
 
 `large_embeddings`: one TorchRec EmbeddingBagCollection built on the meta device (nothing
 allocated until `maybe_shard_model` places each shard on its worker), one feature per table
-named as the table, with SGD fused into the table kernels at the configured learning rate
-(0 for frozen tables). `small_embeddings`: plain `nn.Embedding`s over discrete-feature
+named as the table. `trainer_tables` states them as tml table configs: SGD at the configured
+learning rate (0 for frozen tables), which `tml.trainer` fuses into the table kernels. `small_embeddings`: plain `nn.Embedding`s over discrete-feature
 columns, trained by the dense optimizer.
 
 `init_tables_from_exports` writes vectors of a `twhin export` (`<table>.parquet`: id,
@@ -23,16 +23,33 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from projects.home.recap.embedding.config import LargeEmbeddingsConfig, SmallEmbeddingsConfig
+from tml.common.modules.embedding import config as tml_embedding
 from tml.errors import ConfigError, DataError, error_line
+from tml.optimizers.config import LearningRate, OptimizerConfig, SgdConfig
 
 
 def is_frozen(table: object) -> bool:
     init = getattr(table, "init_from_export", None)
     return bool(init is not None and init.frozen)
+
+
+def trainer_tables(config: LargeEmbeddingsConfig | None) -> list[tml_embedding.EmbeddingBagConfig]:
+    """The large tables as tml table configs (SGD, its schedule, the sharding type)."""
+    tables = []
+    for table in (config.tables if config is not None else []):
+        if is_frozen(table):
+            lr, schedule = 0.0, LearningRate(constant=0.0)
+        else:
+            lr = config.optimizer.init_learning_rate  # type: ignore[union-attr]
+            schedule = config.optimizer.learning_rate  # type: ignore[union-attr]
+        tables.append(tml_embedding.EmbeddingBagConfig(
+            name=table.name, num_embeddings=table.num_embeddings,
+            embedding_dim=table.embedding_dim, sharding_type=table.sharding_type,
+            optimizer=OptimizerConfig(sgd=SgdConfig(lr=lr), learning_rate=schedule)))
+    return tables
 
 
 class LargeEmbeddings(nn.Module):
@@ -51,11 +68,6 @@ class LargeEmbeddings(nn.Module):
                 pooling=PoolingType.SUM, weight_init_min=-scale, weight_init_max=scale))
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device))
         self.out_features = sum(t.embedding_dim for t in config.tables)
-        for table in config.tables:
-            lr = 0.0 if is_frozen(table) else config.optimizer.init_learning_rate
-            apply_optimizer_in_backward(torch.optim.SGD,
-                                        [self.ebc.embedding_bags[table.name].weight],
-                                        {"lr": lr})
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(features).to_dict()

@@ -3,7 +3,8 @@
 Adam's parameters are split into groups with their own learning-rate schedules: one group
 per task tower (`multi_task_learning_rates.tower_learning_rates`) and one for the rest, the
 backbone (`backbone_learning_rate`); or one group for all (`single_task_learning_rate`).
-Each large table follows `large_embeddings.optimizer` (0 when frozen).
+Each large table follows `large_embeddings.optimizer` (0 when frozen); its SGD is fused
+into the table kernel (`tml.trainer.fused_tables.apply_table_optimizers`, before sharding).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from projects.home.recap.model.config import ModelConfig
-from projects.home.recap.model.embeddings import is_frozen
+from projects.home.recap.model.embeddings import trainer_tables
 from projects.home.recap.model.ranking import sanitize
 from projects.home.recap.optimizer.config import RecapOptimizerConfig
 from tml.errors import ConfigError
 from tml.optimizers.combined import DENSE_OPT_KEY, FUSED_OPT_KEY, fused_optimizer_of
 from tml.optimizers.config import LearningRate
 from tml.optimizers.optimizer import LRShim
+from tml.trainer.fused_tables import table_schedules
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +78,7 @@ def build_optimizer(model: nn.Module, config: RecapOptimizerConfig,
         parts.append((DENSE_OPT_KEY, KeyedOptimizerWrapper(dense, factory)))
     optimizer = CombinedOptimizer(parts)
 
-    tables = {}
-    if model_config.large_embeddings is not None:
-        embedding = model_config.large_embeddings
-        for table in embedding.tables:
-            tables[table.name] = LearningRate(constant=0.0) if is_frozen(table) else (
-                embedding.optimizer.learning_rate
-                or LearningRate(constant=embedding.optimizer.init_learning_rate))
+    tables = table_schedules(trainer_tables(model_config.large_embeddings))
     names_by_param = {id(p): n for n, p in optimizer.params.items()}
     group_schedules: dict[int, LearningRate] = {}
     for index, group in enumerate(optimizer.param_groups):
