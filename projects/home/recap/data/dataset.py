@@ -215,6 +215,7 @@ class RecapDataset:
                             f"{world_size} workers less than one batch of {self.batch_size}")
         self._epoch, self._batch = 0, 0
         self._pending: dict[str, int] | None = None
+        self._cache: tuple[tuple, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return self._batches
@@ -293,6 +294,18 @@ class RecapDataset:
 
     def _read_group(self, path: str, group: int, names: list[str], lo: int,
                     hi: int) -> dict[str, np.ndarray]:
+        # Evaluation reads the same rows at every evaluation: keep the last group decoded
+        # (parquet list columns decode slowly: ~0.7 s for 1024 rows of 6000 values).
+        key = (path, group, lo, hi)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        arrays = self._decode_group(path, group, names, lo, hi)
+        if not self.repeat:
+            self._cache = (key, arrays)
+        return arrays
+
+    def _decode_group(self, path: str, group: int, names: list[str], lo: int,
+                      hi: int) -> dict[str, np.ndarray]:
         try:
             with self._fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
                 table = parquet.read_row_group(group, columns=names)

@@ -151,8 +151,10 @@ def generate(out: str, rows: int, schema_path: str = DEFAULT_SCHEMA, files: int 
         table = generate_table(features, int(bounds[index + 1] - bounds[index]), rng, world,
                                position_index)
         path = os.path.join(out, f"part-{index:05d}.parquet")
-        pq.write_table(table, path + ".tmp", row_group_size=max(1, min(4096, table.num_rows)))
-        os.replace(path + ".tmp", path)
+        # A name of this process's own: nodes of one machine may generate side by side.
+        temporary = f"{path}.{os.getpid()}.tmp"
+        pq.write_table(table, temporary, row_group_size=max(1, min(4096, table.num_rows)))
+        os.replace(temporary, path)
         paths.append(path)
     return paths
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = StrictArgumentParser(prog="python -m projects.home.recap.data.generate",
                                   description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Directory for the parquet files.")
-    parser.add_argument("--rows", type=int, default=4096, help="Examples in all.")
+    parser.add_argument("--rows", type=int, default=2048, help="Examples in all.")
     parser.add_argument("--files", type=int, default=2, help="Parquet files to write.")
     parser.add_argument("--schema", default=DEFAULT_SCHEMA, help="segdense.json to follow.")
     parser.add_argument("--seed", type=int, default=0)
