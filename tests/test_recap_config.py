@@ -93,3 +93,13 @@ def test_unsupported_or_inconsistent_options_are_named(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message) as raised:
         load_config_from_yaml(RecapConfig, _edited(tmp_path, edit))
     assert "\n" not in str(raised.value)
+
+
+def test_workflow_loads_and_names_main():
+    from tml.launch import load_workflow
+
+    workflow = load_workflow(os.path.join(REPO, "projects", "home", "recap", "workflows",
+                                          "recap-local.yaml"))
+    assert workflow.file == "projects/home/recap/main.py"
+    assert os.path.isfile(os.path.join(workflow.working_path(), workflow.file))
+    assert workflow.environment["RECAP_DATA"] == "data/recap"
