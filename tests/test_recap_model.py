@@ -262,3 +262,17 @@ def test_each_tower_has_its_learning_rate():
     towers = {id(p) for p in model.model.towers.parameters()}
     backbone = next(g for g in optimizer.param_groups if g["name"] == "backbone")
     assert not towers & {id(p) for p in backbone["params"]}
+
+
+def test_task_metrics_auroc_and_rce():
+    from projects.home.recap.metrics import rce, task_metrics
+
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    logits = torch.tensor([[3.0, 0.0], [-3.0, 1.0], [2.0, 2.0], [-1.0, 3.0]])
+    metrics = task_metrics(logits, labels, torch.ones(4, 2), ["a", "b"], [0, 1])
+    assert metrics["auc/a"] == 1.0 and np.isnan(metrics["auc/b"]) and metrics["auc"] == 1.0
+    # predicting the base rate is RCE 0; a perfect confident model approaches 100
+    base = torch.full((4,), float(np.log(0.5 / 0.5)))
+    assert abs(rce(base, labels[:, 0], torch.ones(4))) < 1e-6
+    assert rce(torch.tensor([20.0, -20.0, 20.0, -20.0]), labels[:, 0], torch.ones(4)) > 99.9
+    assert metrics["rce/a"] > 0 > metrics["rce/b"]

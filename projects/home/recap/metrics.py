@@ -7,7 +7,8 @@ down-sampling rates) in RCE, and plain ranks in AUROC.
 
 Every rank evaluates the same number of batches of its share, then the logits, labels and
 weights are gathered from all ranks for exact metrics. Keys: `auc/<task>`, `rce/<task>`,
-their means over the evaluated tasks `auc` and `rce`, the `loss` and `batches`; a named
+their means over the evaluated tasks `auc` (over the tasks whose labels hold both
+classes; AUROC is undefined, NaN, for the others) and `rce`, the `loss` and `batches`; a named
 validation set other than the first is prefixed with `<name>:`.
 """
 
@@ -68,7 +69,8 @@ def task_metrics(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
         out[f"auc/{names[index]}"], out[f"rce/{names[index]}"] = auc, value
         aucs.append(auc)
         rces.append(value)
-    out["auc"] = sum(aucs) / len(aucs)
+    defined = [auc for auc in aucs if not math.isnan(auc)]
+    out["auc"] = sum(defined) / len(defined) if defined else float("nan")
     out["rce"] = sum(rces) / len(rces)
     return out
 
