@@ -36,7 +36,7 @@ def test_two_workers_learn_every_task_and_keep_a_frozen_export(tmp_path):
                    tmp_path / "user.parquet")
     config = config_dict(schema, str(tmp_path / "data" / "part-0000[0-2].parquet"),
                          str(tmp_path / "data" / "part-00003.parquet"))
-    config["training"].update(num_train_steps=80, checkpoint_every_n=40)
+    config["training"].update(num_train_steps=60, checkpoint_every_n=40)
     config["model"]["large_embeddings"] = {
         "tables": [{"name": "user", "num_embeddings": 20, "embedding_dim": 8,
                     "feature": "meta__user_id", "sharding_type": "row_wise",
@@ -47,7 +47,9 @@ def test_two_workers_learn_every_task_and_keep_a_frozen_export(tmp_path):
     path = write_config(str(tmp_path / "recap.yaml"), config)
     save_dir = tmp_path / "run"
 
-    done = _run(f"--config_yaml_path={path}", f"--save_dir={save_dir}", "--nproc_per_node=2")
+    # --set reaches the workers (80 steps, not the file's 60)
+    done = _run(f"--config_yaml_path={path}", f"--save_dir={save_dir}", "--nproc_per_node=2",
+                "--set", "training.num_train_steps=80")
     assert done.returncode == 0, done.stderr[-4000:]
     final = json.loads((save_dir / "final_metrics.json").read_text())
     assert final["step"] == 80 and sorted(os.listdir(save_dir)) == ["40", "80",

@@ -159,7 +159,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="With --only_evaluate: stop after this step's checkpoint.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a config value (dotted.key=value); repeatable.")
+    # How self-launched workers receive the --set items: the launcher forwards the
+    # `overrides` kwarg as --overrides=<JSON list>.
+    parser.add_argument("--overrides", type=_json_list, default=[], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"--overrides must be a JSON list of KEY=VALUE strings, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     source = args.config_yaml_path
-    config, _, _ = load_config_with_overrides(RecapConfig, source, args.set)
+    overrides = [*args.overrides, *args.set]
+    config, _, _ = load_config_with_overrides(RecapConfig, source, overrides)
     save_dir = require_save_dir(args.save_dir, config, source)
     workers = int(os.environ.get("WORLD_SIZE", args.nproc_per_node or 1))
     # Bad data fails here, once, as one line, before any worker starts.
@@ -178,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         RecapDataset(data, config.model, 0, workers, repeat=False,
                      source=f"validation_data.{name}")
     kwargs: dict[str, object] = {"config_yaml_path": source, "save_dir": save_dir}
-    if args.set:
-        kwargs["overrides"] = list(args.set)
+    if overrides:
+        kwargs["overrides"] = overrides
     if args.only_evaluate:
         kwargs["only_evaluate"] = True
         if args.evaluate_until_step is not None:
