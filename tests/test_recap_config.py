@@ -103,3 +103,13 @@ def test_workflow_loads_and_names_main():
     assert workflow.file == "projects/home/recap/main.py"
     assert os.path.isfile(os.path.join(workflow.working_path(), workflow.file))
     assert workflow.environment["RECAP_DATA"] == "data/recap"
+
+
+def test_configuration_reference_is_current():
+    """docs/recap_configuration.md is generated from the code; regenerate it when the recap
+    configs change: python -m tml.core.config.reference projects.home.recap.config:RecapConfig
+    > docs/recap_configuration.md"""
+    from tml.core.config.reference import render
+
+    with open(os.path.join(REPO, "docs", "recap_configuration.md")) as handle:
+        assert handle.read() == render(RecapConfig)
