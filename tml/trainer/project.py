@@ -39,6 +39,11 @@ class ProjectParts:
       checkpoint_extra: JSON facts saved with every checkpoint (how the model scores).
       verify_checkpoint: raises a CheckpointError for a checkpoint this model cannot use.
       tables_field: where `tables` sit in the project's config, for error messages.
+      optimizer: `(sharded model) -> (optimizer, scheduler)` replacing the default (the
+        tables' fused optimizers plus one `dense_optimizer` for the rest), for projects
+        whose dense parameters need several groups (the ranker's per-tower schedules).
+      after_shard: called with the sharded model before training or loading a checkpoint,
+        e.g. to write initial vectors into this worker's table shards.
     """
 
     model: Callable[[], torch.nn.Module]
@@ -51,3 +56,5 @@ class ProjectParts:
     checkpoint_extra: Mapping[str, Any] | None = None
     verify_checkpoint: Callable[[str], None] | None = None
     tables_field: str = "model.embeddings.tables"
+    optimizer: Callable[[torch.nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
+    after_shard: Callable[[torch.nn.Module], None] | None = None

@@ -68,8 +68,13 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
     sharding_types = {t.name: t.sharding_type.value for t in parts.tables if t.sharding_type}
     # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
     sharded = maybe_shard_model(model, device, sharding_types, output_dtensor=True)
-    optimizer, scheduler = build_combined_optimizer(
-        sharded, parts.dense_optimizer, table_schedules(parts.tables), table_of_param)
+    if parts.after_shard is not None:
+        parts.after_shard(sharded)
+    if parts.optimizer is not None:
+        optimizer, scheduler = parts.optimizer(sharded)
+    else:
+        optimizer, scheduler = build_combined_optimizer(
+            sharded, parts.dense_optimizer, table_schedules(parts.tables), table_of_param)
     logger.info("optimizer groups: %d (fused tables + dense), lr %s",
                 len(optimizer.param_groups), [g["lr"] for g in optimizer.param_groups])
 

@@ -1,0 +1,208 @@
+"""Train the Heavy Ranker.
+
+    python projects/home/recap/main.py --config_yaml_path=projects/home/recap/config/local_prod.yaml \
+        --save_dir=runs/recap [--nproc_per_node=2]
+
+starts its own workers through `maybe_run_training` (tml.trainer.launch); the original launch
+line
+
+    torchrun --standalone --nnodes 1 --nproc_per_node 2 projects/home/recap/main.py \
+        --config_yaml_path=... --save_dir=...
+
+runs the same code in workers torchrun started. Everything but the ranker's parts (model,
+data, tables, per-tower optimizer, metrics) is `tml.trainer`: sharding, the loop, evaluation
+(per-task AUROC and RCE), checkpoints and resume. `--only_evaluate` follows the save_dir
+beside a training job and evaluates each new checkpoint once (`<checkpoint>/evaluation.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+# Run as a script (`python projects/home/recap/main.py`), the repository root is not on the
+# path; the workers torchrun starts need it as much as this process does.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import tml  # noqa: E402,F401  (logging set-up before torchrec is imported)
+from projects.home.recap.config import RecapConfig  # noqa: E402
+from tml.common.cli import StrictArgumentParser, run_cli  # noqa: E402
+from tml.core.config.overrides import load_config_with_overrides  # noqa: E402
+from tml.errors import ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    import tml.core.custom_training_loop as ctl
+    from tml.trainer import ProjectParts
+
+logger = logging.getLogger(__name__)
+
+
+def recap_parts(config: RecapConfig) -> ProjectParts:
+    """What the trainer needs from the ranker."""
+    from projects.home.recap.data.dataset import RecapDataset, input_spec
+    from projects.home.recap.metrics import ValidationSets, make_evaluate
+    from projects.home.recap.model.embeddings import init_tables_from_exports, trainer_tables
+    from projects.home.recap.model.ranking import RankingModel, RankingModelAndLoss
+    from projects.home.recap.optimizer.optimizer import build_optimizer
+    from tml.optimizers.config import OptimizerConfig, SgdConfig
+    from tml.trainer import ProjectParts
+
+    model_config = config.model
+    tasks = list(model_config.tasks)
+    shapes = input_spec(config.train_data, model_config).input_shapes()
+
+    def train_data(rank: int, world_size: int, num_epochs: int) -> RecapDataset:
+        del num_epochs    # the trainer stops at num_train_steps or num_epochs * len()
+        return RecapDataset(config.train_data, model_config, rank, world_size, repeat=True)
+
+    def validation_data(rank: int, world_size: int) -> ValidationSets:
+        sets, reported = {}, {}
+        for name, data in config.validation_data.items():
+            source = f"validation_data.{name}"
+            sets[name] = RecapDataset(data, model_config, rank, world_size, repeat=False,
+                                      source=source)
+            wanted = data.evaluation_tasks or tasks
+            reported[name] = [tasks.index(t) for t in wanted if t in tasks]
+            if not reported[name]:
+                raise ConfigError(f"{source}.evaluation_tasks: none is a model task")
+        return ValidationSets(sets, reported)
+
+    def after_shard(model: object) -> None:
+        if model_config.large_embeddings is not None:
+            done = init_tables_from_exports(model, model_config.large_embeddings)  # type: ignore[arg-type]
+            if done:
+                logger.info("tables started from twhin exports: %s", ", ".join(done))
+
+    return ProjectParts(
+        model=lambda: RankingModelAndLoss(RankingModel(model_config, config.train_data,
+                                                       shapes)),
+        tables=trainer_tables(model_config.large_embeddings),
+        dense_optimizer=OptimizerConfig(sgd=SgdConfig(lr=0.0)),   # replaced by `optimizer`
+        train_data=train_data,
+        batch_size=config.train_data.global_batch_size // int(os.environ.get("WORLD_SIZE", "1")),
+        validation_data=validation_data if config.validation_data else None,
+        evaluate=make_evaluate(tasks),  # type: ignore[arg-type]
+        checkpoint_extra={"project": "home/recap", "tasks": tasks},
+        tables_field="model.large_embeddings.tables",
+        optimizer=lambda model: build_optimizer(model, config.optimizer, model_config),
+        after_shard=after_shard,
+    )
+
+
+FINAL_METRICS = "final_metrics.json"
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write `data` to `path` atomically (a reader never sees half a file)."""
+    import json
+
+    with open(path + ".tmp", "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def require_save_dir(save_dir: str | None, config: RecapConfig, source: str) -> str:
+    """--save_dir, else training.save_dir; neither is a one-line error."""
+    chosen = save_dir or config.training.save_dir
+    if not chosen:
+        raise ConfigError(f"{source}: no save_dir (pass --save_dir or set training.save_dir)")
+    return chosen
+
+
+def run(config: RecapConfig, save_dir: str, only_evaluate: bool = False,
+        evaluate_until_step: int | None = None) -> ctl.TrainResult:
+    """Train (or evaluate) with `config` in this worker; what it did."""
+    from tml.trainer import train
+
+    # The trainer's per-worker batch: global_batch_size is split across the workers.
+    return train(recap_parts(config), config.training, config.runtime, save_dir,
+                 only_evaluate=only_evaluate, evaluate_until_step=evaluate_until_step)
+
+
+def train_from_yaml(config_yaml_path: str, save_dir: str, only_evaluate: bool = False,
+                    evaluate_until_step: int | None = None,
+                    overrides: list[str] | None = None) -> dict:
+    """Worker entry point: load the config and train (or evaluate); a summary of the run."""
+    import torch.distributed as dist
+
+    from tml.trainer.launch import finish_workers
+
+    config, _, _ = load_config_with_overrides(RecapConfig, config_yaml_path, overrides or [])
+    result = run(config, save_dir, only_evaluate, evaluate_until_step)
+    if not only_evaluate and result.eval_metrics and dist.get_rank() == 0:
+        # The run's record: the last evaluation, per task (AUROC, RCE), as JSON.
+        write_json(os.path.join(save_dir, FINAL_METRICS),
+                   {"step": result.final_step, "checkpoint": result.checkpoint,
+                    "metrics": result.eval_metrics})
+    finish_workers()
+    return {"final_step": result.final_step, "checkpoint": result.checkpoint,
+            **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = StrictArgumentParser(prog="main.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config_yaml_path", required=True, help="Recap YAML config.")
+    parser.add_argument("--save_dir", default=None, help="Checkpoint directory (overrides "
+                        "training.save_dir).")
+    parser.add_argument("--nproc_per_node", type=int, default=None,
+                        help="Workers to start when not launched by torchrun.")
+    parser.add_argument("--only_evaluate", nargs="?", const=True, default=False,
+                        type=lambda text: text.lower() in ("1", "true", "yes"),
+                        help="Evaluate each new complete checkpoint in save_dir once.")
+    parser.add_argument("--evaluate_until_step", type=int, default=None,
+                        help="With --only_evaluate: stop after this step's checkpoint.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a config value (dotted.key=value); repeatable.")
+    # How self-launched workers receive the --set items: the launcher forwards the
+    # `overrides` kwarg as --overrides=<JSON list>.
+    parser.add_argument("--overrides", type=_json_list, default=[], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"--overrides must be a JSON list of KEY=VALUE strings, not {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the flags, the config and the data, then start the workers (or be one)."""
+    from projects.home.recap.data.dataset import RecapDataset
+    from tml.trainer.launch import launch
+
+    args = parse_args(argv)
+    source = args.config_yaml_path
+    overrides = [*args.overrides, *args.set]
+    config, _, _ = load_config_with_overrides(RecapConfig, source, overrides)
+    save_dir = require_save_dir(args.save_dir, config, source)
+    workers = int(os.environ.get("WORLD_SIZE", args.nproc_per_node or 1))
+    # Bad data fails here, once, as one line, before any worker starts.
+    RecapDataset(config.train_data, config.model, 0, workers)
+    for name, data in config.validation_data.items():
+        RecapDataset(data, config.model, 0, workers, repeat=False,
+                     source=f"validation_data.{name}")
+    kwargs: dict[str, object] = {"config_yaml_path": source, "save_dir": save_dir}
+    if overrides:
+        kwargs["overrides"] = overrides
+    if args.only_evaluate:
+        kwargs["only_evaluate"] = True
+        if args.evaluate_until_step is not None:
+            kwargs["evaluate_until_step"] = args.evaluate_until_step
+    launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
+           **kwargs)
+
+
+if __name__ == "__main__":
+    run_cli(main)
