@@ -488,8 +488,9 @@ def maybe_run_training(
                                  node, nproc_per_node, log_dir):
         args = build_torchrun_args(entrypoint, script_args, nproc_per_node, node, restarts,
                                    log_dir=log_dir, join_timeout_s=join_timeout)
-        logger.info("launching %d worker(s) per node on %d node(s) (%s): torchrun %s",
-                    nproc_per_node, node.num_nodes, node.source, " ".join(args))
+        logger.info("launching %d worker(s) per node on %d node(s) (%s), torchrun %s: "
+                    "torchrun %s", nproc_per_node, node.num_nodes, node.source,
+                    SUBPROCESS_MODE if subprocess_mode else IN_PROCESS_MODE, " ".join(args))
         if subprocess_mode:
             _run_torchrun_subprocess(args, env, log_dir)
         else:
@@ -593,6 +594,12 @@ def is_interactive_main() -> bool:
     spec = getattr(main, "__spec__", None)
     return (spec is None or not spec.name or spec.name == "__main__") and \
         (not path or not os.path.isfile(path))
+
+
+# How the launch line names the mode (tools/bazel/test.sh checks that `bazel run` chose the
+# subprocess: Bazel's runfiles tree is on the launcher's path, not on the workers').
+SUBPROCESS_MODE = "as a subprocess with PYTHONPATH set"
+IN_PROCESS_MODE = "in this process"
 
 
 def running_under_bazel() -> bool:

@@ -89,9 +89,15 @@ PY
 status=0
 bazel run "${COMMON[@]}" "${EXTRA[@]}" //projects/twhin:run -- \
   --config_yaml_path="$SMOKE/twhin.yaml" --save_dir="$SMOKE/save" --nproc_per_node=2 \
-  || status=$?
+  2>"$SMOKE/run.log" || status=$?
+cat "$SMOKE/run.log" >&2
 if [ "$status" -ne 0 ]; then
   log "FAILED: bazel run //projects/twhin:run exited with $status"
+  exit 1
+fi
+# Under Bazel the launcher must start torchrun as a subprocess (PYTHONPATH from runfiles).
+if ! grep -q "torchrun as a subprocess with PYTHONPATH set" "$SMOKE/run.log"; then
+  log "FAILED: bazel run //projects/twhin:run did not launch torchrun as a subprocess"
   exit 1
 fi
 # A complete DCP checkpoint of the last step, with one shard file per worker.
