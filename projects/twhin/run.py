@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     """What the trainer needs from TwHIN: its model, data and tables."""
     from projects.twhin.data.data import create_dataset
-    from projects.twhin.metrics import evaluate
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
     from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.trainer import ProjectParts
@@ -66,7 +65,6 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         train_data=train_data,
         batch_size=all_config.train_data.per_replica_batch_size,
         validation_data=validation_data if validation is not None else None,
-        evaluate=evaluate,
         checkpoint_extra=checkpoint_extra(all_config),
         verify_checkpoint=verify_checkpoint,
     )
