@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="Fail on edges whose entities or "
                    "relation never occur in training (default: skip and count them).")
     p.add_argument("--nproc_per_node", type=int, default=1, help="Workers sharing the edges.")
+    p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
+                   "best checkpoint (save_dir/best.json, kept by training.early_stopping) "
+                   "instead of the newest.")
 
     p = commands.add_parser("export", help="Embeddings to parquet (id, vector).")
     p.add_argument("--config", required=True, help="TwHIN YAML config.")
@@ -63,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(only an export: any other non-empty directory is refused).")
     p.add_argument("--vocab", help="The importer's vocab/ directory (default: vocab/ beside "
                    "--config); without one, ids are row numbers.")
+    p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
+                   "best checkpoint (see evaluate --best) instead of the newest.")
 
     p = commands.add_parser("neighbors", help="Best-scoring entities for an entity.")
     p.add_argument("--embeddings", required=True, help="Directory written by `twhin export`.")
@@ -138,12 +143,21 @@ def _print_metrics(result: dict) -> None:
     print(f"AUC vs in-batch negatives: {'n/a' if auc is None else f'{auc:.4f}'}")
 
 
+def _pick_best(args: argparse.Namespace) -> None:
+    """`--best`: replace the save_dir in --checkpoint by its best checkpoint."""
+    if args.best:
+        from tml.core.early_stopping import best_checkpoint
+
+        args.checkpoint = best_checkpoint(args.checkpoint)
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
     from projects.twhin.config import TwhinConfig
     from projects.twhin.link_prediction import evaluate_checkpoint
     from tml.core.config import load_config_from_yaml
 
     load_config_from_yaml(TwhinConfig, args.config)   # fail here, once, not in every worker
+    _pick_best(args)
     config = os.path.abspath(args.config)
     if args.nproc_per_node and args.nproc_per_node > 1:
         from tml.common.run_training import launch_function
@@ -166,6 +180,7 @@ def _export(args: argparse.Namespace) -> dict:
     from tml.core.config import load_config_from_yaml
 
     config = load_config_from_yaml(TwhinConfig, args.config)
+    _pick_best(args)
     result = export_embeddings(config, args.config, args.checkpoint, args.out, args.force,
                                args.vocab)
     print(f"wrote {', '.join(f'{n} ({r} rows)' for n, r in result['tables'].items())} and "
