@@ -25,7 +25,10 @@ from tml.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
+    import tml
+
     parser = StrictArgumentParser(prog="twhin", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"twhin (tml {tml.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("import", help="String triples (TSV/CSV/parquet) to training data.")
@@ -211,7 +214,15 @@ def _neighbors(args: argparse.Namespace) -> list:
 
 def dispatch(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the subcommand; returns its result (for tests)."""
+    from tml.common.cli import split_dotted_overrides
+
+    argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if dotted and args.command != "train":
+        raise ConfigError(f"twhin {args.command}: --{dotted[0].split('=', 1)[0]}: config "
+                          "overrides are for `twhin train` only")
+    if dotted:
+        args.set += dotted
     handlers = {"import": _import, "train": _train, "evaluate": _evaluate,
                 "export": _export, "neighbors": _neighbors}
     return handlers[args.command](args)
