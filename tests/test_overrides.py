@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tml.errors import ConfigError
@@ -57,3 +59,24 @@ def test_versions(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == "tml 0.1.0"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_py_overrides_reach_the_workers(small_trained_twhin, tmp_path):
+    """`--training.num_train_steps=3 --set training.checkpoint_every_n=3`: the workers
+    (self-launched) train 3 steps, not the config's 10, and checkpoint at 3."""
+    import subprocess
+    import sys
+
+    from tests.twhin_setup import REPO, launcher_env
+
+    save = tmp_path / "save"
+    done = subprocess.run(
+        [sys.executable, small_trained_twhin["run_py"],
+         f"--config_yaml_path={small_trained_twhin['config']}", f"--save_dir={save}",
+         "--nproc_per_node=1", "--training.num_train_steps=3",
+         "--set", "training.checkpoint_every_n=3"],
+        env=launcher_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(n for n in os.listdir(save) if n.isdigit()) == ["3"]

@@ -21,6 +21,7 @@ evaluates every new complete checkpoint once (held-out AUC) and writes the metri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -121,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a config value, e.g. training.num_epochs=3 "
                         "(repeatable); --training.num_epochs=3 is the same.")
+    # The launcher forwards the overrides to the workers it starts as one JSON list.
+    parser.add_argument("--overrides", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    overrides = [*args.set, *dotted]
+    overrides = [*(args.overrides or []), *args.set, *dotted]
     config, _, source = load_config_with_overrides(TwhinConfig, args.config_yaml_path,
                                                    overrides)
     save_dir = require_save_dir(args.save_dir, config, source)
