@@ -59,6 +59,11 @@ def test_tml_launch_takes_max_restarts_from_the_config_or_the_workflow(tmp_path,
     assert restarts(_workflow(tmp_path, {})) == "0"
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in workflow_environment(
         _workflow(tmp_path, {}))
+    overridden = _workflow(tmp_path, {"max_restarts": 2})
+    overridden.args += ["--training.max_restarts=4"]
+    assert restarts(overridden) == "4"
+    overridden.args += ["--set", "training.max_restarts=5"]
+    assert restarts(overridden) == "5"
     monkeypatch.setenv("TML_MAX_RESTARTS", "3")
     assert restarts(_workflow(tmp_path, {})) == "3"
     with pytest.raises(LaunchError, match=r"config.yaml: training.max_restarts must be a "
