@@ -16,22 +16,28 @@ def example_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def all_metrics(logits: torch.Tensor, labels: torch.Tensor,
                 weights: torch.Tensor) -> dict[str, float]:
-    """AUROC, RCE, NRCE and the weighted StableMean of the logits, in this process group."""
+    """AUROC, RCE, NRCE, the weighted StableMean of the logits and ranking metrics (of
+    ranks made from the logits), in this process group."""
     from torchmetrics.classification import BinaryAUROC
 
+    from tml.metrics.ranking import RankingMetrics
     from tml.metrics.rce import NRCE, RCE
     from tml.metrics.stable_mean import StableMean
 
     auroc, rce, nrce, mean = BinaryAUROC(), RCE(from_logits=True), NRCE(from_logits=True), \
         StableMean()
+    ranking = RankingMetrics(ks=(1, 3))
     # Two updates per rank: states accumulate across batches as well as across ranks.
     for part in (slice(0, 3), slice(3, None)):
         auroc.update(logits[part], labels[part].long())
         rce.update(logits[part], labels[part], weights[part])
         nrce.update(logits[part], labels[part], weights[part])
         mean.update(logits[part], weights[part])
+        ranking.update((logits[part].abs() * 3).long() + 1)
+    ranks = ranking.compute()
     return {"auc": float(auroc.compute()), "rce": float(rce.compute()),
-            "nrce": float(nrce.compute()), "mean": float(mean.compute())}
+            "nrce": float(nrce.compute()), "mean": float(mean.compute()),
+            "mrr": ranks["mrr"], "hits_at_3": ranks["hits_at_3"], "ranks": ranks["count"]}
 
 
 def two_worker_metrics() -> dict[str, float]:

@@ -81,7 +81,7 @@ def test_rce_and_nrce_against_the_definition():
 @pytest.mark.slow
 def test_metrics_and_the_logged_loss_are_global_over_two_gloo_workers():
     """Each of 2 real gloo workers holds part of the data (15 and 22 rows): AUROC, RCE,
-    NRCE and the stable mean equal one process's values on all of it; `global_mean` (the
+    NRCE, the stable mean and the ranking metrics equal one process's values on all of it; `global_mean` (the
     loss in the training log) is the mean over workers, not rank 0's value."""
     from tml.common.run_training import launch_function
 
@@ -97,3 +97,20 @@ def _two_workers():  # noqa: ANN202  (spawned: importable from this module)
     from tests.metric_checks import two_worker_metrics
 
     return two_worker_metrics()
+
+
+def test_ranking_metrics_from_ranks_and_scores():
+    from tml.metrics.ranking import RankingMetrics, ranks_from_scores
+
+    ranks = ranks_from_scores(torch.tensor([0.9, 0.1, 0.5]),
+                              torch.tensor([[0.1, 0.2], [0.5, 0.6], [0.5, 0.0]]))
+    assert ranks.tolist() == [1, 3, 2]            # a tie ranks ahead of the true item
+    metric = RankingMetrics(ks=(1, 3))
+    metric.update(ranks[:2])
+    metric.update(ranks[2:])
+    result = metric.compute()
+    assert result["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert result["hits_at_1"] == pytest.approx(1 / 3) and result["hits_at_3"] == 1.0
+    assert result["mean_rank"] == 2.0 and result["count"] == 3
+    with pytest.raises(ValueError, match="1-based"):
+        metric.update(torch.tensor([0]))
