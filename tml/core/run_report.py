@@ -60,7 +60,7 @@ def write_report(save_dir: str, out: str | None = None) -> tuple[str, list[str]]
     evals = [r for r in records if r.get("kind") == "eval"]
     names = sorted({name for r in evals for name in r["metrics"] if name != "batches"})
     figure, axes = plt.subplots(1 + len(names), 1, figsize=(7, 2.6 * (1 + len(names))),
-                                squeeze=False)
+                                squeeze=False, sharex=True)
     loss_axis = axes[0][0]
     loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if "loss" in names:
