@@ -59,6 +59,11 @@ def test_tml_launch_takes_max_restarts_from_the_config_or_the_workflow(tmp_path,
     assert restarts(_workflow(tmp_path, {})) == "0"
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in workflow_environment(
         _workflow(tmp_path, {}))
+    overridden = _workflow(tmp_path, {"max_restarts": 2})
+    overridden.args += ["--training.max_restarts=4"]
+    assert restarts(overridden) == "4"
+    overridden.args += ["--set", "training.max_restarts=5"]
+    assert restarts(overridden) == "5"
     monkeypatch.setenv("TML_MAX_RESTARTS", "3")
     assert restarts(_workflow(tmp_path, {})) == "3"
     with pytest.raises(LaunchError, match=r"config.yaml: training.max_restarts must be a "
@@ -89,9 +94,11 @@ def test_twhin_train_honours_max_restarts(small_trained_twhin, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "projects.twhin", "train", "--config",
          small_trained_twhin["config"], "--save_dir", str(save), "--nproc_per_node", "1",
-         "--set", "training.max_restarts=1"],
+         "--set", "training.max_restarts=1", "--set", "training.async_checkpoint=false"],
         env=launcher_env(TML_TEST_CRASH_AT_STEP="7"), capture_output=True, text=True,
         timeout=360, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "killing rank 0 at step 7" in done.stderr
     assert "at step 5" in done.stderr and "resumed from" in done.stderr
     assert (save / "10").is_dir()
+    assert "examples/s, ETA " in done.stderr      # no terminal: the log line has an ETA

@@ -25,7 +25,10 @@ from tml.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
+    import tml
+
     parser = StrictArgumentParser(prog="twhin", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"twhin (tml {tml.__version__})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("import", help="String triples (TSV/CSV/parquet) to training data.")
@@ -54,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="Fail on edges whose entities or "
                    "relation never occur in training (default: skip and count them).")
     p.add_argument("--nproc_per_node", type=int, default=1, help="Workers sharing the edges.")
+    p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
+                   "best checkpoint (save_dir/best.json, kept by training.early_stopping) "
+                   "instead of the newest.")
 
     p = commands.add_parser("export", help="Embeddings to parquet (id, vector).")
     p.add_argument("--config", required=True, help="TwHIN YAML config.")
@@ -63,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(only an export: any other non-empty directory is refused).")
     p.add_argument("--vocab", help="The importer's vocab/ directory (default: vocab/ beside "
                    "--config); without one, ids are row numbers.")
+    p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
+                   "best checkpoint (see evaluate --best) instead of the newest.")
 
     p = commands.add_parser("neighbors", help="Best-scoring entities for an entity.")
     p.add_argument("--embeddings", required=True, help="Directory written by `twhin export`.")
@@ -138,12 +146,21 @@ def _print_metrics(result: dict) -> None:
     print(f"AUC vs in-batch negatives: {'n/a' if auc is None else f'{auc:.4f}'}")
 
 
+def _pick_best(args: argparse.Namespace) -> None:
+    """`--best`: replace the save_dir in --checkpoint by its best checkpoint."""
+    if args.best:
+        from tml.core.early_stopping import best_checkpoint
+
+        args.checkpoint = best_checkpoint(args.checkpoint)
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
     from projects.twhin.config import TwhinConfig
     from projects.twhin.link_prediction import evaluate_checkpoint
     from tml.core.config import load_config_from_yaml
 
     load_config_from_yaml(TwhinConfig, args.config)   # fail here, once, not in every worker
+    _pick_best(args)
     config = os.path.abspath(args.config)
     if args.nproc_per_node and args.nproc_per_node > 1:
         from tml.common.run_training import launch_function
@@ -166,6 +183,7 @@ def _export(args: argparse.Namespace) -> dict:
     from tml.core.config import load_config_from_yaml
 
     config = load_config_from_yaml(TwhinConfig, args.config)
+    _pick_best(args)
     result = export_embeddings(config, args.config, args.checkpoint, args.out, args.force,
                                args.vocab)
     print(f"wrote {', '.join(f'{n} ({r} rows)' for n, r in result['tables'].items())} and "
@@ -196,7 +214,15 @@ def _neighbors(args: argparse.Namespace) -> list:
 
 def dispatch(argv: list[str] | None = None) -> Any:
     """Parse `argv` and run the subcommand; returns its result (for tests)."""
+    from tml.common.cli import split_dotted_overrides
+
+    argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if dotted and args.command != "train":
+        raise ConfigError(f"twhin {args.command}: --{dotted[0].split('=', 1)[0]}: config "
+                          "overrides are for `twhin train` only")
+    if dotted:
+        args.set += dotted
     handlers = {"import": _import, "train": _train, "evaluate": _evaluate,
                 "export": _export, "neighbors": _neighbors}
     return handlers[args.command](args)

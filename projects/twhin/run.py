@@ -21,14 +21,15 @@ evaluates every new complete checkpoint once (held-out AUC) and writes the metri
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from typing import TYPE_CHECKING
 
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
 from projects.twhin.config import TwhinConfig
-from tml.common.cli import StrictArgumentParser, run_cli
-from tml.core.config import load_config_from_yaml
+from tml.common.cli import StrictArgumentParser, run_cli, split_dotted_overrides
+from tml.core.config.overrides import load_config_with_overrides
 
 if TYPE_CHECKING:
     import tml.core.custom_training_loop as ctl
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     """What the trainer needs from TwHIN: its model, data and tables."""
     from projects.twhin.data.data import create_dataset
-    from projects.twhin.metrics import evaluate
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
     from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.trainer import ProjectParts
@@ -72,7 +72,6 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         train_data=train_data,
         batch_size=all_config.train_data.per_replica_batch_size,
         validation_data=validation_data if validation is not None else None,
-        evaluate=evaluate,
         checkpoint_extra=checkpoint_extra(all_config),
         verify_checkpoint=verify_checkpoint,
     )
@@ -96,11 +95,13 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
 
 
 def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
-                    only_evaluate: bool = False, evaluate_until_step: int | None = None) -> dict:
-    """Worker entry point: load the config and train (or evaluate); a summary of the run."""
+                    only_evaluate: bool = False, evaluate_until_step: int | None = None,
+                    overrides: list[str] | None = None) -> dict:
+    """Worker entry point: load the config (with `overrides`, `a.b=c`) and train (or
+    evaluate); a summary of the run."""
     from tml.trainer.launch import finish_workers
 
-    config = load_config_from_yaml(TwhinConfig, config_yaml_path)
+    config = load_config_with_overrides(TwhinConfig, config_yaml_path, overrides or ())[0]
     result = run(config, save_dir=save_dir, only_evaluate=only_evaluate,
                  evaluate_until_step=evaluate_until_step)
     finish_workers()
@@ -135,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evaluate_until_step", type=int, default=None,
                         help="With --only_evaluate: stop after evaluating a checkpoint at "
                         "this step or later (default: the run's final step).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a config value, e.g. training.num_epochs=3 "
+                        "(repeatable); --training.num_epochs=3 is the same.")
+    # The launcher forwards the overrides to the workers it starts as one JSON list.
+    parser.add_argument("--overrides", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -144,12 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     Everything a user can get wrong fails here, once, before a worker starts (and in each
     torchrun-started worker before it builds a model), as one line.
     """
+    import sys
+
     from projects.twhin.preflight import preflight, require_save_dir
     from tml.trainer.launch import launch
 
+    argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    source = args.config_yaml_path
-    config = load_config_from_yaml(TwhinConfig, source)
+    overrides = [*(args.overrides or []), *args.set, *dotted]
+    config, _, source = load_config_with_overrides(TwhinConfig, args.config_yaml_path,
+                                                   overrides)
     save_dir = require_save_dir(args.save_dir, config, source)
     from tml.readers.roles import is_reader
 
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         preflight(config, source, save_dir, workers_per_node=workers)
     kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path,
                                  "save_dir": save_dir}
+    if overrides:
+        kwargs["overrides"] = overrides
     if args.only_evaluate:
         kwargs["only_evaluate"] = True
         if args.evaluate_until_step is not None:

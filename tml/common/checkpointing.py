@@ -510,6 +510,8 @@ class Checkpointer:
         self.max_to_keep = max_to_keep
         self.async_save = async_save
         self._pending: _PendingSave | None = None
+        # Steps retention never removes (the best checkpoint of early stopping).
+        self.keep: set[int] = set()
         self._group = None
         self._warned_sync = False
         if async_save and dist.is_initialized():
@@ -614,7 +616,8 @@ class Checkpointer:
 
     def _retain(self) -> None:
         if self.max_to_keep:
-            for old in checkpoint_steps(self.save_dir)[:-self.max_to_keep]:
+            steps = [s for s in checkpoint_steps(self.save_dir) if s not in self.keep]
+            for old in steps[:-self.max_to_keep]:
                 shutil.rmtree(os.path.join(self.save_dir, str(old)), ignore_errors=True)
                 logger.info("removed the old checkpoint %s (max_to_keep=%d)",
                             os.path.join(self.save_dir, str(old)), self.max_to_keep)

@@ -44,6 +44,7 @@ class StrictArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
@@ -84,6 +85,35 @@ class StrictArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         raise ConfigError(f"{self.prog}: {message}")
+
+
+def split_dotted_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without them, overrides): torchtitan-style `--a.b=c` or `--a.b c` flags.
+
+    A flag whose name holds a dot names a config key; it becomes the override `a.b=c`
+    (the same as `--set a.b=c`), validated with the config like the YAML. Arguments after
+    `--` are left alone.
+    """
+    rest: list[str] = []
+    overrides: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            rest += argv[index:]
+            break
+        key, sep, value = arg[2:].partition("=")
+        if arg.startswith("--") and "." in key:
+            if not sep:
+                if index + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: expected a value ({arg}=VALUE)")
+                index += 1
+                value = argv[index]
+            overrides.append(f"{key}={value}")
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, overrides
 
 
 def _is_number(text: str) -> bool:

@@ -11,6 +11,11 @@ the same place in the data (the dataset must offer `state_dict` / `load_state_di
 position). `evaluate_checkpoints` is the `only_evaluate` mode: it follows a save_dir and
 evaluates each new complete checkpoint once.
 
+Records: every log step and evaluation goes to `save_dir/metrics.jsonl` and TensorBoard
+(`tml.core.run_records`); the logged loss is the mean over every worker. Early stopping
+(`tml.core.early_stopping`) ends the run when a validation metric stops improving, and the
+checkpoint of its best evaluation is written, marked (`best.json`) and kept.
+
 Determinism across restarts: with `seed` set, the torch RNG is re-seeded before every step
 from (seed, step, world size, rank), so a run resumed from a checkpoint draws the same
 random numbers (TwHIN's in-batch negatives) as a run that was never interrupted.
@@ -31,6 +36,7 @@ known step; it has no other use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,10 +59,14 @@ from tml.common.checkpointing import (
     checkpoint_steps,
     latest_checkpoint,
     load_checkpoint,
+    read_metadata,
     set_schedule_step,
 )
 from tml.common.prefetch import prefetch
+from tml.core.early_stopping import EarlyStopping, mark_best
+from tml.core.run_records import RunRecorder, learning_rates
 from tml.errors import CheckpointError, TmlError
+from tml.metrics.reduce import global_mean
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +84,9 @@ class TrainResult:
     # Seconds in the training loop itself (data reading included; set-up, the final
     # evaluation and checkpoint excluded): what throughput figures divide by.
     train_seconds: float = 0.0
+    # Early stopping ended the run before train_steps; the best checkpoint (if tracked).
+    stopped_early: bool = False
+    best_checkpoint: str | None = None
 
 
 class TrainingDivergedError(TmlError):
@@ -249,6 +262,8 @@ def train(
     checkpoint_extra: dict[str, Any] | None = None,
     verify_checkpoint: Callable[[str], None] | None = None,
     prefetch_batches: int = 2,
+    tensorboard: bool = True,
+    early_stopping: EarlyStopping | None = None,
 ) -> TrainResult:
     """Train `model` (returns `(loss, outputs)`) for up to `train_steps` steps.
 
@@ -277,12 +292,22 @@ def train(
       verify_checkpoint: called with a checkpoint's path before it is resumed from or
         warm started from; raises (CheckpointError) when the checkpoint does not fit the
         model, e.g. its `checkpoint_extra` disagrees with this run's.
+      tensorboard: write TensorBoard events beside `save_dir/metrics.jsonl`
+        (tml.core.run_records; both on rank 0).
+      early_stopping: stop when its metric stops improving (tml.core.early_stopping);
+        each improvement is checkpointed and marked best; its state is checkpointed.
+
+    The logged loss is the mean over the steps since the last log line and over every
+    worker (`global_mean`). Without a terminal (no progress bar) the log line carries an
+    ETA; with one, log lines print above the bar (tqdm's logging redirect).
     """
     del num_workers  # reading happens in the dataset's own iterator
     train_state = TrainState()
     parts: dict[str, Any] = {"model": model, "optim": optimizer, "train": train_state}
     if scheduler is not None:
         parts["scheduler"] = SchedulerState(scheduler)
+    if early_stopping is not None:
+        parts["early_stopping"] = early_stopping
     checkpointer = Checkpointer(save_dir, checkpoint_max_to_keep, async_save=async_checkpoint)
     resumed_from = latest_checkpoint(save_dir)
     if dist.is_initialized():
@@ -293,7 +318,7 @@ def train(
     if resumed_from is not None:
         if verify_checkpoint is not None:
             verify_checkpoint(resumed_from)
-        load_checkpoint(resumed_from, parts)
+        load_checkpoint(resumed_from, _parts_in(resumed_from, parts))
         logger.info("resumed from %s at step %d (%.1fs of training so far)", resumed_from,
                     train_state.step, train_state.wall_time)
     elif initial_checkpoint_dir:
@@ -310,6 +335,9 @@ def train(
                     "nothing to train", resumed_from, start_step, train_steps)
         return TrainResult(start_step, start_step, None, resumed_from, {}, resumed_from)
     checkpointer.prepare()
+    if early_stopping is not None and early_stopping.best_step is not None:
+        checkpointer.keep.add(early_stopping.best_step)
+    recorder = RunRecorder(save_dir, start_step, tensorboard=tensorboard)
 
     _seek(dataset, train_state.batches_consumed)
     step_optimizer = optimizer if not gradient_accumulation or gradient_accumulation == 1 \
@@ -326,6 +354,12 @@ def train(
     eval_metrics: dict[str, float] = {}
     checkpoint: str | None = resumed_from
     bar = _progress_bar(train_steps, start_step)
+    redirect = contextlib.ExitStack()
+    if bar is not None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect.enter_context(logging_redirect_tqdm())
+    evaluated_step, stopped_early = -1, False
     interval_start, interval_steps = time.perf_counter(), 0
     wall_start, wall_base = time.perf_counter(), train_state.wall_time
     def check_finite(with_state: bool) -> None:
@@ -337,8 +371,37 @@ def train(
             data_iter.close()
             if bar is not None:
                 bar.close()
+            redirect.close()
+            recorder.close()
             checkpointer.wait()   # an earlier, finite save in flight completes
             raise
+
+    def log_interval(log: bool = True) -> float:
+        """Log and record the losses since the last log line (collective)."""
+        loss = global_mean(torch.stack(losses).mean())
+        rate = interval_steps / max(time.perf_counter() - interval_start, 1e-9)
+        eta = "" if bar is not None else f", ETA {_duration((train_steps - step) / rate)}"
+        logger.log(logging.INFO if log else logging.DEBUG,
+                   "step %d: loss %.5f, %.1f steps/s, %.0f examples/s%s", step, loss, rate,
+                   rate * worker_batch_size, eta)
+        recorder.train(step, train_state.wall_time, loss, rate, rate * worker_batch_size,
+                       learning_rates(optimizer))
+        return loss
+
+    def after_evaluation(metrics: dict[str, float]) -> bool:
+        """Record an evaluation at `step`; whether early stopping marks it the best."""
+        recorder.evaluation(step, train_state.wall_time, metrics)
+        if early_stopping is None or not metrics:
+            return False
+        improved, stop = early_stopping.update(step, metrics)
+        nonlocal stopped_early
+        stopped_early = stopped_early or stop
+        return improved
+
+    def keep_best() -> None:
+        checkpointer.keep.add(step)
+        mark_best(save_dir, step, early_stopping.config.metric,  # type: ignore[union-attr]
+                  float(early_stopping.best))  # type: ignore[union-attr, arg-type]
 
     while step < train_steps:
         if seed is not None:
@@ -360,39 +423,52 @@ def train(
             bar.update(1)
         if step % logging_interval == 0:
             check_finite(with_state=False)
-            last_loss = float(torch.stack(losses).mean())
-            elapsed = time.perf_counter() - interval_start
-            rate = interval_steps / max(elapsed, 1e-9)
-            logger.info("step %d: loss %.5f, %.1f steps/s, %.0f examples/s", step, last_loss,
-                        rate, rate * worker_batch_size)
+            last_loss = log_interval()
             losses, interval_start, interval_steps = [], time.perf_counter(), 0
             losses_first_step = step + 1
+        best = False
         if evaluate_fn is not None and eval_every_n and step % eval_every_n == 0 \
                 and step < train_steps:
             eval_metrics = _evaluate(pipeline, evaluate_fn, step)
-        if step % checkpoint_frequency == 0 and step < train_steps:
+            evaluated_step = step
+            best = after_evaluation(eval_metrics)
+        if (step % checkpoint_frequency == 0 or best) and step < train_steps:
             check_finite(with_state=True)
             checkpoint = checkpointer.save(step, parts, checkpoint_extra)
+            if best:
+                keep_best()
         checkpointer.poll()
         _maybe_crash_for_test(step)
+        if stopped_early:
+            break
     train_seconds = time.perf_counter() - wall_start
     data_iter.close()
     if bar is not None:
         bar.close()
-    if losses:
-        last_loss = float(torch.stack(losses).mean())
+    redirect.close()
+    if losses:   # the steps after the last log line: recorded, not logged (as before)
+        check_finite(with_state=False)
+        last_loss = log_interval(log=False)
 
     model = pipeline.detach()
     if step > start_step:
         check_finite(with_state=True)
-    if evaluate_fn is not None:
+    best = False
+    if evaluate_fn is not None and evaluated_step != step:
         eval_metrics = evaluate_fn(model, step)
         model.train()
+        best = after_evaluation(eval_metrics)
     if step > start_step and checkpoint != os.path.join(save_dir, str(step)):
         checkpoint = checkpointer.save(step, parts, checkpoint_extra)
+    if best and checkpoint == os.path.join(save_dir, str(step)):
+        keep_best()
     checkpointer.wait()
+    recorder.close()
+    best_path = None
+    if early_stopping is not None and early_stopping.best_step is not None:
+        best_path = os.path.join(save_dir, str(early_stopping.best_step))
     return TrainResult(start_step, step, last_loss, checkpoint, eval_metrics, resumed_from,
-                       train_seconds)
+                       train_seconds, stopped_early, best_path)
 
 
 def evaluate_checkpoints(
@@ -469,6 +545,18 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _parts_in(path: str, parts: dict[str, Any]) -> dict[str, Any]:
+    """`parts` without early stopping's state when the checkpoint has none (written before
+    early stopping was configured): the rule then starts afresh."""
+    if "early_stopping" not in parts:
+        return parts
+    keys = read_metadata(path).state_dict_metadata
+    if any(key.startswith("early_stopping.") for key in keys):
+        return parts
+    logger.warning("%s holds no early-stopping state: the rule starts afresh", path)
+    return {name: part for name, part in parts.items() if name != "early_stopping"}
+
+
 def _seek(dataset: Any, batches_consumed: int) -> None:
     """Put a resumable dataset at the batch after the last one trained on."""
     if not batches_consumed:
@@ -479,6 +567,16 @@ def _seek(dataset: Any, batches_consumed: int) -> None:
     per_epoch = len(dataset)
     dataset.load_state_dict({"epoch": batches_consumed // per_epoch,
                              "batch": batches_consumed % per_epoch})
+
+
+def _duration(seconds: float) -> str:
+    """`1h02m03s`, `4m05s`, `6s`."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _evaluate(pipeline: TrainPipelineSparseDist, evaluate_fn: Callable, step: int) -> dict:

@@ -40,7 +40,10 @@ BACKENDS = ("local", "slurm", "kubernetes")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import tml
+
     parser = argparse.ArgumentParser(prog="tml", description="tml command line.")
+    parser.add_argument("--version", action="version", version=f"tml {tml.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     launch = commands.add_parser(
         "launch", help="run a torchrun workflow", description=__doc__.split("\n\n")[0])

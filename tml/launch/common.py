@@ -83,15 +83,37 @@ def _config_path(workflow: Workflow) -> str | None:
     return None
 
 
+def _overridden_restarts(args: list[str]) -> int | None:
+    """`training.max_restarts` set in the script's args (`--set k=v`, `--k=v`), if it is."""
+    from tml.common.cli import split_dotted_overrides
+
+    rest, overrides = split_dotted_overrides(args)
+    overrides += [value for flag, value in zip(rest, rest[1:]) if flag == "--set"]
+    overrides += [arg.split("=", 1)[1] for arg in rest if arg.startswith("--set=")]
+    value = None
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.strip() == "training.max_restarts":
+            if not text.strip().isdigit():
+                raise LaunchError(f"{item}: training.max_restarts must be a non-negative "
+                                  "integer")
+            value = int(text)
+    return value
+
+
 def max_restarts_of(workflow: Workflow) -> int:
-    """Restarts of the worker group: the workflow's `max_restarts`, else the
-    `training.max_restarts` of the config it runs, else TML_MAX_RESTARTS, else 0.
+    """Restarts of the worker group: the workflow's `max_restarts`, else
+    `training.max_restarts` as the script's args override it or the config it runs says,
+    else TML_MAX_RESTARTS, else 0.
 
     The config is read as data (not validated: that is the script's job, in the workers);
     a value that is not a non-negative integer is a LaunchError naming the file.
     """
     if workflow.max_restarts is not None:
         return workflow.max_restarts
+    overridden = _overridden_restarts(workflow.args)
+    if overridden is not None:
+        return overridden
     path = _config_path(workflow)
     if path is not None:
         from tml.core.config import read_config_data

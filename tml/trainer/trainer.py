@@ -16,6 +16,7 @@ import torch.distributed as dist
 import tml.core.custom_training_loop as ctl
 from tml.common.sharding import maybe_shard_model
 from tml.core.config.training import RuntimeConfig, TrainingConfig
+from tml.core.early_stopping import EarlyStopping
 from tml.errors import ConfigError
 from tml.optimizers.combined import build_combined_optimizer
 from tml.trainer.fused_tables import apply_table_optimizers, table_of_param, table_schedules
@@ -103,12 +104,26 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
         seed=training.seed,
         checkpoint_extra=dict(parts.checkpoint_extra or {}),
         verify_checkpoint=parts.verify_checkpoint,
+        tensorboard=training.tensorboard,
+        early_stopping=_early_stopping(training, evaluate_fn),
     )
+    if result.stopped_early:
+        logger.info("stopped early at step %d; best checkpoint: %s", result.final_step,
+                    result.best_checkpoint)
     if result.final_step > result.start_step:
         logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
                     result.final_step, _fmt(result.last_loss),
                     _fmt(result.eval_metrics.get("auc")), result.checkpoint)
     return result
+
+
+def _early_stopping(training: TrainingConfig, evaluate_fn: object) -> EarlyStopping | None:
+    if training.early_stopping is None:
+        return None
+    if evaluate_fn is None:
+        raise ConfigError("training.early_stopping needs validation data (none is configured, "
+                          "or it is empty)")
+    return EarlyStopping(training.early_stopping)
 
 
 def _evaluate_fn(parts: ProjectParts, dataset: object, device: torch.device,

@@ -58,10 +58,12 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> dict:
 
 def load_config_with_overrides(config_type: type[C], yaml_path: str,
                                overrides: Sequence[str] = ()) -> tuple[C, dict, str]:
-    """(config, data as written with the overrides, source) of `yaml_path` plus `overrides`.
+    """(config, data, source) of `yaml_path` plus `overrides`.
 
-    `data` keeps `${...}` unsubstituted (to write the effective config back); `source`
-    names the file, and says `(with --set)` when there are overrides.
+    `data` is what was validated: the file's mapping with the overrides applied and `${...}`
+    substituted (`${CONFIG_DIR}` is the directory of `yaml_path`); write it back with
+    `escape_variables` to keep the run's effective config. `source` names the file, and
+    says `(with --set)` when there are overrides.
     """
     from tml.core.config.config_load import (
         config_variables,
@@ -74,4 +76,4 @@ def load_config_with_overrides(config_type: type[C], yaml_path: str,
     apply_overrides(data, list(overrides), yaml_path)
     source = f"{yaml_path} (with --set)" if overrides else yaml_path
     substituted = substitute_in_values(data, config_variables(yaml_path), source)
-    return parse_config(config_type, substituted, source=source), data, source
+    return parse_config(config_type, substituted, source=source), substituted, source

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pydantic
 
 from tml.core.config.base_config import BaseConfig, Field
@@ -13,6 +15,19 @@ class RuntimeConfig(BaseConfig):
     enable_tensorfloat32: bool = Field(False, description="Use TF32 matmuls on Ampere+ GPUs.")
     enable_amp: bool = Field(False, description="Kept for the original schema; TwHIN's "
                              "fused tables choose their precision by data_type (not used).")
+
+
+class EarlyStoppingConfig(BaseConfig):
+    """Stop when a validation metric has not improved for `patience` evaluations."""
+
+    metric: str = Field("auc", description="The evaluation metric watched (a key of the "
+                        "evaluation's metrics, e.g. auc, rce, nrce, loss).")
+    mode: Literal["max", "min"] = Field("max", description="max: larger is better (auc, "
+                                        "rce); min: smaller is better (loss).")
+    patience: pydantic.PositiveInt = Field(3, description="Evaluations in a row without "
+                                           "improvement that end the run.")
+    min_delta: pydantic.NonNegativeFloat = Field(0.0, description="An improvement must "
+                                                 "exceed this.")
 
 
 class TrainingConfig(BaseConfig):
@@ -53,3 +68,9 @@ class TrainingConfig(BaseConfig):
     seed: int = Field(0, description="Seed of the model's initial weights and of the per-step "
                       "random numbers (in-batch negatives), re-seeded from (seed, step, rank) "
                       "every step so that a resumed run draws what an uninterrupted one does.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to "
+                              "save_dir/tensorboard (loss, learning rates, examples/s, "
+                              "evaluation metrics). save_dir/metrics.jsonl is always written.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop when a validation metric stops improving; its best "
+        "checkpoint is kept and marked (save_dir/best.json). Needs validation data.")
