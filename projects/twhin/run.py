@@ -110,14 +110,17 @@ def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
 
 
 def serve_from_yaml(config_yaml_path: str, save_dir: str | None = None,
-                    only_evaluate: bool = False, evaluate_until_step: int | None = None) -> None:
+                    only_evaluate: bool = False, evaluate_until_step: int | None = None,
+                    overrides: list[str] | None = None) -> None:
     """Reader entry point (`TML_ROLE=reader`): serve the training data until stopped.
 
-    Takes the trainers' kwargs (the launcher forwards the same ones to both roles)."""
+    Takes the trainers' kwargs (the launcher forwards the same ones to both roles), and
+    reads the config with the same overrides, so readers and trainers agree on the data."""
     from projects.twhin.data.readers import serve_train_data
 
     del save_dir, only_evaluate, evaluate_until_step
-    serve_train_data(load_config_from_yaml(TwhinConfig, config_yaml_path))
+    serve_train_data(load_config_with_overrides(TwhinConfig, config_yaml_path,
+                                                overrides or ())[0])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
