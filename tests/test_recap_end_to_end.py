@@ -52,8 +52,12 @@ def test_two_workers_learn_every_task_and_keep_a_frozen_export(tmp_path):
                 "--set", "training.num_train_steps=80")
     assert done.returncode == 0, done.stderr[-4000:]
     final = json.loads((save_dir / "final_metrics.json").read_text())
-    assert final["step"] == 80 and sorted(os.listdir(save_dir)) == ["40", "80",
-                                                                     "final_metrics.json"]
+    # The checkpoints, the final metrics and the run records (tml.trainer).
+    assert final["step"] == 80 and sorted(os.listdir(save_dir)) == [
+        "40", "80", "final_metrics.json", "metrics.jsonl", "tensorboard"]
+    steps = [json.loads(line).get("step") for line in
+             (save_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 80
     for task in TASKS:
         assert final["metrics"][f"auc/{task}"] > 0.65, final
         assert final["metrics"][f"rce/{task}"] > 2.0, final
