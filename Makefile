@@ -14,7 +14,7 @@ SAVE_DIR ?= runs/twhin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv data train test test-fast test-bazel lint bench bench-quality clean
+.PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean
 
 venv: $(STAMP)
 
@@ -48,8 +48,26 @@ test-bazel: $(STAMP)
 # Side-by-side benchmark (tml 1 and 2 workers, plain PyTorch, reader, launcher);
 # writes benchmarks/results/$(BENCH_NAME).json and .md.
 BENCH_NAME ?= cpu-$(shell nproc)core
+PEERS ?=
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --name $(BENCH_NAME)
+	$(if $(PEERS),$(MAKE) bench-peers)
+
+# tml against PyTorch-BigGraph 1.0 on the same graph, interleaved rounds, one report
+# (benchmarks/results/peers-$(BENCH_NAME).json and .md). PBG lives in its own venv
+# (.venv-pbg: it needs setuptools<81); its HDF5 copy of the graph is cached in
+# benchmarks/.data/pbg-<hash>. `make bench PEERS=1` runs this after `make bench`.
+PBG_VENV := .venv-pbg
+PBG_STAMP := $(PBG_VENV)/.installed
+PEER_ARGS ?=
+$(PBG_STAMP):
+	test -x $(PBG_VENV)/bin/python || $(PYTHON) -m venv $(PBG_VENV)
+	$(PBG_VENV)/bin/pip install --quiet torch==2.13.0 'setuptools<81'
+	$(PBG_VENV)/bin/pip install --quiet torchbiggraph==1.0.0
+	touch $(PBG_STAMP)
+
+bench-peers: $(STAMP) $(PBG_STAMP)
+	$(PY) -m benchmarks.peers --name peers-$(BENCH_NAME) $(PEER_ARGS)
 
 # Link-prediction quality of `twhin import`'s config on generated graphs (issue 20):
 # the written config against the popularity baseline (and the earlier config);
@@ -61,4 +79,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) $(PBG_VENV) data runs

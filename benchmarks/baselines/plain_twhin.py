@@ -76,6 +76,25 @@ def _loss(logits: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]
     return F.binary_cross_entropy_with_logits(logits, labels, weights), labels
 
 
+def evaluate(model: PlainTwhin, root: str, batch: int, negatives: int,
+             eval_batches: int = 40) -> float:
+    """Held-out AUC: the first `eval_batches` batches of `root`, each positive against the
+    in-batch negatives of its relation (labelled 0), seed 1234. `benchmarks.peers` scores
+    PyTorch-BigGraph's trained tables with this same function."""
+    auroc = BinaryAUROC()
+    vl, vrel, vr = (torch.from_numpy(a) for a in _read_edges(root))
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for index, first in enumerate(range(0, len(vl) - batch + 1, batch)):
+            if index >= eval_batches:
+                break
+            sl = slice(first, first + batch)
+            logits = model(vl[sl], vr[sl], vrel[sl], negatives)
+            _, labels = _loss(logits, batch)
+            auroc.update(logits, labels.long())
+    return float(auroc.compute())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="the tml TwHIN YAML (sizes, data)")
@@ -114,22 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
             steps += 1
     train_seconds = time.perf_counter() - train_start
 
-    auroc = BinaryAUROC()
-    vl, vrel, vr = (torch.from_numpy(a) for a in _read_edges(config["validation_data"]["data_root"]))
-    torch.manual_seed(1234)
-    with torch.no_grad():
-        for index, first in enumerate(range(0, len(vl) - batch + 1, batch)):
-            if index >= args.eval_batches:
-                break
-            sl = slice(first, first + batch)
-            logits = model(vl[sl], vr[sl], vrel[sl], negatives)
-            _, labels = _loss(logits, batch)
-            auroc.update(logits, labels.long())
+    auc = evaluate(model, config["validation_data"]["data_root"], batch, negatives,
+                   args.eval_batches)
     report = {"steps": steps, "batch": batch, "train_seconds": train_seconds,
               "total_seconds": time.perf_counter() - start,
               "edges_per_s": steps * batch / train_seconds,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "auc": float(auroc.compute()), "threads": torch.get_num_threads()}
+              "auc": auc, "threads": torch.get_num_threads()}
     with open(args.out, "w") as f:
         json.dump(report, f)
     return report

@@ -1,0 +1,88 @@
+"""A against B: tml's training rate at a git revision against the working tree, interleaved.
+
+Why: on a shared, noisy host a change's effect is only visible as a ratio within one run.
+This exports `--base` (a git revision) into a temporary directory, then runs
+`benchmarks/twhin_tml.py` from the base and from this working tree in turns (base, new, base,
+new, ...) on `make bench`'s graph and config, and reports each side's median edges/s, the
+median of the per-round ratios new / base, and the load average of every sample.
+
+    python -m benchmarks.ab --base HEAD~1 [--rounds 3] [--steps 300] [--workers 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+from benchmarks import run as bench
+
+
+def _rate(tree: str, config: str, workers: int, work: str) -> dict:
+    out = tempfile.mkdtemp(dir=work)
+    env = {**bench._env(), "PYTHONPATH": tree}
+    subprocess.run([sys.executable, os.path.join(tree, "benchmarks", "twhin_tml.py"),
+                    f"--config={config}", f"--save_dir={out}/save", f"--out_dir={out}",
+                    f"--nproc={workers}"], env=env, check=True, capture_output=True, cwd=tree)
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(workers)]
+    batch = yaml.safe_load(open(config))["train_data"]["per_replica_batch_size"]
+    seconds = max(r["train_seconds"] for r in ranks)
+    return {"edges_per_s": ranks[0]["steps"] * batch * workers / seconds,
+            "auc": ranks[0]["auc"], "total_seconds": max(r["total_seconds"] for r in ranks)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    sizes = dict(bench.QUICK if args.quick else bench.FULL)
+    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if args.quick else "full")
+    from projects.twhin.data.generate import generate_graph
+    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
+                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
+                   seed=0, validation_fraction=0.02)
+    samples: dict[str, list[dict]] = {"base": [], "new": []}
+    with tempfile.TemporaryDirectory(prefix="tml-ab-") as work:
+        base = os.path.join(work, "base")
+        os.makedirs(base)
+        archive = subprocess.run(["git", "archive", args.base], cwd=bench.REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
+        config = bench._config(graph, sizes, os.path.join(work, "ab.yaml"), steps=args.steps,
+                               workers=args.workers)
+        for round_ in range(args.rounds):
+            for side, tree in (("base", base), ("new", bench.REPO)):
+                load = os.getloadavg()
+                sample = {**_rate(tree, config, args.workers, work), "load": load}
+                samples[side].append(sample)
+                print(f"round {round_ + 1} {side}: {sample['edges_per_s']:,.0f} edges/s "
+                      f"(load {load[0]:.1f})", flush=True)
+    ratios = [n["edges_per_s"] / b["edges_per_s"] for b, n in zip(samples["base"],
+                                                                  samples["new"])]
+    report = {"base": args.base, "workers": args.workers, "steps": args.steps,
+              "rounds": args.rounds,
+              "base_edges_per_s": statistics.median(s["edges_per_s"] for s in samples["base"]),
+              "new_edges_per_s": statistics.median(s["edges_per_s"] for s in samples["new"]),
+              "ratio_new_over_base": statistics.median(ratios), "ratios": ratios,
+              "samples": samples}
+    print(f"new / base: {report['ratio_new_over_base']:.3f} (median of {ratios})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
