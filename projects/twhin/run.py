@@ -65,6 +65,9 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     def verify_checkpoint(path: str) -> None:
         check_checkpoint_matches(all_config, path)
 
+    def verify_warm_start(path: str) -> None:
+        check_checkpoint_matches(all_config, path, grown=True)
+
     return ProjectParts(
         model=lambda: TwhinModelAndLoss(TwhinModel(model_config, all_config.train_data)),
         tables=model_config.embeddings.tables,
@@ -75,6 +78,7 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         evaluate=evaluate,
         checkpoint_extra=checkpoint_extra(all_config),
         verify_checkpoint=verify_checkpoint,
+        verify_warm_start=verify_warm_start,
     )
 
 

@@ -105,6 +105,7 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
         seed=training.seed,
         checkpoint_extra=dict(parts.checkpoint_extra or {}),
         verify_checkpoint=parts.verify_checkpoint,
+        verify_warm_start=parts.verify_warm_start,
     )
     if result.final_step > result.start_step:
         logger.info("done: step %d, final loss %s, held-out AUC %s; checkpoint: %s",
