@@ -1,0 +1,64 @@
+"""Day 1 then day 2 of a growing graph, in one worker process (started by
+tests/test_retrain_day2.py): import, train, export; import day 2 with `--vocab` of day 1,
+then train day 2 warm started from day 1's checkpoint with the item table frozen (and
+started from day 1's export) and the user table trainable at its own learning rate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import yaml
+
+DAY_STEPS = 4
+
+
+def _config(path: str, edit: object) -> str:
+    with open(path) as handle:
+        data = yaml.safe_load(handle)
+    data["training"].update(num_train_steps=DAY_STEPS, checkpoint_every_n=DAY_STEPS,
+                            eval_log_every_n=1000, num_eval_steps=1)
+    data.pop("validation_data", None)
+    data.pop("test_data", None)
+    edit(data)  # type: ignore[operator]
+    out = os.path.join(os.path.dirname(path), "run.yaml")
+    with open(out, "w") as handle:
+        yaml.safe_dump(data, handle)
+    return out
+
+
+def two_days(root: str, day1_tsv: str, day2_tsv: str) -> dict:
+    from projects.twhin.config import TwhinConfig
+    from projects.twhin.export import export_embeddings
+    from projects.twhin.importer import import_triples
+    from projects.twhin.run import run
+    from tml.core.config import load_config_from_yaml
+
+    day1, day2 = os.path.join(root, "day1"), os.path.join(root, "day2")
+    import_triples(day1_tsv, day1, split="1,0,0", dim=8)
+    path1 = _config(os.path.join(day1, "config.yaml"), lambda data: None)
+    config1 = load_config_from_yaml(TwhinConfig, path1)
+    first = run(config1, os.path.join(root, "save1"))
+    export_embeddings(config1, path1, first.checkpoint, os.path.join(root, "export1"))
+
+    import_triples(day2_tsv, day2, split="1,0,0", dim=8, vocab=os.path.join(day1, "vocab"))
+
+    def edit(data: dict) -> None:
+        data["training"]["initial_checkpoint_dir"] = first.checkpoint
+        for table in data["model"]["embeddings"]["tables"]:
+            if table["name"] == "item":
+                table["frozen"] = True
+                table["init_from_export"] = {"path": os.path.join(root, "export1",
+                                                                  "item.parquet")}
+            else:   # per-table learning rate: the user table continues more gently
+                table["optimizer"] = {"adagrad": {"lr": 0.05}}
+
+    config2 = load_config_from_yaml(TwhinConfig, _config(os.path.join(day2, "config.yaml"),
+                                                         edit))
+    second = run(config2, os.path.join(root, "save2"))
+    return {"day1": first.checkpoint, "day2": second.checkpoint}
+
+
+if __name__ == "__main__":
+    print(json.dumps(two_days(*sys.argv[1:4])))
