@@ -60,5 +60,48 @@ def two_days(root: str, day1_tsv: str, day2_tsv: str) -> dict:
     return {"day1": first.checkpoint, "day2": second.checkpoint}
 
 
+GROWN_ROWS, GROWN_DIM = 13, 8
+SHARDING_TYPES = ("row_wise", "column_wise")   # table_wise: test_day2_... (1 worker)
+
+
+def grown_sharded(checkpoint: str, vectors_file: str) -> dict[str, object]:
+    """In each of 2 workers, per sharding type: a table of GROWN_ROWS rows warm started from
+    `checkpoint` (fewer rows), then from `vectors_file` (fewer rows); this worker's shards
+    before, after the warm start and after the vectors, as (row, column, values) lists."""
+    import torch
+
+    from tml.common.checkpointing import load_checkpoint
+    from tml.common.device import setup_and_get_device
+    from tml.common.modules.embedding.config import LargeEmbeddingsConfig
+    from tml.common.modules.embedding.embedding import LargeEmbeddings
+    from tml.common.modules.embedding.vectors import load_table_vectors, local_shards
+    from tml.common.sharding import maybe_shard_model
+    from tml.trainer.fused_tables import apply_table_optimizers
+
+    device = setup_and_get_device()
+    config = LargeEmbeddingsConfig.model_validate({"tables": [{
+        "name": "user", "num_embeddings": GROWN_ROWS, "embedding_dim": GROWN_DIM,
+        "optimizer": {"sgd": {"lr": 0.1}}, "init_from_export": {"path": vectors_file}}]})
+
+    def shards(model: torch.nn.Module) -> list:
+        weight = model.state_dict()["ebc.embedding_bags.user.weight"]
+        return [(row, column, shard.detach().clone().tolist())
+                for shard, (row, column) in local_shards(weight)]
+
+    results: dict[str, object] = {}
+    for sharding_type in SHARDING_TYPES:
+        torch.manual_seed(0)
+        model = apply_table_optimizers(LargeEmbeddings(config), config.tables)
+        sharded = maybe_shard_model(model, device, {"user": sharding_type},
+                                    output_dtensor=True)
+        before = shards(sharded)
+        grown = load_checkpoint(checkpoint, {"model": sharded}, grow_rows=True)
+        warm = shards(sharded)
+        load_table_vectors(sharded, config.tables)
+        results[sharding_type] = {"grown": grown, "before": before, "warm": warm,
+                                  "vectors": shards(sharded)}
+    return results
+
+
 if __name__ == "__main__":
     print(json.dumps(two_days(*sys.argv[1:4])))

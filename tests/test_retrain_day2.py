@@ -14,8 +14,9 @@ import torch
 
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
 from projects.twhin.importer import read_vocabulary
+from tests.lifecycle_checks import GROWN_DIM, GROWN_ROWS, SHARDING_TYPES
 from tests.twhin_setup import REPO, launcher_env
-from tml.common.checkpointing import read_tensors
+from tml.common.checkpointing import read_tensors, save_checkpoint
 
 
 def _edges(seed, users, items, n):
@@ -67,3 +68,57 @@ def test_day2_keeps_day1_rows_frozen_or_continuing(tmp_path):
     assert cos.mean() > 0.8
     # Relation vectors: day 1's kept at their index (then trained), the new one appended.
     assert two[RELATIONS_KEY].shape[0] == len(relations2) == one[RELATIONS_KEY].shape[0] + 1
+
+
+def _assemble(per_rank, part):
+    full = torch.full((GROWN_ROWS, GROWN_DIM), float("nan"))
+    for shards in per_rank:
+        for row, column, values in shards[part]:
+            block = torch.tensor(values)
+            full[row:row + block.shape[0], column:column + block.shape[1]] = block
+    return full
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_grown_tables_load_bit_for_bit_on_two_workers_for_every_sharding_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.lifecycle_checks import grown_sharded
+    from tml.common.run_training import launch_function
+
+    saved_rows, vector_rows = 9, 11
+    torch.manual_seed(3)
+    day1 = torch.nn.Module()
+    day1.ebc = torch.nn.Module()
+    day1.ebc.embedding_bags = torch.nn.ModuleDict({"user": torch.nn.Module()})
+    day1.ebc.embedding_bags["user"].weight = torch.nn.Parameter(
+        torch.randn(saved_rows, GROWN_DIM))
+    checkpoint = save_checkpoint(str(tmp_path / "save"), 1, {"model": day1})
+    vectors = np.random.default_rng(4).standard_normal((vector_rows, GROWN_DIM))
+    vectors = vectors.astype(np.float32)
+    pq.write_table(pa.table({"vector": pa.array(list(vectors),
+                                                pa.list_(pa.float32(), GROWN_DIM))}),
+                   tmp_path / "user.parquet")
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO + os.pathsep + (previous or "")
+    try:
+        results = launch_function(grown_sharded, 2, checkpoint, str(tmp_path / "user.parquet"))
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    saved = day1.ebc.embedding_bags["user"].weight.detach()
+    for sharding_type in SHARDING_TYPES:
+        per_rank = [results[rank][sharding_type] for rank in (0, 1)]
+        assert per_rank[0]["grown"] == {"model.ebc.embedding_bags.user.weight":
+                                        (saved_rows, GROWN_ROWS)}, sharding_type
+        before, warm = _assemble(per_rank, "before"), _assemble(per_rank, "warm")
+        assert not torch.isnan(before).any(), sharding_type       # every block is held
+        assert torch.equal(warm[:saved_rows], saved), sharding_type
+        assert torch.equal(warm[saved_rows:], before[saved_rows:]), sharding_type
+        written = _assemble(per_rank, "vectors")
+        assert torch.equal(written[:vector_rows], torch.from_numpy(vectors)), sharding_type
+        assert torch.equal(written[vector_rows:], warm[vector_rows:]), sharding_type
