@@ -120,3 +120,23 @@ def test_fuzzed_previous_vocab_files_give_a_vocabulary_or_one_line(tmp_path):
         outcome(lambda: previous_vocabulary(str(day1)))
 
     check()
+
+
+def test_cli_vocab_appends_and_a_bad_one_is_error_line_exit_2(tmp_path, capsys):
+    from projects.twhin.cli import main
+
+    day1 = _day1(tmp_path)
+    main(["import", "--triples", _tsv(tmp_path / "d2.tsv", DAY2), "--out",
+          str(tmp_path / "day2"), "--split", "1,0,0", "--vocab", str(day1)])
+    new, _ = read_vocabulary(str(tmp_path / "day2" / "vocab"))
+    assert list(new["user"][:3]) == ["user:a", "user:b", "user:c"]
+    pq.write_table(pa.table({"id": ["user:a", "user:a"], "row": [0, 1]}),
+                   day1 / "vocab" / "tables" / "user.parquet")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        main(["import", "--triples", str(tmp_path / "d2.tsv"), "--out",
+              str(tmp_path / "day3"), "--vocab", str(day1)])
+    assert code.value.code == 2
+    assert capsys.readouterr().err == (f"error: --vocab {day1}: table file user.parquet: id "
+                                       "'user:a' is at rows 0 and 1\n")
+    assert not (tmp_path / "day3").exists()
