@@ -108,3 +108,48 @@ def test_fuzzed_vector_files_give_vectors_or_one_line(tmp_path):
         outcome(lambda: read_vectors(str(target), ROWS, DIM, "t", allow_fewer=True))
 
     check()
+
+
+def test_vectors_are_placed_by_id_with_a_vocab_and_unknown_ids_are_refused(tmp_path):
+    from tml.common.modules.embedding.vectors import rows_by_id
+
+    ids = [f"user:{i}" for i in range(ROWS)]
+    pq.write_table(pa.table({"id": ids[::-1], "row": list(range(ROWS))[::-1]}),
+                   tmp_path / "vocab.parquet")                    # row i: user:i
+    order = [7, 2, 9, 0]                                          # another order, a subset
+    vectors = np.random.default_rng(1).standard_normal((4, DIM)).astype(np.float32)
+    pq.write_table(pa.table({"id": [ids[i] for i in order],
+                             "vector": pa.array(list(vectors), pa.list_(pa.float32(), DIM))}),
+                   tmp_path / "export.parquet")
+    config = LargeEmbeddingsConfig.model_validate({"tables": [
+        {"name": "user", "num_embeddings": ROWS, "embedding_dim": DIM,
+         "optimizer": {"sgd": {"lr": 0.1}},
+         "init_from_export": {"path": str(tmp_path / "export.parquet"),
+                              "vocab": str(tmp_path / "vocab.parquet")}},
+        {"name": "item", "num_embeddings": ROWS, "embedding_dim": DIM,
+         "optimizer": {"sgd": {"lr": 0.1}}}]})
+    model = LargeEmbeddings(config, device="cpu")
+    before = model.ebc.embedding_bags["user"].weight.detach().clone()
+    load_table_vectors(model, config.tables)
+    after = model.ebc.embedding_bags["user"].weight.detach()
+    for k, row in enumerate(order):
+        assert torch.equal(after[row], torch.from_numpy(vectors[k]))
+    untouched = [r for r in range(ROWS) if r not in order]
+    assert torch.equal(after[untouched], before[untouched])
+
+    export, vocab = str(tmp_path / "export.parquet"), str(tmp_path / "vocab.parquet")
+    pq.write_table(pa.table({"id": ["user:0", "user:99"], "row": [0, 1]}), vocab)
+    with pytest.raises(DataError, match=f"^{export}: id 'user:7' \\(row 0\\) is not in "
+                       f"{vocab}$"):
+        rows_by_id(export, vocab, ROWS, 4, "t")
+    pq.write_table(pa.table({"id": ids, "row": [0] * ROWS}), vocab)
+    with pytest.raises(DataError, match="a row is given to two ids"):
+        rows_by_id(export, vocab, ROWS, 4, "t")
+    pq.write_table(pa.table({"id": ids, "row": list(range(1, ROWS + 1))}), vocab)
+    with pytest.raises(DataError, match=r"rows must lie in 0\.\.11"):
+        rows_by_id(export, vocab, ROWS, 4, "t")
+    pq.write_table(pa.table({"id": ids, "row": list(range(ROWS))}), vocab)
+    pq.write_table(pa.table({"id": ["user:1", "user:1"], "vector": [[0.0] * DIM] * 2}),
+                   export)
+    with pytest.raises(DataError, match="an id is listed twice"):
+        rows_by_id(export, vocab, ROWS, 2, "t")

@@ -35,6 +35,10 @@ class InitFromExport(BaseConfig):
                       "parquet with a column `vector` of embedding_dim floats), one row per "
                       "table row in row order; fewer rows than the table leave the rest "
                       "initialised as usual (a table grown by `twhin import --vocab`).")
+    vocab: str | None = Field(None, description="Place vectors by id instead of by position: "
+                              "a parquet of (id, row), e.g. the importer's "
+                              "vocab/tables/<table>.parquet; each id of `path` (column `id`) "
+                              "goes to its row here, and an id it lacks is refused.")
 
 
 class EmbeddingBagConfig(BaseConfig):

@@ -11,6 +11,9 @@ File: a parquet with a column `vector` (list or fixed-size list of floats, `dim`
 and one row per table row in row order, as `twhin export` writes (`<table>.parquet`: id,
 vector). It may hold fewer rows than the table when the table grew since (`twhin import
 --vocab` appends new ids after the known ones): those rows keep their initial values.
+With `vocab` (a parquet of id, row), vectors are placed by id instead: an export of another
+vocabulary (other order, a subset) lands on the right rows, and an id the vocab lacks is
+refused rather than written to a wrong row.
 """
 
 from __future__ import annotations
@@ -67,6 +70,55 @@ def read_vectors(path: str, rows: int, dim: int, what: str,
     return values
 
 
+def _string_column(path: str, table: pa.Table, name: str) -> list[str]:
+    if name not in table.column_names:
+        raise DataError(f"{path}: no column '{name}'")
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) \
+            or column.null_count:
+        raise DataError(f"{path}: column '{name}' must hold strings without nulls")
+    return column.to_pylist()
+
+
+def rows_by_id(export_path: str, vocab_path: str, rows: int, count: int,
+               what: str) -> np.ndarray:
+    """The table row of each of the `count` vectors of `export_path` (its column `id`),
+    from `vocab_path` (columns id, row: rows 0..rows-1, ids and rows each once)."""
+    try:
+        vocab = pq.read_table(vocab_path, columns=["id", "row"])
+        ids = pq.read_table(export_path, columns=["id"])
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what}: {error.filename or vocab_path} not found") from None
+    except (OSError, pa.ArrowException, ValueError, KeyError) as error:
+        raise DataError(f"{vocab_path} / {export_path}: cannot read the id columns: "
+                        f"{error_line(error)}") from None
+    known = _string_column(vocab_path, vocab, "id")
+    row_column = vocab.column("row")
+    if not pa.types.is_integer(row_column.type) or row_column.null_count:
+        raise DataError(f"{vocab_path}: column 'row' must hold integers without nulls")
+    table_rows = row_column.to_numpy()
+    if len(table_rows) and (table_rows.min() < 0 or table_rows.max() >= rows):
+        raise DataError(f"{vocab_path}: rows must lie in 0..{rows - 1} ({what} has {rows})")
+    if len(np.unique(table_rows)) != len(table_rows):
+        raise DataError(f"{vocab_path}: a row is given to two ids")
+    row_of = dict(zip(known, table_rows.tolist()))
+    if len(row_of) != len(known):
+        raise DataError(f"{vocab_path}: an id is listed twice")
+    wanted = _string_column(export_path, ids, "id")
+    if len(wanted) != count:
+        raise DataError(f"{export_path}: column 'id' has {len(wanted)} values for {count} "
+                        "vectors")
+    out = np.empty(count, np.int64)
+    for i, entity in enumerate(wanted):
+        row = row_of.get(entity)
+        if row is None:
+            raise DataError(f"{export_path}: id {entity!r} (row {i}) is not in {vocab_path}")
+        out[i] = row
+    if len(np.unique(out)) != count:
+        raise DataError(f"{export_path}: an id is listed twice")
+    return out
+
+
 def local_shards(value: object) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
     """(tensor, (row, column) offset) of each shard of a table held by this worker."""
     if hasattr(value, "to_local"):                          # DTensor (LocalShardsWrapper)
@@ -94,13 +146,20 @@ def table_weight(model: nn.Module, table: str, what: str) -> object:
 
 
 @torch.no_grad()
-def write_rows(weight: object, vectors: torch.Tensor) -> None:
-    """Copy `vectors` (the table's first len(vectors) rows) into this worker's shards."""
+def write_rows(weight: object, vectors: torch.Tensor,
+               rows_of: torch.Tensor | None = None) -> None:
+    """Copy `vectors` into this worker's shards: vector i into row `rows_of[i]`, or (no
+    `rows_of`) into row i (the table's first len(vectors) rows)."""
     for shard, (row, column) in local_shards(weight):
         rows, columns = shard.shape
-        end = min(row + rows, len(vectors))
-        if end > row:
-            shard[:end - row].copy_(vectors[row:end, column:column + columns].to(shard.dtype))
+        if rows_of is None:
+            end = min(row + rows, len(vectors))
+            if end > row:
+                shard[:end - row].copy_(
+                    vectors[row:end, column:column + columns].to(shard.dtype))
+            continue
+        mine = ((rows_of >= row) & (rows_of < row + rows)).nonzero().flatten()
+        shard[rows_of[mine] - row] = vectors[mine, column:column + columns].to(shard.dtype)
 
 
 def load_table_vectors(model: nn.Module, tables: Sequence[EmbeddingBagConfig],
@@ -115,10 +174,16 @@ def load_table_vectors(model: nn.Module, tables: Sequence[EmbeddingBagConfig],
             continue
         what = f"{tables_field} '{table.name}'"
         weight = table_weight(model, table.name, what)
-        vectors = read_vectors(table.init_from_export.path, table.num_embeddings,
-                               table.embedding_dim, what, allow_fewer=True)
-        write_rows(weight, torch.from_numpy(vectors))
-        logger.info("table %s: rows 0..%d from %s%s", table.name, len(vectors) - 1,
-                    table.init_from_export.path, " (frozen)" if table.frozen else "")
+        source = table.init_from_export
+        vectors = read_vectors(source.path, table.num_embeddings, table.embedding_dim, what,
+                               allow_fewer=True)
+        rows_of = None
+        if source.vocab is not None:
+            rows_of = torch.from_numpy(rows_by_id(source.path, source.vocab,
+                                                  table.num_embeddings, len(vectors), what))
+        write_rows(weight, torch.from_numpy(vectors), rows_of)
+        logger.info("table %s: %d rows from %s%s%s", table.name, len(vectors), source.path,
+                    f" by id ({source.vocab})" if source.vocab else "",
+                    " (frozen)" if table.frozen else "")
         done.append(table.name)
     return done
