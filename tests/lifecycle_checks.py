@@ -49,8 +49,9 @@ def two_days(root: str, day1_tsv: str, day2_tsv: str) -> dict:
         for table in data["model"]["embeddings"]["tables"]:
             if table["name"] == "item":
                 table["frozen"] = True
-                table["init_from_export"] = {"path": os.path.join(root, "export1",
-                                                                  "item.parquet")}
+                table["init_from_export"] = {   # placed by id through day 2's vocab
+                    "path": os.path.join(root, "export1", "item.parquet"),
+                    "vocab": os.path.join(day2, "vocab", "tables", "item.parquet")}
             else:   # per-table learning rate: the user table continues more gently
                 table["optimizer"] = {"adagrad": {"lr": 0.05}}
 
