@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output directory.")
     p.add_argument("--dim", type=int, default=32, help="embedding_dim in the written config.")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
+    p.add_argument("--vocab", default=None, metavar="PREVIOUS", help="An earlier import's "
+                   "vocab/ (or its output directory): its ids keep their rows, new ids are "
+                   "appended.")
 
     p = commands.add_parser("train", help="Train (same as projects/twhin/run.py).")
     p.add_argument("--config", required=True, help="TwHIN YAML config.")
@@ -195,7 +198,7 @@ def _import(args: argparse.Namespace) -> dict:
     from projects.twhin.importer import import_triples
 
     result = import_triples(args.triples, args.out, args.valid, args.test, args.split,
-                            args.seed, args.dim, args.force)
+                            args.seed, args.dim, args.force, args.vocab)
     edges = ", ".join(f"{k} {v}" for k, v in result["edges"].items())
     tables = ", ".join(f"{k} {v}" for k, v in result["tables"].items())
     print(f"imported {edges} edges; tables: {tables}; {result['relations']} relation(s)\n"

@@ -24,6 +24,13 @@ across all input files, so an id seen only in the test file still has a row (eva
 then counts it as unseen in training). Everything is written into a temporary sibling
 directory renamed into place at the end: an error leaves nothing half-written.
 
+`--vocab PREVIOUS` (a `vocab/` directory of an earlier import, or that import's OUT):
+every id of PREVIOUS keeps its row and every relation its index; new ids are appended
+after them (`previous_vocabulary`). Day 2's tables then extend day 1's, so a day-1
+checkpoint warm starts them (docs/checkpoints.md). PREVIOUS is a file from elsewhere and
+is checked whole before anything is read from the triples: rows 0..n-1 each once, ids
+unique, each id of its table's type, valid table names, relation indices 0..n-1 each once.
+
 Training settings of the written config (`choose_defaults`; docs/twhin_cli.md has the
 table and the measurements): one statistic, counted while streaming, decides between the
 settings for large graphs with few relations and those for small, many-relation graphs:
@@ -63,7 +70,7 @@ from tml.common.safe_paths import check_name, is_inside
 from tml.errors import DataError, error_line
 
 __all__ = ["import_triples", "read_triples", "read_vocabulary", "choose_defaults",
-           "default_config", "Vocabulary", "RESERVED_NAMES"]
+           "default_config", "Vocabulary", "RESERVED_NAMES", "previous_vocabulary"]
 
 UNTYPED_TABLE = "entity"
 SPLITS = ("train", "validation", "test")
@@ -201,22 +208,24 @@ def _check_out(out: str, inputs: list[str], force: bool) -> None:
 
 def import_triples(train: str, out: str, valid: str | None = None, test: str | None = None,
                    split: str = "0.9,0.05,0.05", seed: int = 0, dim: int = 32,
-                   force: bool = False) -> dict:
+                   force: bool = False, vocab: str | None = None) -> dict:
     """Run the import (see module docstring); returns counts per split and table sizes.
 
     Refused before anything is written: an --out that holds one of the inputs, and with
     `force` an --out that is not an earlier import (a file, or a directory with other
     entries): replacing it would delete them. Everything is written inside --out (names
     from the data are checked, and every destination is checked to lie inside it).
+    `vocab`: an earlier import's vocab/ (or its OUT) whose ids keep their rows.
     """
     out = os.path.abspath(out)
     if dim < 1:
         raise DataError(f"--dim must be >= 1, got {dim}")
     fractions = parse_split(split) if valid is None and test is None else None
-    _check_out(out, [p for p in (train, valid, test) if p is not None], force)
+    _check_out(out, [p for p in (train, valid, test, vocab) if p is not None], force)
+    start = previous_vocabulary(vocab) if vocab is not None else Vocabulary()
     with atomic_directory(out, DataError) as tmp:
         try:
-            summary = _import(train, valid, test, fractions, seed, dim, tmp)
+            summary = _import(train, valid, test, fractions, seed, dim, tmp, start)
         except OSError as error:   # reading errors are DataErrors already: this is a write
             raise DataError(cannot_write(out, error)) from None
     summary["out"] = out
@@ -234,8 +243,8 @@ def _destination(root: str, *parts: str) -> str:
 
 def _import(train: str, valid: str | None, test: str | None,
             fractions: tuple[float, float, float] | None, seed: int, dim: int,
-            tmp: str) -> dict:
-    vocab = Vocabulary()
+            tmp: str, vocab: Vocabulary) -> dict:
+    known = {table: len(ids) for table, ids in vocab.tables.items()}
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
     relation_edges = np.zeros(0, np.int64)   # training edges per relation (the rule's input)
@@ -300,7 +309,8 @@ def _import(train: str, valid: str | None, test: str | None,
                      f"# Defaults chosen by the rule in docs/twhin_cli.md: {defaults.reason}.\n")
         yaml.safe_dump(config, handle, sort_keys=False)
     return {"edges": counts, "tables": {t: len(ids) for t, ids in vocab.tables.items()},
-            "relations": len(names), "defaults": defaults.reason}
+            "relations": len(names), "defaults": defaults.reason,
+            "appended": {t: len(ids) - known.get(t, 0) for t, ids in vocab.tables.items()}}
 
 
 # --- the defaults of the written config ----------------------------------------------------
@@ -487,3 +497,62 @@ def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
             raise DataError(f"{path}: {error_line(error)}") from None
         relations = [names[i] for i in order]
     return tables, relations
+
+
+def previous_vocabulary(path: str) -> Vocabulary:
+    """The Vocabulary of an earlier import (`--vocab`): its ids keep their rows.
+
+    `path` is the earlier import's `vocab/` directory or its OUT (holding `vocab/`). It
+    comes from elsewhere, so everything is checked before use, each failure one DataError
+    line naming the file: no tables, a table name `twhin import` would refuse (or two
+    differing in letter case), rows not 0..n-1 each once, a null or repeated id, an id of
+    another entity type than its table, relation indices not 0..n-1 each once, a relation
+    naming a table that is not there.
+    """
+    directory = os.path.join(path, VOCAB_DIR) if os.path.isdir(
+        os.path.join(path, VOCAB_DIR)) else path
+    if not os.path.isdir(directory):
+        raise DataError(f"--vocab {path}: not a directory (expected an earlier import's "
+                        "vocab/ or its output directory)")
+    tables, _ = read_vocabulary(directory)
+    if not tables:
+        raise DataError(f"--vocab {path}: no tables (expected vocab/tables/<table>.parquet "
+                        "as `twhin import` writes)")
+    vocab = Vocabulary()
+    for table, ids in tables.items():
+        where = f"--vocab {path}: table file {table}.parquet"
+        vocab._new_table(table, where)
+        rows = vocab.tables[table]
+        for row, entity in enumerate(ids):
+            if entity is None:
+                raise DataError(f"{where}: row {row} has no id")
+            owner = entity.split(":", 1)[0] if ":" in entity else UNTYPED_TABLE
+            if owner != table:
+                raise DataError(f"{where}: row {row} holds id {entity!r} of entity type "
+                                f"{owner!r}, not {table!r}")
+            if rows.setdefault(entity, row) != row:
+                raise DataError(f"{where}: id {entity!r} is at rows {rows[entity]} and {row}")
+    relations_path = os.path.join(directory, RELATIONS_FILE)
+    if not os.path.exists(relations_path):
+        return vocab
+    table = _read_parquet(relations_path, ["name", "index", "lhs", "rhs"])
+    try:
+        columns = {c: table.column(c).cast(pa.string() if c != "index" else pa.int64())
+                   .to_pylist() for c in ("name", "index", "lhs", "rhs")}
+    except (pa.ArrowException, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{relations_path}: {error_line(error)}") from None
+    count = len(columns["index"])
+    if sorted(i for i in columns["index"] if i is not None) != list(range(count)):
+        raise DataError(f"{relations_path}: column 'index' must number the relations "
+                        f"0..{count - 1}, each once")
+    order = sorted(range(count), key=lambda i: columns["index"][i])
+    for i in order:
+        name, lhs, rhs = columns["name"][i], columns["lhs"][i], columns["rhs"][i]
+        if name is None or name in vocab.relations:
+            raise DataError(f"{relations_path}: relation {name!r} is missing or repeated")
+        for side in (lhs, rhs):
+            if side not in vocab.tables:
+                raise DataError(f"{relations_path}: relation {name!r} names table {side!r}, "
+                                "which has no table file")
+        vocab.relation(name, lhs, rhs, relations_path)
+    return vocab

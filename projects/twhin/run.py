@@ -65,6 +65,9 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     def verify_checkpoint(path: str) -> None:
         check_checkpoint_matches(all_config, path)
 
+    def verify_warm_start(path: str) -> None:
+        check_checkpoint_matches(all_config, path, grown=True)
+
     return ProjectParts(
         model=lambda: TwhinModelAndLoss(TwhinModel(model_config, all_config.train_data)),
         tables=model_config.embeddings.tables,
@@ -74,6 +77,7 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         validation_data=validation_data if validation is not None else None,
         checkpoint_extra=checkpoint_extra(all_config),
         verify_checkpoint=verify_checkpoint,
+        verify_warm_start=verify_warm_start,
     )
 
 

@@ -68,8 +68,12 @@ def _resolve(path: str) -> str:
     return latest_checkpoint(path) or path
 
 
-def signature_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+def signature_difference(saved: dict[str, Any], wanted: dict[str, Any],
+                         grown: bool = False) -> str | None:
     """The first difference between a saved and a wanted signature, as a sentence; or None.
+
+    `grown`: `wanted` may extend `saved`: more rows in a table, relations appended after
+    the saved ones (a warm start after `twhin import --vocab`).
 
     Operators are compared first: a different operator is the mismatch that nothing else
     catches (shapes agree), so it is the one to name when several things differ.
@@ -84,6 +88,8 @@ def signature_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str |
                     f"'{old.get('operator')}', the config says '{relation['operator']}'")
     saved_names = [r.get("name") for r in saved_relations]
     wanted_names = [r["name"] for r in wanted_relations]
+    if grown and len(wanted_names) > len(saved_names):
+        wanted_names = wanted_names[:len(saved_names)]
     if saved_names != wanted_names:
         if sorted(map(str, saved_names)) == sorted(wanted_names):
             return (f"the relations are in another order: the checkpoint has "
@@ -104,6 +110,8 @@ def signature_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str |
         return (f"it was trained with tables {', '.join(sorted(saved_tables))}; the config "
                 f"has {', '.join(sorted(wanted_tables))}")
     for name, rows in wanted_tables.items():
+        if grown and isinstance(saved_tables[name], int) and saved_tables[name] < rows:
+            continue
         if saved_tables[name] != rows:
             return (f"table '{name}' was trained with {saved_tables[name]} rows, the config "
                     f"says num_embeddings {rows}")
@@ -111,10 +119,12 @@ def signature_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str |
 
 
 def check_checkpoint_matches(config: TwhinConfig | TwhinModelConfig,
-                             checkpoint_dir: str) -> None:
+                             checkpoint_dir: str, grown: bool = False) -> None:
     """Raise CheckpointError (one line) when the checkpoint was trained as another model.
 
     `checkpoint_dir`: a checkpoint, or a save_dir (its newest checkpoint is checked).
+    `grown` (a warm start): the config may have more rows per table and more relations
+    after the saved ones (`twhin import --vocab` appends both).
     A checkpoint without a saved signature (written before signatures existed) passes with
     a logged warning.
     """
@@ -128,6 +138,6 @@ def check_checkpoint_matches(config: TwhinConfig | TwhinModelConfig,
         return
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path}: its model signature is not a mapping")
-    difference = signature_difference(saved, model_signature(config))
+    difference = signature_difference(saved, model_signature(config), grown)
     if difference is not None:
         raise CheckpointError(f"checkpoint {path}: {difference}")

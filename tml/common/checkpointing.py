@@ -448,19 +448,71 @@ def _check_compatible(path: str, metadata: Metadata, flat: Mapping[str, torch.Te
                               "table sizes?)")
 
 
-def load_checkpoint(path: str, parts: Mapping[str, Stateful]) -> None:
+def grown_keys(metadata: Metadata, flat: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Key -> saved rows, of each 2-D tensor this model has with more rows than the
+    checkpoint and the same columns (a table grown by new ids, relation vectors grown by new
+    relations). Anything else that differs is left to `_check_compatible` to refuse."""
+    grown = {}
+    for key, tensor in flat.items():
+        entry = metadata.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        expected, found = _global_shape(tensor), tuple(entry.size)
+        if len(expected) == len(found) == 2 and expected[1] == found[1] \
+                and found[0] < expected[0]:
+            grown[key] = found[0]
+    return grown
+
+
+def _prune(tree: dict[str, Any], flat_key: str, prefix: str = "") -> None:
+    """Remove the leaf of `tree` whose DCP flat key is `flat_key`."""
+    for key in list(tree):
+        name = f"{prefix}{key}"
+        if name == flat_key:
+            del tree[key]
+        elif isinstance(tree[key], dict) and flat_key.startswith(name + "."):
+            _prune(tree[key], flat_key, name + ".")
+
+
+@torch.no_grad()
+def _load_grown(path: str, key: str, tensor: Any, saved_rows: int) -> None:
+    """Rows 0..saved_rows-1 of `key` into this worker's part of `tensor`, bit for bit;
+    the rows after them are not touched (they keep their initial values)."""
+    from tml.common.checkpoint_rows import load_rows
+    from tml.common.modules.embedding.vectors import local_shards
+
+    for shard, (row, column) in local_shards(tensor):
+        end = min(row + shard.shape[0], saved_rows)
+        if end <= row:
+            continue
+        block = load_rows(path, key, row, end)
+        shard[:end - row].copy_(block[:, column:column + shard.shape[1]].to(shard.dtype))
+
+
+def load_checkpoint(path: str, parts: Mapping[str, Stateful],
+                    grow_rows: bool = False) -> dict[str, tuple[int, int]]:
     """Load the checkpoint at `path` into `parts` in place (collective).
 
     Works across world sizes and sharding types (DCP reshards); only tensors are read.
     Raises CheckpointError for a missing, damaged or incompatible checkpoint.
+
+    `grow_rows` (a warm start into grown tables): a 2-D tensor with more rows here than in
+    the checkpoint gets the saved rows bit for bit, and its other rows keep the values they
+    have (their initialisation). Returns key -> (saved rows, rows now) of those tensors.
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     full = {name: part.state_dict() for name, part in parts.items()}
     tree = {name: _tensor_tree(state) or {} for name, state in full.items()}
     metadata = read_metadata(path)
+    flat = _flatten(tree)
+    grown = grown_keys(metadata, flat) if grow_rows else {}
+    for key in grown:
+        _prune(tree, key)
     _check_compatible(path, metadata, _flatten(tree))
     try:
+        for key, saved_rows in grown.items():
+            _load_grown(path, key, flat[key], saved_rows)
         dcp.load(tree, storage_reader=SafeFileSystemReader(path))
     except _DCP_ERRORS as error:  # noqa: BLE001 (DCP wraps each rank's error)
         ours = tml_failure(error)
@@ -471,6 +523,7 @@ def load_checkpoint(path: str, parts: Mapping[str, Stateful]) -> None:
     for name, part in parts.items():
         _merge(full[name], tree[name])
         part.load_state_dict(full[name])
+    return {key: (rows, _global_shape(flat[key])[0]) for key, rows in grown.items()}
 
 
 def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:

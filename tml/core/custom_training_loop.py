@@ -264,6 +264,7 @@ def train(
     prefetch_batches: int = 2,
     tensorboard: bool = True,
     early_stopping: EarlyStopping | None = None,
+    verify_warm_start: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train `model` (returns `(loss, outputs)`) for up to `train_steps` steps.
 
@@ -296,6 +297,10 @@ def train(
         (tml.core.run_records; both on rank 0).
       early_stopping: stop when its metric stops improving (tml.core.early_stopping);
         each improvement is checkpointed and marked best; its state is checkpointed.
+      verify_warm_start: the same for `initial_checkpoint_dir` (default
+        `verify_checkpoint`); a warm start may load into grown tables (more rows than
+        saved: saved rows bit for bit, new rows keep their initialisation), so a project
+        accepts there what it refuses on resume.
 
     The logged loss is the mean over the steps since the last log line and over every
     worker (`global_mean`). Without a terminal (no progress bar) the log line carries an
@@ -322,10 +327,14 @@ def train(
         logger.info("resumed from %s at step %d (%.1fs of training so far)", resumed_from,
                     train_state.step, train_state.wall_time)
     elif initial_checkpoint_dir:
-        if verify_checkpoint is not None:
-            verify_checkpoint(initial_checkpoint_dir)
-        load_checkpoint(initial_checkpoint_dir, {"model": model})
+        verify = verify_warm_start or verify_checkpoint
+        if verify is not None:
+            verify(initial_checkpoint_dir)
+        grown = load_checkpoint(initial_checkpoint_dir, {"model": model}, grow_rows=True)
         logger.info("warm start: weights from %s, starting at step 0", initial_checkpoint_dir)
+        for key, (saved, rows) in grown.items():
+            logger.info("warm start: %s grew from %d to %d rows (rows %d.. initialised)",
+                        key, saved, rows, saved)
     start_step = train_state.step
     if resumed_from is None or scheduler is None:
         set_schedule_step(scheduler, start_step)

@@ -16,7 +16,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from tml.common.modules.embedding.config import EmbeddingBagConfig
 from tml.errors import ConfigError
-from tml.optimizers.config import LearningRate, learning_rate_of
+from tml.optimizers.config import LearningRate, OptimizerConfig, SgdConfig, learning_rate_of
 from tml.optimizers.optimizer import get_optimizer_class, optimizer_kwargs
 
 _TABLE_PARAM = re.compile(r"embedding_bags\.([^.]+)\.weight")
@@ -31,9 +31,19 @@ def table_of_param(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+# What a frozen table is trained with: SGD keeps no state, and at learning rate 0 it
+# writes w - 0 * g = w, the same bits (fused kernels have no "no optimizer" option).
+FROZEN_OPTIMIZER = OptimizerConfig(sgd=SgdConfig(lr=0.0), learning_rate=LearningRate(constant=0.0))
+
+
+def table_optimizer(table: EmbeddingBagConfig) -> OptimizerConfig:
+    """The optimizer a table is trained with: its own, or `FROZEN_OPTIMIZER` when frozen."""
+    return FROZEN_OPTIMIZER if table.frozen else table.optimizer
+
+
 def table_schedules(tables: Sequence[EmbeddingBagConfig]) -> dict[str, LearningRate]:
-    """Table name -> its configured learning-rate schedule."""
-    return {table.name: learning_rate_of(table.optimizer) for table in tables}
+    """Table name -> its learning-rate schedule (constant 0 for a frozen table)."""
+    return {table.name: learning_rate_of(table_optimizer(table)) for table in tables}
 
 
 def apply_table_optimizers(model: nn.Module, tables: Sequence[EmbeddingBagConfig],
@@ -47,16 +57,17 @@ def apply_table_optimizers(model: nn.Module, tables: Sequence[EmbeddingBagConfig
     bags = {name: bag for ebc in model.modules() if isinstance(ebc, EmbeddingBagCollection)
             for name, bag in ebc.embedding_bags.items()}
     for table in tables:
-        if table.optimizer.sgd is not None and table.optimizer.sgd.momentum:
+        optimizer = table_optimizer(table)
+        if optimizer.sgd is not None and optimizer.sgd.momentum:
             raise ConfigError(f"{tables_field} '{table.name}': sgd momentum is not "
                               "supported by fused embedding optimizers; use adagrad or adam")
         if table.name not in bags:
             raise ValueError(f"table '{table.name}' is in no EmbeddingBagCollection of the model")
         weight = bags[table.name].weight
         apply_optimizer_in_backward(
-            optimizer_class=get_optimizer_class(table.optimizer),
+            optimizer_class=get_optimizer_class(optimizer),
             params=[weight],
-            optimizer_kwargs=optimizer_kwargs(table.optimizer),
+            optimizer_kwargs=optimizer_kwargs(optimizer),
         )
         # TorchRec hands these kwargs to fbgemm's fused kernel when it shards the table;
         # fbgemm spells Adam's `betas` as beta1 / beta2 (else: unexpected keyword 'betas').

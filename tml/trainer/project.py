@@ -38,6 +38,8 @@ class ProjectParts:
         `tml.metrics.evaluation.evaluate` (AUROC, RCE and the loss of binary outputs).
       checkpoint_extra: JSON facts saved with every checkpoint (how the model scores).
       verify_checkpoint: raises a CheckpointError for a checkpoint this model cannot use.
+      verify_warm_start: the same for the warm start (`training.initial_checkpoint_dir`),
+        where tables may have grown since (default `verify_checkpoint`).
       tables_field: where `tables` sit in the project's config, for error messages.
       optimizer: `(sharded model) -> (optimizer, scheduler)` replacing the default (the
         tables' fused optimizers plus one `dense_optimizer` for the rest), for projects
@@ -58,3 +60,4 @@ class ProjectParts:
     tables_field: str = "model.embeddings.tables"
     optimizer: Callable[[torch.nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
     after_shard: Callable[[torch.nn.Module], None] | None = None
+    verify_warm_start: Callable[[str], None] | None = None

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import tml.core.custom_training_loop as ctl
+from tml.common.modules.embedding.vectors import load_table_vectors
 from tml.common.sharding import maybe_shard_model
 from tml.core.config.training import RuntimeConfig, TrainingConfig
 from tml.core.early_stopping import EarlyStopping
@@ -69,6 +70,7 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
     sharding_types = {t.name: t.sharding_type.value for t in parts.tables if t.sharding_type}
     # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
     sharded = maybe_shard_model(model, device, sharding_types, output_dtensor=True)
+    load_table_vectors(sharded, parts.tables, parts.tables_field)
     if parts.after_shard is not None:
         parts.after_shard(sharded)
     if parts.optimizer is not None:
@@ -106,6 +108,7 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
         verify_checkpoint=parts.verify_checkpoint,
         tensorboard=training.tensorboard,
         early_stopping=_early_stopping(training, evaluate_fn),
+        verify_warm_start=parts.verify_warm_start,
     )
     if result.stopped_early:
         logger.info("stopped early at step %d; best checkpoint: %s", result.final_step,

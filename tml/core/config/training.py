@@ -41,7 +41,9 @@ class TrainingConfig(BaseConfig):
                                                   "num_epochs epochs is used up.")
     initial_checkpoint_dir: str | None = Field(
         None, at_most_one_of="initialization",
-        description="Warm start: load weights from this checkpoint, start at step 0.")
+        description="Warm start: load weights from this checkpoint, start at step 0. "
+        "Tables with more rows than saved (grown by `twhin import --vocab`) keep the saved "
+        "rows bit for bit; the new rows are initialised as usual.")
     checkpoint_every_n: pydantic.PositiveInt = Field(1000, description="Save every N steps "
                                                      "(and always at the end).")
     checkpoint_max_to_keep: pydantic.PositiveInt | None = Field(

@@ -8,17 +8,15 @@ columns, trained by the dense optimizer.
 
 `init_tables_from_exports` writes vectors of a `twhin export` (`<table>.parquet`: id,
 vector, one row per table row in row order) into the tables after sharding: each worker
-copies the rows of its own shards (table-, row- or column-wise), whatever the layout.
+copies the rows of its own shards (table-, row- or column-wise), whatever the layout, with
+tml's `tml.common.modules.embedding.vectors` (reading, checks, shard writes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -27,8 +25,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from projects.home.recap.embedding.config import LargeEmbeddingsConfig, SmallEmbeddingsConfig
 from tml.common.modules.embedding import config as tml_embedding
-from tml.errors import ConfigError, DataError, error_line
-from tml.optimizers.config import LearningRate, OptimizerConfig, SgdConfig
+from tml.common.modules.embedding.vectors import local_shards, read_vectors, write_rows
+from tml.errors import ConfigError
+from tml.optimizers.config import OptimizerConfig, SgdConfig
+
+__all__ = ["LargeEmbeddings", "SmallEmbeddings", "init_tables_from_exports", "is_frozen",
+           "local_shards", "read_export", "trainer_tables"]
 
 
 def is_frozen(table: object) -> bool:
@@ -37,17 +39,17 @@ def is_frozen(table: object) -> bool:
 
 
 def trainer_tables(config: LargeEmbeddingsConfig | None) -> list[tml_embedding.EmbeddingBagConfig]:
-    """The large tables as tml table configs (SGD, its schedule, the sharding type)."""
+    """The large tables as tml table configs (SGD, its schedule, the sharding type; a
+    frozen table is tml's `frozen`). Their vectors are written by `init_tables_from_exports`
+    (which insists on one vector per row), so `init_from_export` is not passed on."""
     tables = []
     for table in (config.tables if config is not None else []):
-        if is_frozen(table):
-            lr, schedule = 0.0, LearningRate(constant=0.0)
-        else:
-            lr = config.optimizer.init_learning_rate  # type: ignore[union-attr]
-            schedule = config.optimizer.learning_rate  # type: ignore[union-attr]
+        lr = config.optimizer.init_learning_rate  # type: ignore[union-attr]
+        schedule = config.optimizer.learning_rate  # type: ignore[union-attr]
         tables.append(tml_embedding.EmbeddingBagConfig(
             name=table.name, num_embeddings=table.num_embeddings,
             embedding_dim=table.embedding_dim, sharding_type=table.sharding_type,
+            frozen=is_frozen(table),
             optimizer=OptimizerConfig(sgd=SgdConfig(lr=lr), learning_rate=schedule)))
     return tables
 
@@ -90,47 +92,8 @@ class SmallEmbeddings(nn.Module):
 
 
 def read_export(path: str, rows: int, dim: int, what: str) -> np.ndarray:
-    """The `(rows, dim)` float32 vectors of a twhin export table file."""
-    try:
-        table = pq.read_table(path, columns=["vector"])
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: {path} not found") from None
-    except (OSError, pa.ArrowException, ValueError, KeyError) as error:
-        raise DataError(f"{path}: cannot read a twhin export table: {error_line(error)}") \
-            from None
-    column = table.column("vector").combine_chunks()
-    kind = column.type
-    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)) or \
-            not pa.types.is_floating(kind.value_type):
-        raise DataError(f"{path}: column 'vector' has type {kind}; expected a list of floats")
-    if len(column) != rows:
-        raise DataError(f"{path}: {len(column)} vectors; {what} has {rows} rows")
-    if column.null_count or column.flatten().null_count:
-        raise DataError(f"{path}: column 'vector' holds nulls")
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if flat.size != rows * dim:
-        raise DataError(f"{path}: vectors are not all of {dim} values ({what}'s embedding_dim)")
-    values = flat.reshape(rows, dim)
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}: vectors hold non-finite values")
-    return values
-
-
-def local_shards(value: object) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
-    """(tensor, (row, column) offset) of each shard of a table held by this worker."""
-    if hasattr(value, "to_local"):                          # DTensor (LocalShardsWrapper)
-        local = value.to_local()  # type: ignore[attr-defined]
-        if hasattr(local, "local_shards"):
-            for shard, offset in zip(local.local_shards(), local.local_offsets()):
-                yield shard, (int(offset[0]), int(offset[1]))
-        else:
-            yield local, (0, 0)
-    elif hasattr(value, "local_shards"):                    # ShardedTensor
-        for shard in value.local_shards():  # type: ignore[attr-defined]
-            offsets = shard.metadata.shard_offsets
-            yield shard.tensor, (int(offsets[0]), int(offsets[1]))
-    elif isinstance(value, torch.Tensor):                   # unsharded
-        yield value, (0, 0)
+    """The `(rows, dim)` float32 vectors of a twhin export table file (exactly `rows`)."""
+    return read_vectors(path, rows, dim, what)
 
 
 @torch.no_grad()
@@ -147,8 +110,6 @@ def init_tables_from_exports(model: nn.Module, config: LargeEmbeddingsConfig) ->
             raise ConfigError(f"{what}: not found in the model")
         vectors = torch.from_numpy(read_export(table.init_from_export.path,
                                                table.num_embeddings, table.embedding_dim, what))
-        for shard, (row, column) in local_shards(state[keys[0]]):
-            rows, columns = shard.shape
-            shard.copy_(vectors[row:row + rows, column:column + columns].to(shard.dtype))
+        write_rows(state[keys[0]], vectors)
         done.append(table.name)
     return done

@@ -28,8 +28,22 @@ class EmbeddingSnapshot(BaseConfig):
     embedding_snapshot_uri: str = Field(..., description="Path of the checkpoint.")
 
 
+class InitFromExport(BaseConfig):
+    """Start a table from vectors in a parquet file (see tml.common.modules.embedding.vectors)."""
+
+    path: str = Field(..., description="A `<table>.parquet` of a `twhin export` (or any "
+                      "parquet with a column `vector` of embedding_dim floats), one row per "
+                      "table row in row order; fewer rows than the table leave the rest "
+                      "initialised as usual (a table grown by `twhin import --vocab`).")
+    vocab: str | None = Field(None, description="Place vectors by id instead of by position: "
+                              "a parquet of (id, row), e.g. the importer's "
+                              "vocab/tables/<table>.parquet; each id of `path` (column `id`) "
+                              "goes to its row here, and an id it lacks is refused.")
+
+
 class EmbeddingBagConfig(BaseConfig):
-    """One table: `num_embeddings` rows of `embedding_dim`, with its own fused optimizer."""
+    """One table: `num_embeddings` rows of `embedding_dim`, with its own fused optimizer
+    (so each table has its own learning rate and schedule)."""
 
     name: str = Field(..., description="Table name (an entity type, e.g. user).")
     num_embeddings: pydantic.PositiveInt = Field(..., description="Rows.")
@@ -43,12 +57,18 @@ class EmbeddingBagConfig(BaseConfig):
         None, description="table_wise (default), row_wise or column_wise.")
     init_scale: pydantic.PositiveFloat | None = Field(
         None, description="Initial weights uniform in [-s, s]; default 1/sqrt(embedding_dim).")
+    init_from_export: InitFromExport | None = Field(
+        None, description="Initial vectors from a parquet file, written after sharding (a "
+        "checkpoint loaded later, to resume or warm start, replaces them).")
+    frozen: bool = Field(False, description="Never update this table: its optimizer is "
+                         "replaced by SGD at learning rate 0 (no optimizer state).")
 
     @pydantic.field_validator("pretrained")
     @classmethod
     def _no_pretrained(cls, value: EmbeddingSnapshot | None) -> EmbeddingSnapshot | None:
         if value is not None:
             raise ValueError("pretrained snapshots are not supported; use "
+                             "init_from_export for vectors from a `twhin export`, or "
                              "training.initial_checkpoint_dir for a warm start")
         return value
 
