@@ -80,6 +80,24 @@ CANDIDATES.update({
     "g32c_b256_e20": {**_G32, "training.num_epochs": 20,
                       "train_data.per_replica_batch_size": 256},
 })
+# Issue 20, second round: shared negatives, softmax loss, N3 (Lacroix et al. 2018).
+_SM = {"train_data.in_batch_negatives": 0, "train_data.global_negatives": 0,
+       "train_data.shared_negatives": 256, "model.loss": "softmax",
+       "model.regularization": 0.0, "OPS": "complex_diagonal",
+       "model.embeddings.tables.*.optimizer.adagrad.lr": 0.5,
+       "model.translation_optimizer.sgd.lr": 5.0, "training.num_epochs": 10}
+CANDIDATES.update({
+    "sm256": _SM,
+    "sm256_n3": {**_SM, "model.regularization": 0.01},
+    "sm1024": {**_SM, "train_data.shared_negatives": 1024},
+    "sm1024_n3": {**_SM, "train_data.shared_negatives": 1024, "model.regularization": 0.01},
+    "bce256": {**_SM, "model.loss": "bce"},
+    "sm256_lr01": {**_SM, "model.embeddings.tables.*.optimizer.adagrad.lr": 0.1,
+                   "model.translation_optimizer.sgd.lr": 1.0},
+    "sm256_e30": {**_SM, "training.num_epochs": 30},
+    "sm256_dim64": {**_SM, "model.embeddings.tables.*.embedding_dim": 64},
+    "sm256_ib": {**_SM, "train_data.in_batch_negatives": 64},
+})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:
