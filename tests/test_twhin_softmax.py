@@ -161,9 +161,29 @@ def test_in_batch_negatives_get_their_log_q_in_the_softmax_offsets():
     batch = _batch(config, num_edges=12, shared=0)[0]
     torch.manual_seed(5)
     out = model(batch)
-    assert out["negative_offsets"].shape == (2, 12, 3)
-    assert (out["negative_offsets"] >= 0).all()  # -log q with q <= 1
+    offsets = out["negative_offsets"]
+    assert offsets.shape == (2, 12, 3)
+    assert ((offsets >= 0) | (offsets == float("-inf"))).all()   # -log q, q <= 1; or -inf
     assert out["tail_negatives"].shape == (12, 3)
+    # Each candidate's offset is -log q of its entity, or -inf where it is the positive's
+    # own entity: checked against the scores (a candidate scores like the row it copies).
+    lhs_ids, rhs_ids = positive_ids(batch.nodes, 12)
+    rhs_q = in_batch_log_q(lhs_ids, rhs_ids, batch.rels)[0]
+    lhs, rhs = model.lookup(batch)
+    relation_vectors = model.all_trans_embs[batch.rels]
+    for i in range(12):
+        for j in range(3):
+            same = [k for k in range(12) if batch.rels[k] == batch.rels[i]
+                    and torch.allclose(out["tail_negatives"][i, j],
+                                       _formula(config.relations[int(batch.rels[i])].operator,
+                                                lhs[i], relation_vectors[i], rhs[k]),
+                                       atol=1e-5)]
+            assert same, (i, j)
+            k = same[0]
+            if rhs_ids[k] == rhs_ids[i]:
+                assert offsets[0, i, j] == float("-inf")
+            else:
+                assert torch.isclose(offsets[0, i, j], rhs_q[k])
 
 
 def test_n3_gradient_is_its_closed_form():

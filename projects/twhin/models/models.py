@@ -342,8 +342,8 @@ def negative_offsets(ids: tuple[torch.Tensor, torch.Tensor], shared_ids: torch.T
     """(2, B, M) added to the negatives' logits by the softmax loss (see `forward`).
 
     Tail side first, then head side; columns in-batch, global, shared as in `forward`.
-    In-batch: -log q of the candidate drawn (`in_batch_log_q`); global: 0; shared: -inf
-    where the candidate is the positive itself (not a negative), else 0.
+    In-batch: -log q of the candidate drawn (`in_batch_log_q`); global: 0; in-batch and
+    shared: -inf where the candidate is the positive's own entity (not a negative).
     """
     num_edges = rels.shape[0]
     lhs_ids, rhs_ids = ids
@@ -351,7 +351,12 @@ def negative_offsets(ids: tuple[torch.Tensor, torch.Tensor], shared_ids: torch.T
     if sample is not None:
         rhs_rows, lhs_rows, columns = sample
         rhs_log_q, lhs_log_q = in_batch_log_q(lhs_ids, rhs_ids, rels)
-        pieces.append(torch.stack([rhs_log_q[rhs_rows][columns], lhs_log_q[lhs_rows][columns]]))
+        offsets = torch.stack([rhs_log_q[rhs_rows][columns], lhs_log_q[lhs_rows][columns]])
+        # A candidate holding the positive's own entity (its own row, or a duplicate) is
+        # not a negative.
+        hits = torch.stack([rhs_ids[rhs_rows][columns] == rhs_ids.unsqueeze(1),
+                            lhs_ids[lhs_rows][columns] == lhs_ids.unsqueeze(1)])
+        pieces.append(offsets.masked_fill(hits, float("-inf")))
     pieces.append(torch.zeros(2, num_edges, num_global, device=rels.device))
     if shared_ids.shape[1]:
         hits = [shared_ids[relation_tables_t[rels, side]] == positive.unsqueeze(1)
