@@ -78,10 +78,14 @@ torch.set_num_threads(1)
 from pykeen.pipeline import pipeline
 spec = json.loads(sys.argv[1])
 start = time.perf_counter()
+data = ({"dataset": spec["dataset"]} if "dataset" in spec else
+        {"training": spec["paths"]["train"], "validation": spec["paths"]["valid"],
+         "testing": spec["paths"]["test"]})
 result = pipeline(
-    dataset=spec["dataset"], model=spec["model"],
+    **data, model=spec["model"],
     model_kwargs=dict(embedding_dim=spec["dim"]),
-    training_kwargs=dict(num_epochs=spec["epochs"], use_tqdm=False),
+    training_kwargs=dict(num_epochs=spec["epochs"], use_tqdm=False,
+                         **spec.get("training_kwargs", {})),
     evaluation_kwargs=dict(use_tqdm=False),
     random_seed=spec["seed"], device="cpu", **spec["kwargs"])
 wall = time.perf_counter() - start

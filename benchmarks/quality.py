@@ -11,7 +11,14 @@ Every command is the CLI a user runs, in a subprocess with 1 thread.
         [--candidates defaults,NAME...] [--out benchmarks/results/quality.json]
 
 Choose settings on the validation MRR of some graphs (seeds); check them on others.
-PyKEEN is not run here (no rows are claimed for it): see benchmarks/kg_compare.py.
+
+PyKEEN (`--pykeen VENV`, the virtual environment of benchmarks/kg_compare.py; skipped with a
+note when it does not exist): TransE, RotatE and ComplEx with PyKEEN's pipeline defaults
+(sLCWA, Adam 1e-3; batch 256) for `--pykeen-epochs` epochs, on the same train / valid / test files,
+same embedding size in real numbers, same metric (filtered over train + valid + test, ties
+at the mean, both sides), 1 thread; `train_seconds` is PyKEEN's own training-loop time.
+The public graphs (Nations, UMLS, Kinships) are `--public`: their files come out of the
+PyKEEN package, so they need the venv too.
 """
 
 from __future__ import annotations
@@ -80,12 +87,56 @@ CANDIDATES.update({
     "g32c_b256_e20": {**_G32, "training.num_epochs": 20,
                       "train_data.per_replica_batch_size": 256},
 })
+# Issue 20, second round: shared negatives, softmax loss, N3 (Lacroix et al. 2018).
+_SM = {"train_data.in_batch_negatives": 0, "train_data.global_negatives": 0,
+       "train_data.shared_negatives": 256, "model.loss": "softmax",
+       "model.regularization": 0.0, "OPS": "complex_diagonal",
+       "model.embeddings.tables.*.optimizer.adagrad.lr": 0.5,
+       "model.translation_optimizer.sgd.lr": 5.0, "training.num_epochs": 10}
+CANDIDATES.update({
+    "sm256": _SM,
+    "sm256_n3": {**_SM, "model.regularization": 0.01},
+    "sm1024": {**_SM, "train_data.shared_negatives": 1024},
+    "sm1024_n3": {**_SM, "train_data.shared_negatives": 1024, "model.regularization": 0.01},
+    "bce256": {**_SM, "model.loss": "bce"},
+    "sm256_lr01": {**_SM, "model.embeddings.tables.*.optimizer.adagrad.lr": 0.1,
+                   "model.translation_optimizer.sgd.lr": 1.0},
+    "sm256_e30": {**_SM, "training.num_epochs": 30},
+    "sm256_dim64": {**_SM, "model.embeddings.tables.*.embedding_dim": 64},
+    "sm256_ib": {**_SM, "train_data.in_batch_negatives": 64},
+})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:
     """kg_compare's runner with one thread per process (timings comparable across rows)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
     return kg_compare.run(cmd, log, env=env)
+
+
+PYKEEN_MODELS = ("TransE", "RotatE", "ComplEx")
+
+
+def pykeen_rows(venv_python: str, spec: str, paths: dict[str, str], dim: int, epochs: int,
+                folder: str, models: tuple[str, ...] = PYKEEN_MODELS) -> list[dict]:
+    """PyKEEN's pipeline on the same split files; one row per model (see module doc)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rows = []
+    for model in models:
+        # RotatE's and ComplEx's embedding_dim counts complex numbers: dim/2 hold dim reals.
+        model_dim = dim // 2 if model in ("ComplEx", "RotatE") else dim
+        # batch 256: on CPU PyKEEN otherwise picks 32 (ComplEx: 895 s for 100 epochs on the
+        # 3000-entity graph).
+        job = {"paths": paths, "model": model, "dim": model_dim, "epochs": epochs, "seed": 0,
+               "kwargs": {}, "training_kwargs": {"batch_size": 256}}
+        out, _ = kg_compare.run([venv_python, "-c", kg_compare.PYKEEN_SCRIPT, json.dumps(job)],
+                                os.path.join(folder + f"_pykeen_{model}.log"), env)
+        m = json.loads(out.split("RESULT ", 1)[1])
+        rows.append({"graph": spec, "candidate": f"pykeen {model}", "seed": 0,
+                     "mrr": m["mrr"], "hits_at_10": m["hits_at_10"],
+                     "train_seconds": round(m["train_seconds"], 1), "epochs": epochs})
+        print(f"{spec} pykeen {model}: test MRR {m['mrr']:.3f}, H@10 {m['hits_at_10']:.3f}, "
+              f"train {m['train_seconds']:.0f} s", flush=True)
+    return rows
 
 
 def _sets(config: dict, overrides: dict) -> list[str]:
@@ -102,18 +153,34 @@ def _sets(config: dict, overrides: dict) -> list[str]:
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
-def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0) -> list[dict]:
-    shape, entities, edges, graph_seed = spec.split(":")
-    twhin = [sys.executable, "-m", "projects.twhin"]
+def graph_files(spec: str, work: str, venv_python: str | None) -> dict[str, str] | None:
+    """train / valid / test triples files of `spec`: generated (shape:entities:edges:seed)
+    or a public graph out of the PyKEEN package (nations, umls, kinships; None without it)."""
     folder = os.path.join(work, spec.replace(":", "_"))
+    if spec in kg_compare.DATASETS:
+        if venv_python is None:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        return kg_compare.extract_dataset(venv_python, spec, folder)
+    shape, entities, edges, graph_seed = spec.split(":")
     raw = os.path.join(folder, "raw")
     run([sys.executable, "-m", "projects.twhin.data.kg_generate", "--shape", shape,
          "--entities", entities, "--edges", edges, "--seed", graph_seed, "--out", raw],
         os.path.join(folder + "_gen.log"))
+    return {split: os.path.join(raw, f"{split}.tsv") for split in ("train", "valid", "test")}
+
+
+def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
+              paths: dict[str, str] | None = None) -> list[dict]:
+    twhin = [sys.executable, "-m", "projects.twhin"]
+    folder = os.path.join(work, spec.replace(":", "_"))
+    if paths is None:
+        paths = graph_files(spec, work, None)
+        assert paths is not None
     data = os.path.join(folder, "data")
-    run(twhin + ["import", "--triples", os.path.join(raw, "train.tsv"), "--valid",
-                 os.path.join(raw, "valid.tsv"), "--test", os.path.join(raw, "test.tsv"),
-                 "--out", data, "--force"], os.path.join(folder + "_import.log"))
+    run(twhin + ["import", "--triples", paths["train"], "--valid", paths["valid"],
+                 "--test", paths["test"], "--out", data, "--force"],
+        os.path.join(folder + "_import.log"))
     config_path = os.path.join(data, "config.yaml")
     with open(config_path) as f:
         config = yaml.safe_load(f)
@@ -149,19 +216,30 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0) -> lis
 def table(rows: list[dict]) -> str:
     lines = ["| graph | settings | valid MRR | test MRR | H@10 | popularity MRR | "
              "popularity H@10 | train s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['graph']} | {r['candidate']} | {r['valid_mrr']:.3f} | {r['mrr']:.3f} "
-              f"| {r['hits_at_10']:.3f} | {r['popularity_mrr']:.3f} "
-              f"| {r['popularity_hits_at_10']:.3f} | {r['train_seconds']} |" for r in rows]
+
+    def num(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else ""
+
+    lines += [f"| {r['graph']} | {r['candidate']} | {num(r, 'valid_mrr')} | {r['mrr']:.3f} "
+              f"| {r['hits_at_10']:.3f} | {num(r, 'popularity_mrr')} "
+              f"| {num(r, 'popularity_hits_at_10')} | {r['train_seconds']} |" for r in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--graphs", default=GRAPHS,
-                   help="comma-separated shape:entities:edges:seed")
+                   help="comma-separated shape:entities:edges:seed, or nations, umls, "
+                   "kinships (these need --pykeen's venv)")
     p.add_argument("--candidates", default="defaults",
                    help=f"comma-separated, of: {', '.join(CANDIDATES)}")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--pykeen", default="/tmp/kgvenv",
+                   help="PyKEEN virtual environment (benchmarks/kg_compare.py); PyKEEN rows "
+                   "and the public graphs are skipped, with a note, when it does not exist")
+    p.add_argument("--pykeen-models", default=",".join(PYKEEN_MODELS),
+                   help="comma-separated PyKEEN models; empty: none")
+    p.add_argument("--pykeen-epochs", type=int, default=100)
     p.add_argument("--work", help="keep data, checkpoints and logs here")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
                                                  "quality.json"))
@@ -172,12 +250,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         sys.exit(f"error: --candidates: unknown {', '.join(unknown)}")
+    venv_python = os.path.join(args.pykeen, "bin", "python")
+    if not os.path.exists(venv_python):
+        print(f"note: {venv_python} not found: no PyKEEN rows, no public graphs (create it: "
+              "python3 -m venv /tmp/kgvenv && /tmp/kgvenv/bin/pip install torch==2.13.0 "
+              "pykeen)", flush=True)
+        venv_python = None
+    models = tuple(m for m in args.pykeen_models.split(",") if m)
     rows = []
     for spec in args.graphs.split(","):
-        rows += one_graph(spec, names, work, args.seed)
+        paths = graph_files(spec, work, venv_python)
+        if paths is None:
+            print(f"note: {spec} skipped (needs the PyKEEN venv)", flush=True)
+            continue
+        rows += one_graph(spec, names, work, args.seed, paths)
+        if venv_python is not None and models:
+            rows += pykeen_rows(venv_python, spec, paths, 32, args.pykeen_epochs,
+                                os.path.join(work, spec.replace(":", "_")), models)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"metric": "filtered, ties at the mean, head and tail, test split "
+        json.dump({"purpose": "tml's `twhin import` config as written against PyKEEN on the "
+                              "same splits, in the same run (issue 20)",
+                   "command": "python -m benchmarks.quality " + " ".join(argv or sys.argv[1:]),
+                   "metric": "filtered, ties at the mean, head and tail, test split "
                              "(valid_mrr: validation split); popularity: same protocol",
                    "threads": 1, "rows": rows}, f, indent=1)
     print(table(rows))

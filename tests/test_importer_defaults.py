@@ -15,29 +15,35 @@ from projects.twhin.importer import (
     LARGE_RELATION_LR,
     LARGE_TABLE_LR,
     MAX_GLOBAL_NEGATIVES,
+    N3_WEIGHT,
+    SHARED_NEGATIVES,
     choose_defaults,
     import_triples,
 )
 
 
-def test_few_relations_per_batch_get_uniform_negatives_complex_and_a_live_relation_lr():
+def test_few_relations_per_batch_get_shared_negatives_softmax_n3_and_complex():
     # The built-in graph: 2M edges, 4 relations (50/15/20/15 %), 100k users, 20k tweets.
     # Issue 20: the earlier settings here (10 in-batch + 5 global negatives, translation,
-    # relation SGD 0.05 = 1e-4 of the tables') ranked below the popularity baseline.
+    # relation SGD 0.05 = 1e-4 of the tables') ranked below the popularity baseline, and so
+    # did BCE against 32 uniform negatives per positive.
     n = 1_960_000
     d = choose_defaults(n, [int(n * p) for p in (0.5, 0.15, 0.2, 0.15)], [100_000, 20_000], 32)
-    assert (d.batch, d.in_batch_negatives, d.global_negatives) == (1000, 0, 32)
+    assert (d.batch, d.in_batch_negatives, d.global_negatives) == (1000, 0, 0)
+    assert (d.shared_negatives, d.loss, d.regularization) == (SHARED_NEGATIVES, "softmax",
+                                                              N3_WEIGHT)
     assert (d.table_lr, d.relation_lr, d.operator, d.epochs) == (
         LARGE_TABLE_LR, LARGE_RELATION_LR, "complex_diagonal", LARGE_EPOCHS)
     assert d.relation_lr >= d.table_lr    # no longer 1e-4 of the tables'
+    assert d.relation_optimizer == "adagrad"
     assert d.same_relation == pytest.approx(1000 * (0.25 + 0.0225 + 0.04 + 0.0225))
     # the reason names every setting and why
-    for words in ("32 uniform global negatives", "drawn by popularity",
+    for words in (f"{SHARED_NEGATIVES} uniform negatives per table shared by the batch",
+                  "drawn by popularity", "loss softmax", f"N3 regularisation {N3_WEIGHT:g}",
                   "operator complex_diagonal", "query entity itself",
-                  f"SGD {LARGE_RELATION_LR:g} for the relation vectors", f"{LARGE_EPOCHS} epochs"):
+                  f"{LARGE_RELATION_LR:g} for the relation vectors", f"{LARGE_EPOCHS} epochs"):
         assert words in d.reason
     assert choose_defaults(n, [n], [100_000, 20_000], 31).operator == "diagonal"   # odd dim
-    assert choose_defaults(n, [n], [5, 20_000], 32).global_negatives == 4   # smallest - 1
 
 
 def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagonal():
@@ -48,6 +54,7 @@ def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagona
     assert (d.in_batch_negatives, d.global_negatives) == (0, 13)   # the whole table
     assert (d.table_lr, d.relation_lr, d.operator) == (5.0, 50.0, "complex_diagonal")
     assert d.epochs == 200                                          # 20 steps per epoch
+    assert (d.shared_negatives, d.loss, d.regularization) == (0, "bce", 0.0)
     assert "global negatives instead of in-batch" in d.reason
     assert choose_defaults(1592, counts, [14], 31).operator == "diagonal"   # odd dim
     # global negatives: capped for bigger tables, at least 1 for a 1-row table
@@ -104,10 +111,13 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
                             valid=_write(tmp_path / "v.tsv", sparse[:20]), dim=8)
     text = (tmp_path / "sparse" / "config.yaml").read_text()
     config = yaml.safe_load(text)
-    assert result["defaults"] in text and "uniform global negatives" in text
+    assert result["defaults"] in text and "shared by the batch" in text
     assert config["train_data"]["per_replica_batch_size"] == 65
-    assert (config["train_data"]["in_batch_negatives"],
-            config["train_data"]["global_negatives"]) == (0, 32)
+    assert (config["train_data"]["in_batch_negatives"], config["train_data"]["global_negatives"],
+            config["train_data"]["shared_negatives"]) == (0, 0, SHARED_NEGATIVES)
+    assert config["validation_data"]["shared_negatives"] == SHARED_NEGATIVES
+    assert (config["model"]["loss"], config["model"]["regularization"]) == ("softmax", N3_WEIGHT)
     assert config["model"]["relations"][0]["operator"] == "complex_diagonal"
-    assert config["model"]["translation_optimizer"] == {"sgd": {"lr": LARGE_RELATION_LR}}
+    assert config["model"]["translation_optimizer"] == {
+        "adagrad": {"lr": LARGE_RELATION_LR, "eps": 1e-8}}
     assert config["training"]["num_epochs"] == LARGE_EPOCHS

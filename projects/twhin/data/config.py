@@ -27,6 +27,11 @@ class TwhinDataConfig(BaseConfig):
         0, description="Negatives per positive edge and side drawn uniformly from the whole "
         "table of that side (lhs table for the lhs side, rhs table for the rhs side); looked "
         "up through the sharded tables with the batch.")
+    shared_negatives: pydantic.NonNegativeInt = Field(
+        0, description="Negatives drawn once per batch and table: this many ids uniform over "
+        "each table, looked up once and scored against every positive whose relation uses "
+        "that table on the side predicted (one B x K matrix product per side): hundreds of "
+        "negatives per positive for the cost of K lookups per table.")
     in_batch_negatives: pydantic.NonNegativeInt = Field(
         ..., description="Negatives per positive edge and side, drawn from the same "
         "relation's rows of the batch.")

@@ -43,4 +43,5 @@ def create_dataset(data_config: TwhinDataConfig, model_config: TwhinModelConfig,
         offset=data_config.offset,
         num_epochs=num_epochs,
         global_negatives=data_config.global_negatives,
+        shared_negatives=data_config.shared_negatives,
     )

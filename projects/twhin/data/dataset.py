@@ -84,6 +84,8 @@ class EdgesDataset:
       global_negatives: per edge and side, this many ids drawn uniformly from the edge's lhs
         and rhs tables and appended to the batch's lookups (`edges_to_kjt`). Drawn from a
         generator seeded by `seed`, rank, epoch and batch, so a resumed run draws the same.
+      shared_negatives: per batch and table, this many ids drawn uniformly from the table,
+        shared by every edge of the batch (`EdgeBatch.shared`); same generator.
 
     Iteration: each `iter()` starts at the beginning, or exactly at the position given to
     `load_state_dict` just before. While iterating, `state_dict()` is the next batch to yield.
@@ -94,7 +96,7 @@ class EdgesDataset:
                  limit: int | None = None, offset: int | None = None, num_epochs: int = 1,
                  lhs_column: str = "lhs", rhs_column: str = "rhs", rel_column: str = "rel",
                  weight_column: str = "weight", global_negatives: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, shared_negatives: int = 0) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -107,6 +109,8 @@ class EdgesDataset:
             raise ValueError(f"offset must be >= 0, got {offset}")
         if global_negatives < 0:
             raise ValueError(f"global_negatives must be >= 0, got {global_negatives}")
+        if shared_negatives < 0:
+            raise ValueError(f"shared_negatives must be >= 0, got {shared_negatives}")
         if not relations:
             raise ConfigError("at least one relation is required")
         self.data_root = data_root
@@ -128,6 +132,7 @@ class EdgesDataset:
         self.rel_column = rel_column
         self.weight_column = weight_column
         self.global_negatives = global_negatives
+        self.shared_negatives = shared_negatives
         self.seed = seed
 
         self._relation_tables = relation_tables(self.relations, self.table_names)
@@ -211,17 +216,22 @@ class EdgesDataset:
                   weight: np.ndarray, position: tuple[int, int] = (0, 0)) -> EdgeBatch:
         lhs_t, rhs_t, rel_t = (torch.from_numpy(a) for a in (lhs, rhs, rel))
         negative_lhs = negative_rhs = None
+        rng = np.random.default_rng([self.seed, self.rank, *position])
         if self.global_negatives:
-            rng = np.random.default_rng([self.seed, self.rank, *position])
             shape = (len(lhs), self.global_negatives)
             sizes = (self._lhs_sizes[rel][:, None], self._rhs_sizes[rel][:, None])
             negative_lhs, negative_rhs = (
                 torch.from_numpy((rng.random(shape) * size).astype(np.int64))
                 for size in sizes)
+        shared = torch.zeros(0, 0, dtype=torch.long)
+        if self.shared_negatives:
+            sizes = np.array([self.table_sizes[t] for t in self.table_names], np.int64)
+            shared = torch.from_numpy((rng.random((len(sizes), self.shared_negatives))
+                                       * sizes[:, None]).astype(np.int64))
         nodes = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables, self.table_names,
-                             negative_lhs, negative_rhs)
+                             negative_lhs, negative_rhs, shared)
         return EdgeBatch(nodes=nodes, labels=torch.ones(len(lhs_t)), rels=rel_t,
-                         weights=torch.from_numpy(weight))
+                         weights=torch.from_numpy(weight), shared=shared)
 
     def _read_batches(self, first_row: int, end_row: int) -> Iterator[tuple[np.ndarray, ...]]:
         """Full batches of global rows [first_row, end_row), a multiple of batch_size."""

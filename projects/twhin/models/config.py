@@ -46,6 +46,29 @@ class Operator(str, enum.Enum):
     COMPLEX_DIAGONAL = "complex_diagonal"
 
 
+class Loss(str, enum.Enum):
+    """How a positive's score is compared with its negatives' (see `models.TwhinModelAndLoss`).
+
+    bce: binary cross-entropy, positives labelled 1 (weighted by the edge weight), negatives
+    0, weighted so that all negatives together weigh as much as the positives. softmax:
+    per positive and side, cross-entropy of the positive against its negatives (tail side:
+    candidates for rhs; head side: for lhs), weighted by the edge weight; in-batch negatives,
+    drawn by popularity, get the logQ correction (their logit minus the log of the
+    probability that they were drawn).
+    """
+
+    BCE = "bce"
+    SOFTMAX = "softmax"
+
+
+class Regularizer(str, enum.Enum):
+    """Penalty on the positives' vectors: n3 sum |x|^3 (complex modulus for
+    complex_diagonal; Lacroix et al. 2018), l2 sum x^2."""
+
+    N3 = "n3"
+    L2 = "l2"
+
+
 class Relation(BaseConfig):
     """An edge type: `lhs` and `rhs` name tables; `operator` says how it scores an edge."""
 
@@ -67,6 +90,16 @@ class TwhinModelConfig(BaseConfig):
                                       "relation index in the data is the position here.")
     translation_optimizer: OptimizerConfig = Field(..., description="Optimizer of the "
                                                    "per-relation translation vectors.")
+    loss: Loss = Field(Loss.BCE, description="bce: binary cross-entropy of positives (1) "
+                       "against negatives (0), negatives weighted to weigh B together. softmax: "
+                       "per positive and side, cross-entropy of the positive against its "
+                       "negatives, in-batch negatives with the logQ correction. Both weight a "
+                       "positive by its edge weight.")
+    regularizer: Regularizer = Field(Regularizer.N3, description="n3: sum of |x|^3 (the "
+                                     "modulus for complex_diagonal); l2: sum of x^2.")
+    regularization: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Weight of `regularizer` on each positive's lhs, rhs and relation "
+        "vectors, added to the loss per positive (mean over the batch); 0 turns it off.")
 
     @pydantic.model_validator(mode="after")
     def _relations_name_tables(self) -> TwhinModelConfig:

@@ -14,7 +14,14 @@ cannot disagree; ranking a million candidates is then one matrix product.
 Negatives: in-batch (for every relation in the batch, `in_batch_negatives` rows of that
 relation's lhs and rhs are sampled and each positive's lhs is scored against the sampled
 rhs and each rhs against the sampled lhs) and global (ids drawn uniformly from the right
-table by the dataset and looked up with the batch, see `data.edges`). Fixes against the
+table by the dataset and looked up with the batch, see `data.edges`) and shared (K ids per
+table drawn once per batch; every positive's tail query is scored against the K rows of its
+relation's rhs table, its head query against those of the lhs table: one B x T*K matrix
+product per side, so hundreds of negatives per positive cost K lookups per table). Loss
+(`models.config.Loss`): weighted BCE, or a per-side softmax cross-entropy of the positive
+against its negatives (Lacroix et al. 2018; PBG's "softmax"), with the logQ correction for
+the in-batch negatives (drawn by popularity) and shared negatives that happen to be the
+positive itself left out. Optional N3 / L2 penalty on the positives' vectors. Fixes against the
 original tml: the translation is a trained parameter (the original read `.data`, so it never
 learned), negatives use the relation's operator, and negatives are labelled 0 (the original
 labelled them 1).
@@ -27,10 +34,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.edges import EdgeBatch
-from projects.twhin.models.config import Operator, TwhinModelConfig
+from projects.twhin.data.edges import EdgeBatch, relation_tables
+from projects.twhin.models.config import Loss, Operator, Regularizer, TwhinModelConfig
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.trainer.fused_tables import apply_table_optimizers
 
@@ -122,6 +130,10 @@ class TwhinModel(nn.Module):
         self.num_relations = len(model_config.relations)
         self.in_batch_negatives = data_config.in_batch_negatives
         self.global_negatives = data_config.global_negatives
+        self.shared_negatives = data_config.shared_negatives
+        self.loss = Loss(model_config.loss)
+        self.regularizer = Regularizer(model_config.regularizer)
+        self.regularization = model_config.regularization
         self.operators = [Operator(r.operator) for r in model_config.relations]
         self.large_embeddings = LargeEmbeddings(model_config.embeddings)
         self.all_trans_embs = nn.Parameter(
@@ -129,6 +141,9 @@ class TwhinModel(nn.Module):
         # Not a parameter, not in the state dict: the config says it.
         self.register_buffer("operator_codes", torch.tensor(
             [operator_code(op) for op in self.operators], dtype=torch.long), persistent=False)
+        # (R, 2): the table index of each relation's lhs and rhs (shared negatives' rows).
+        self.register_buffer("relation_tables", relation_tables(
+            model_config.relations, self.table_names), persistent=False)
         # One operator for every relation (the usual case): dispatch on an int, no sort.
         codes = {operator_code(op) for op in self.operators}
         self.single_operator_code = codes.pop() if len(codes) == 1 else None
@@ -143,11 +158,12 @@ class TwhinModel(nn.Module):
 
     def lookup(self, batch: EdgeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(lhs, rhs) embeddings, each (B, D), read from the tables by name."""
-        lhs, rhs, _, _ = self.lookup_all(batch)
+        lhs, rhs = self.lookup_all(batch)[:2]
         return lhs, rhs
 
     def lookup_all(self, batch: EdgeBatch) -> tuple[torch.Tensor, ...]:
-        """(lhs, rhs) (B, D) and the global negatives (negative_lhs, negative_rhs) (B, G, D).
+        """(lhs, rhs) (B, D), the global negatives (negative_lhs, negative_rhs) (B, G, D)
+        and the shared negatives (T, K, D).
 
         Each lookup is non-empty in exactly one table, so summing the pooled output over
         its tables gives the lookup's vector. The sum adds the T column blocks of the
@@ -156,30 +172,61 @@ class TwhinModel(nn.Module):
         1.4x slower: its backward copies from an expanded tensor.)
         """
         values = self.large_embeddings(batch.nodes).values()
-        return split_lookups(sum_table_blocks(values, self.embedding_dim), batch.rels)
+        x, shared = split_shared(sum_table_blocks(values, self.embedding_dim), batch.shared)
+        lhs, rhs, negative_lhs, negative_rhs = split_lookups(x, batch.rels)
+        return lhs, rhs, negative_lhs, negative_rhs, shared
 
     def forward(self, batch: EdgeBatch) -> dict[str, torch.Tensor]:
-        """Logits of the B positives, the in-batch negatives, then the global negatives.
+        """Logits of the B positives, the in-batch, global, then shared negatives.
 
         Each side's query (`relation_query`) is computed once and shared by the positives and
-        both kinds of negatives: the same scores as calling `score`,
-        `in_batch_negative_logits` and `global_negative_logits`, with half the work.
+        every kind of negative: the same scores as calling `score`,
+        `in_batch_negative_logits`, `global_negative_logits` and `shared_negative_logits`.
+        Besides the flat `logits`, `tail_negatives` / `head_negatives` (B, M) hold each
+        positive's M negatives per side (in-batch, global, shared), `negative_offsets`
+        (2, B, M) what the softmax loss adds to them (-log q for in-batch ones, -inf for a
+        shared negative that is the positive itself, else 0), and `penalty` the weighted
+        regulariser.
         """
-        lhs, rhs, negative_lhs, negative_rhs = self.lookup_all(batch)
+        lhs, rhs, negative_lhs, negative_rhs, shared = self.lookup_all(batch)
         relation_vectors = self.all_trans_embs[batch.rels]
         codes = self.single_operator_code
         if codes is None:
             codes = self.operator_codes[batch.rels]
         tail_query = relation_query(lhs, relation_vectors, codes, "tail")
         positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
+        outputs = {}
         logits = [positives]
-        if self.in_batch_negatives or self.global_negatives:
+        # Decided by the config, not by shapes: torch.fx traces this method.
+        if self.in_batch_negatives or self.global_negatives or self.shared_negatives:
+            softmax = self.loss == Loss.SOFTMAX
+            num_edges = batch.rels.shape[0]
             head_query = relation_query(rhs, relation_vectors, codes, "head")
-            logits.append(_in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
-                                           self.in_batch_negatives))
-            logits.append(_global_logits(negative_lhs, negative_rhs, tail_query, head_query))
+            sample = None
+            if self.in_batch_negatives:
+                sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
+            in_batch = _in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
+                                        self.in_batch_negatives, sample)
+            global_ = _global_logits(negative_lhs, negative_rhs, tail_query, head_query)
+            shared_tails, shared_heads = _shared_logits(shared, self.relation_tables,
+                                                        batch.rels, tail_query, head_query)
+            logits += [in_batch, global_, shared_tails.reshape(-1), shared_heads.reshape(-1)]
+            parts = [in_batch.view(2, num_edges, self.in_batch_negatives),
+                     global_.view(2, num_edges, negative_lhs.shape[1]),
+                     torch.stack([shared_tails, shared_heads])]
+            negatives = torch.cat(parts, dim=2)                         # (2, B, M)
+            outputs["tail_negatives"], outputs["head_negatives"] = negatives.unbind(0)
+            if softmax:
+                outputs["negative_offsets"] = negative_offsets(
+                    positive_ids(batch.nodes, num_edges), batch.shared, self.relation_tables,
+                    batch.rels, negative_lhs.shape[1], sample)
+        if self.regularization:
+            outputs["penalty"] = self.regularization * regularizer_penalty(
+                (lhs, relation_vectors, rhs), self.regularizer,
+                self.single_operator_code == operator_code(Operator.COMPLEX_DIAGONAL))
         logits = torch.cat(logits)
-        return {"logits": logits, "probabilities": torch.sigmoid(logits)}
+        outputs.update({"logits": logits, "probabilities": torch.sigmoid(logits)})
+        return outputs
 
 
 def sum_table_blocks(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -210,6 +257,111 @@ def split_lookups(x: torch.Tensor, rels: torch.Tensor) -> tuple[torch.Tensor, ..
 
 
 Query = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_shared(x: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the other lookups, the shared negatives (T, K, D)): the T*K last rows of `x`."""
+    num_tables, k = shared.shape
+    if not k:
+        return x, x.new_zeros(num_tables, 0, x.shape[-1])
+    rest, tail = x.split([x.shape[0] - num_tables * k, num_tables * k])
+    return rest, tail.view(num_tables, k, x.shape[-1])
+
+
+def shared_negative_logits(shared: torch.Tensor, relation_tables_t: torch.Tensor,
+                           rels: torch.Tensor, tail_query: Query,
+                           head_query: Query) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) tail-side and head-side logits against the shared negatives.
+
+    `shared` (T, K, D): K vectors per table. Row i's tail query is scored against the K
+    vectors of its relation's rhs table, its head query against those of its lhs table:
+    one (B, D) x (D, T*K) product per side, then each row keeps its table's K columns.
+    """
+    return _shared_logits(shared, relation_tables_t, rels, tail_query, head_query)
+
+
+def _shared_logits(shared: torch.Tensor, relation_tables_t: torch.Tensor, rels: torch.Tensor,
+                   tail_query: Query, head_query: Query) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tables, k, dim = shared.shape
+    num_edges = rels.shape[0]
+    if not k:
+        empty = shared.new_zeros(num_edges, 0)
+        return empty, empty
+    flat = shared.reshape(num_tables * k, dim)
+    out = []
+    for query, side in ((tail_query, 1), (head_query, 0)):
+        q, b = query
+        scores = q @ flat.T                                           # (B, T*K)
+        if num_tables > 1:
+            tables = relation_tables_t[rels, side]
+            columns = tables.unsqueeze(1) * k + torch.arange(k, device=rels.device)
+            scores = scores.gather(1, columns)
+        out.append(scores + b.unsqueeze(1))
+    return out[0], out[1]
+
+
+def positive_ids(nodes: KeyedJaggedTensor, num_edges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lhs rows, rhs rows) (B,) of the positives, read back from the lookup KJT.
+
+    `edges_to_kjt` groups the values by table, in lookup order within a table, and the
+    first 2B lookups are lhs, rhs of each edge: undo the stable sort by table.
+    """
+    lengths = nodes.lengths()
+    num_tables = len(nodes.keys())
+    num_lookups = lengths.numel() // num_tables
+    tables = lengths.view(num_tables, num_lookups).argmax(0)
+    order = torch.argsort(tables, stable=True)
+    rows = torch.empty_like(nodes.values())
+    rows[order] = nodes.values()
+    return rows[0:2 * num_edges:2], rows[1:2 * num_edges:2]
+
+
+def in_batch_log_q(lhs_ids: torch.Tensor, rhs_ids: torch.Tensor,
+                   rels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rhs offsets, lhs offsets) (B,): -log q of each row as an in-batch candidate.
+
+    In-batch negatives of relation r are rows of r drawn evenly, so entity e comes up with
+    probability q = (rows of r with e on that side) / (rows of r): popular entities more
+    often. Adding -log q to a candidate's logit (the logQ correction) keeps the softmax from
+    learning to rank popular entities down.
+    """
+    per_relation = torch.bincount(rels).float()[rels]
+    out = []
+    for ids in (rhs_ids, lhs_ids):
+        key = rels * (int(ids.max()) + 1 if ids.numel() else 1) + ids
+        _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        out.append(-torch.log(counts[inverse].float() / per_relation))
+    return out[0], out[1]
+
+
+def negative_offsets(ids: tuple[torch.Tensor, torch.Tensor], shared_ids: torch.Tensor,
+                     relation_tables_t: torch.Tensor, rels: torch.Tensor, num_global: int,
+                     sample: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """(2, B, M) added to the negatives' logits by the softmax loss (see `forward`).
+
+    Tail side first, then head side; columns in-batch, global, shared as in `forward`.
+    In-batch: -log q of the candidate drawn (`in_batch_log_q`); global: 0; in-batch and
+    shared: -inf where the candidate is the positive's own entity (not a negative).
+    """
+    num_edges = rels.shape[0]
+    lhs_ids, rhs_ids = ids
+    pieces = []
+    if sample is not None:
+        rhs_rows, lhs_rows, columns = sample
+        rhs_log_q, lhs_log_q = in_batch_log_q(lhs_ids, rhs_ids, rels)
+        offsets = torch.stack([rhs_log_q[rhs_rows][columns], lhs_log_q[lhs_rows][columns]])
+        # A candidate holding the positive's own entity (its own row, or a duplicate) is
+        # not a negative.
+        hits = torch.stack([rhs_ids[rhs_rows][columns] == rhs_ids.unsqueeze(1),
+                            lhs_ids[lhs_rows][columns] == lhs_ids.unsqueeze(1)])
+        pieces.append(offsets.masked_fill(hits, float("-inf")))
+    pieces.append(torch.zeros(2, num_edges, num_global, device=rels.device))
+    if shared_ids.shape[1]:
+        hits = [shared_ids[relation_tables_t[rels, side]] == positive.unsqueeze(1)
+                for side, positive in ((1, rhs_ids), (0, lhs_ids))]
+        pieces.append(torch.zeros(2, num_edges, shared_ids.shape[1], device=rels.device)
+                      .masked_fill(torch.stack(hits), float("-inf")))
+    return torch.cat(pieces, dim=2)
 
 
 def global_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, negative_lhs: torch.Tensor,
@@ -255,14 +407,13 @@ def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.T
                             relation_query(rhs, relation_vectors, codes, "head"), n)
 
 
-def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
-                     tail_query: Query, head_query: Query, n: int) -> torch.Tensor:
-    if not n:
-        return lhs.new_zeros(0)
-    # Sampling touches index tensors only; the vectors are then gathered once per side and
-    # scored with one matrix product against every relation's samples, of which each row
-    # keeps its own relation's n columns. (Gathering per relation costs a zero-filled
-    # gradient buffer of the whole batch per gather in backward: measured 2x slower.)
+def _in_batch_sample(rels: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """(rhs rows, lhs rows, columns): the in-batch candidates of `_in_batch_logits`.
+
+    Per relation present, n rows of that relation for each side (a permutation, repeated
+    when the relation has fewer than n rows); `columns` (B, n): row i's n candidates, as
+    positions in the concatenated samples.
+    """
     present = torch.unique(rels)
     lhs_samples, rhs_samples = [], []
     for relation in present.tolist():
@@ -273,11 +424,63 @@ def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
         rhs_samples.append(rows[torch.randperm(count, device=rows.device).repeat(repeats)[:n]])
     columns = torch.searchsorted(present, rels).unsqueeze(1) * n + \
         torch.arange(n, device=rels.device).unsqueeze(0)                 # (B, n)
+    return torch.cat(rhs_samples), torch.cat(lhs_samples), columns
+
+
+def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
+                     tail_query: Query, head_query: Query, n: int,
+                     sample: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    if not n:
+        return lhs.new_zeros(0)
+    # Sampling touches index tensors only; the vectors are then gathered once per side and
+    # scored with one matrix product against every relation's samples, of which each row
+    # keeps its own relation's n columns. (Gathering per relation costs a zero-filled
+    # gradient buffer of the whole batch per gather in backward: measured 2x slower.)
+    rhs_rows, lhs_rows, columns = sample if sample is not None else _in_batch_sample(rels, n)
     q, b = tail_query
-    tails = (q @ rhs[torch.cat(rhs_samples)].T).gather(1, columns) + b.unsqueeze(1)
+    tails = (q @ rhs[rhs_rows].T).gather(1, columns) + b.unsqueeze(1)
     q, b = head_query
-    heads = (q @ lhs[torch.cat(lhs_samples)].T).gather(1, columns) + b.unsqueeze(1)
+    heads = (q @ lhs[lhs_rows].T).gather(1, columns) + b.unsqueeze(1)
     return torch.cat([tails.reshape(-1), heads.reshape(-1)])
+
+
+def regularizer_penalty(factors: tuple[torch.Tensor, ...], regularizer: Regularizer,
+                        complex_: bool = False) -> torch.Tensor:
+    """Mean over the B rows of sum over `factors` (each (B, D)) of the penalty of the row.
+
+    n3: sum |x|^3, with |x| the modulus of each complex coordinate (real half, imaginary
+    half) when `complex_` (Lacroix et al. 2018: the nuclear 3-norm bound of ComplEx); l2:
+    sum x^2.
+    """
+    total = factors[0].new_zeros(())
+    num_rows = max(1, factors[0].shape[0])
+    for x in factors:
+        if regularizer == Regularizer.L2:
+            total = total + (x * x).sum()
+            continue
+        if complex_:
+            half = x.shape[-1] // 2
+            x = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2 + 1e-12)
+        total = total + (x.abs() ** 3).sum()
+    return total / num_rows
+
+
+def softmax_loss(positives: torch.Tensor, tail_negatives: torch.Tensor,
+                 head_negatives: torch.Tensor, offsets: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Mean over positives of weight * (CE_tail + CE_head) / 2.
+
+    CE of a side: -log softmax of the positive among [positive, negatives + offsets]:
+    logsumexp([p, n_1 + o_1, ...]) - p. A row's -inf offsets drop those negatives.
+    """
+    num_edges = positives.shape[0]
+    if not num_edges:
+        return positives.new_zeros(())
+    total = positives.new_zeros(num_edges)
+    for negatives, offset in ((tail_negatives, offsets[0]), (head_negatives, offsets[1])):
+        row = torch.cat([positives.unsqueeze(1), negatives + offset], dim=1)
+        total = total + torch.logsumexp(row, dim=1) - positives
+    return (weights.float() * total).sum() / (2 * num_edges)
 
 
 def labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
@@ -302,6 +505,13 @@ torch.fx.wrap("sum_table_blocks")
 torch.fx.wrap("global_negative_logits")
 torch.fx.wrap("_in_batch_logits")
 torch.fx.wrap("_global_logits")
+torch.fx.wrap("_in_batch_sample")
+torch.fx.wrap("_shared_logits")
+torch.fx.wrap("split_shared")
+torch.fx.wrap("positive_ids")
+torch.fx.wrap("negative_offsets")
+torch.fx.wrap("regularizer_penalty")
+torch.fx.wrap("softmax_loss")
 
 
 def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> TwhinModel:
@@ -311,11 +521,13 @@ def apply_optimizers(model: TwhinModel, model_config: TwhinModelConfig) -> Twhin
 
 
 class TwhinModelAndLoss(nn.Module):
-    """The model plus weighted binary cross-entropy; returns `(loss, outputs)`.
+    """The model plus its loss (`model.loss`) and penalty; returns `(loss, outputs)`.
 
-    Labels: the batch's labels (1) for positives, 0 for negatives. Weights: the batch's edge
-    weights for positives; each negative weighs `B / num_negatives`, so negatives as a whole
-    weigh as much as the positives.
+    bce: labels 1 for positives, 0 for negatives; weights: the batch's edge weights for
+    positives, each negative `B / num_negatives`, so negatives as a whole weigh as much as
+    the positives. softmax: `softmax_loss` of each positive against its negatives, weighted
+    by the edge weight. `outputs` always has `labels` and `weights` in the bce layout (for
+    the held-out AUC). The model's `penalty` (regularisation), if any, is added.
     """
 
     def __init__(self, model: TwhinModel,
@@ -325,10 +537,19 @@ class TwhinModelAndLoss(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.softmax = getattr(model, "loss", Loss.BCE) == Loss.SOFTMAX
 
     def forward(self, batch: EdgeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(batch)
         labels, weights = labels_and_weights(outputs["logits"], batch.labels, batch.weights)
-        loss = self.loss_fn(outputs["logits"], labels, weights)
+        if self.softmax and "tail_negatives" in outputs:
+            num_edges = batch.labels.shape[0]
+            loss = softmax_loss(outputs["logits"][:num_edges], outputs["tail_negatives"],
+                                outputs["head_negatives"], outputs["negative_offsets"],
+                                batch.weights)
+        else:
+            loss = self.loss_fn(outputs["logits"], labels, weights)
+        if "penalty" in outputs:
+            loss = loss + outputs["penalty"]
         outputs.update({"loss": loss.detach(), "labels": labels, "weights": weights})
         return loss, outputs

@@ -1,0 +1,111 @@
+"""In-process sweep of training settings on an imported graph (issue 20, second round).
+
+`benchmarks.quality` runs every candidate through the CLI (`twhin train` + `twhin evaluate`:
+~30 s of launcher and planner per run on the shared 2-core machine); this trains the same
+model, loss, dataset and optimizers in one process, unsharded on CPU, one thread, and ranks
+with the same `link_prediction` functions (validation and test MRR, popularity baseline).
+Checked against the CLI: the same settings gave test MRR 0.0673 both ways.
+
+    .venv/bin/python -m benchmarks.quality_sweep DATA_DIR 'NAME={"model.loss": "softmax",
+        "DATA.shared_negatives": 256, "OPS": "complex_diagonal", "EVAL_EVERY": 10}' ...
+
+DATA_DIR is a `twhin import` output. Keys: dotted config paths; `OPS` sets every relation's
+operator, `.*.` every table, `DATA.x` every split's data section, `EVAL_EVERY` N records the
+validation MRR every N epochs (`curve`).
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+torch.set_num_threads(1)
+from projects.twhin import link_prediction as lp  # noqa: E402
+from projects.twhin.config import TwhinConfig  # noqa: E402
+from projects.twhin.data.data import create_dataset  # noqa: E402
+from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers  # noqa: E402
+from projects.twhin.optimizer import build_optimizer  # noqa: E402
+from tml.common.modules.embedding.embedding import LargeEmbeddings  # noqa: E402
+from tml.core.config.config_load import parse_config  # noqa: E402
+
+
+def _set(d: dict, key: str, value: object) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        d = d[int(part)] if isinstance(d, list) else d[part]
+    d[parts[-1]] = value
+
+
+def load(data_dir: str, overrides: dict) -> TwhinConfig:
+    """The imported config of `data_dir` with `overrides` (see module doc)."""
+    with open(os.path.join(data_dir, "config.yaml")) as f:
+        raw = yaml.safe_load(f.read().replace("${CONFIG_DIR}", data_dir))
+    for key, value in overrides.items():
+        if key == "OPS":
+            for relation in raw["model"]["relations"]:
+                relation["operator"] = value
+        elif ".*." in key:
+            for i in range(len(raw["model"]["embeddings"]["tables"])):
+                _set(raw, key.replace(".*.", f".{i}."), value)
+        elif key.startswith("DATA."):
+            for split in ("train_data", "validation_data", "test_data"):
+                if split in raw:
+                    _set(raw, split + "." + key[5:], value)
+        else:
+            _set(raw, key, value)
+    return parse_config(TwhinConfig, raw)
+
+
+def mrr(config: TwhinConfig, model: TwhinModel, split: str) -> tuple[dict, dict]:
+    """(model metrics, popularity metrics) of `split`, as `twhin evaluate` computes them."""
+    tables = {n: model.large_embeddings.ebc.embedding_bags[n].weight.detach()
+              for n in model.table_names}
+    edges, known, _, train = lp.prepare(config, split)
+    sums = lp.rank_sums(tables, model.all_trans_embs.detach(), config.model.relations, edges,
+                        known)
+    sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
+    pop = lp.popularity_rank_sums(train, config.model.relations, sizes, edges, known)
+    return lp._metrics(sums), lp._metrics(pop)
+
+
+def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0) -> dict:
+    """Train with the imported config plus `overrides`; test / validation MRR, seconds."""
+    config = load(data_dir, overrides)
+    torch.manual_seed(seed)
+    model = TwhinModel(config.model, config.train_data)
+    model.large_embeddings = LargeEmbeddings(config.model.embeddings, device="cpu")
+    model.reset_parameters()
+    apply_optimizers(model, config.model)
+    model_and_loss = TwhinModelAndLoss(model)
+    optimizer, scheduler = build_optimizer(model_and_loss, config.model)
+    dataset = create_dataset(config.train_data, config.model,
+                             num_epochs=config.training.num_epochs)
+    start, step, curve = time.time(), 0, []
+    for batch in dataset:
+        optimizer.zero_grad()
+        loss, _ = model_and_loss(batch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if eval_every and step % (eval_every * len(dataset)) == 0:
+            curve.append((step // len(dataset),
+                          round(mrr(config, model, "validation")[0]["mrr"], 4)))
+    seconds = time.time() - start
+    valid, _ = mrr(config, model, "validation")
+    test, popularity = mrr(config, model, "test")
+    return {"valid_mrr": valid["mrr"], "mrr": test["mrr"], "h10": test["hits_at_10"],
+            "pop": popularity["mrr"], "secs": round(seconds, 1), "steps": step,
+            "curve": curve}
+
+
+if __name__ == "__main__":
+    for spec in sys.argv[2:]:
+        name, text = spec.split("=", 1)
+        overrides = json.loads(text)
+        every = overrides.pop("EVAL_EVERY", 0)
+        result = train(sys.argv[1], overrides, eval_every=every)
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                for k, v in result.items()}), flush=True)
