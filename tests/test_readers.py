@@ -49,7 +49,7 @@ def _factory(root, epochs=2):
     def make(rank, world_size):
         return EdgesDataset(root, TABLES, RELATIONS, batch_size=4, rank=rank,
                             world_size=world_size, num_epochs=epochs, global_negatives=2,
-                            seed=5)
+                            shared_negatives=3, seed=5)
     return make
 
 
@@ -94,9 +94,11 @@ def assert_same(got, want):
         assert a.nodes.keys() == b.nodes.keys(), index
         for name in ("values", "lengths"):
             assert torch.equal(getattr(a.nodes, name)(), getattr(b.nodes, name)()), index
-        for name in ("labels", "rels", "weights"):
+        for name in ("labels", "rels", "weights", "shared"):
             x, y = getattr(a, name), getattr(b, name)
-            assert x.dtype == y.dtype and torch.equal(x, y), (index, name)
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), \
+                (index, name)
+        assert a.shared.shape == (len(TABLES), 3), index   # the shared negatives travel too
 
 
 # -- shares ---------------------------------------------------------------------------------
