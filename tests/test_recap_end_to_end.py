@@ -1,6 +1,7 @@
 """The Heavy Ranker end to end: 2 gloo workers self-launched by main.py learn every task
 of planted data (held-out AUROC well above chance), on sharded tables (a frozen one started
-from a twhin export stays unchanged); bad data fails in the launcher, as one line."""
+from a twhin export stays unchanged), then the original torchrun line resumes the run; bad
+data fails in the launcher, as one line."""
 
 import json
 import os
@@ -67,6 +68,22 @@ def test_two_workers_learn_every_task_and_keep_a_frozen_export(tmp_path):
     key = next(k for k in tensor_shapes(str(save_dir / "80"))
                if k.endswith("embedding_bags.user.weight"))
     assert np.array_equal(load_rows(str(save_dir / "80"), key, 0, 20).numpy(), vectors)
+
+    # The original launch line: torchrun starts the workers, which resume from step 80 and
+    # train on to 100; the run records go on without repeating a step.
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+         "--nproc_per_node", "2", MAIN, f"--config_yaml_path={path}",
+         f"--save_dir={save_dir}", "--set", "training.num_train_steps=100"],
+        env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"resumed from {save_dir / '80'} at step 80" in done.stderr, done.stderr[-4000:]
+    assert json.loads((save_dir / "final_metrics.json").read_text())["step"] == 100
+    train_steps = [r["step"] for r in map(json.loads,
+                                          (save_dir / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 100, train_steps
+    assert np.array_equal(load_rows(str(save_dir / "100"), key, 0, 20).numpy(), vectors)
 
 
 
