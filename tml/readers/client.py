@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow.flight as flight
 
+from tml.common.data_position import ResumablePosition
 from tml.errors import TmlError, error_line
 from tml.readers.codec import Decoder
 from tml.readers.server import encode_ticket
@@ -58,7 +59,7 @@ def _flight_text(error: BaseException) -> str:
     return text.strip()[:240]
 
 
-class ReaderDataset:
+class ReaderDataset(ResumablePosition):
     """Trainer `rank`'s batches from the readers at `addresses` (host:port, reader order)."""
 
     def __init__(self, addresses: list[str], rank: int, world_size: int, batch_type: type,
@@ -85,8 +86,7 @@ class ReaderDataset:
                               "the same config")
         (self._num_batches, self.num_epochs), = sizes
         (self.block,) = blocks
-        self._epoch = self._batch = 0
-        self._resume_pending = False
+        self._reset_position()
 
     def _describe(self, index: int) -> dict[str, Any]:
         """Connect to reader `index` (waiting for it to come up) and check who it is."""
@@ -137,29 +137,9 @@ class ReaderDataset:
 
     # -- the in-process dataset's interface -----------------------------------------------
 
-    @property
-    def num_batches_per_epoch(self) -> int:
-        return self._num_batches
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or batch < 0 or (batch and batch >= self._num_batches):
-            raise ValueError(f"dataset position {state} is outside 0 <= batch < "
-                             f"{self._num_batches} batches per epoch")
-        self._epoch, self._batch = epoch, batch
-        self._resume_pending = True
-
     def __iter__(self) -> Iterator[Any]:
-        if not self._resume_pending:
-            self._epoch, self._batch = 0, 0
-        self._resume_pending = False
-        return self._generate(self._epoch * self._num_batches + self._batch)
+        epoch, batch = self._start_iteration()
+        return self._generate(epoch * self._num_batches + batch)
 
     def close(self) -> None:
         for client in self._clients.values():

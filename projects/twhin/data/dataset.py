@@ -42,13 +42,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
 from projects.twhin.models.config import Relation
+from tml.common.data_position import ResumablePosition
+from tml.common.parquet_files import resolve_parquet_files
 from tml.errors import ConfigError, DataError, error_line
 
 logger = logging.getLogger(__name__)
 
 # Rows per record batch read from parquet: bounds memory when row groups are large.
 _READ_ROWS = 1 << 16
-_GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class _File:
     has_weight: bool
 
 
-class EdgesDataset:
+class EdgesDataset(ResumablePosition):
     """This rank's batches of positive edges, for `num_epochs` epochs (see module docstring).
 
     Args:
@@ -162,40 +163,14 @@ class EdgesDataset:
             logger.info("%s: %d rows in %d file(s); rank %d of %d reads %d batches of %d per "
                         "epoch", data_root, self.total_rows, len(self._files), rank,
                         world_size, self._num_batches, batch_size)
-        self._epoch = 0
-        self._batch = 0
-        self._resume_pending = False
+        self._reset_position()
 
     # -- sizes and position ---------------------------------------------------------------
-
-    @property
-    def num_batches_per_epoch(self) -> int:
-        """Batches this rank yields per epoch (the same on every rank)."""
-        return self._num_batches
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def state_dict(self) -> dict[str, int]:
-        """The next batch to yield: `{"epoch": e, "batch": b}` with `b < len(self)`."""
-        return {"epoch": self._epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next `iter()` start at `state` (as returned by `state_dict`)."""
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or batch < 0 or (batch and batch >= self._num_batches):
-            raise ValueError(f"dataset position {state} is outside 0 <= batch < "
-                             f"{self._num_batches} batches per epoch")
-        self._epoch, self._batch = epoch, batch
-        self._resume_pending = True
 
     # -- iteration ------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[EdgeBatch]:
-        if not self._resume_pending:
-            self._epoch, self._batch = 0, 0
-        self._resume_pending = False
-        return self._generate(self._epoch, self._batch)
+        return self._generate(*self._start_iteration())
 
     def _generate(self, epoch: int, batch: int) -> Iterator[EdgeBatch]:
         while epoch < self.num_epochs and self._num_batches:
@@ -407,20 +382,10 @@ class EdgesDataset:
 
 def _resolve(data_root: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The filesystem and the sorted parquet files that `data_root` names."""
-    fs, path = fsspec.core.url_to_fs(data_root)
-    if any(char in path for char in _GLOB_CHARS):
-        found = fs.glob(path, detail=True)
-        paths = [name for name, info in found.items() if info.get("type") == "file"]
-    elif fs.isdir(path):
-        found = fs.glob(path.rstrip("/") + "/*.parquet", detail=True)
-        paths = [name for name, info in found.items() if info.get("type") == "file"]
-    elif fs.isfile(path):
-        paths = [path]
-    else:
-        paths = []
+    fs, paths = resolve_parquet_files(data_root)
     if not paths:
         raise DataError(f"data_root '{data_root}' matches no parquet files")
-    return fs, sorted(paths)
+    return fs, paths
 
 
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -33,6 +33,7 @@ import torch
 from projects.home.recap.data.config import RecapDataConfig
 from projects.home.recap.data.schema import EMBEDDING_INPUTS, Feature, load_schema
 from projects.home.recap.model.config import ModelConfig
+from tml.common.parquet_files import resolve_parquet_files
 from tml.errors import ConfigError, DataError, error_line
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +167,10 @@ def input_spec(data: RecapDataConfig, model: ModelConfig, source: str = "train_d
 def resolve_files(inputs: str, keep: int | None = None) -> tuple[fsspec.AbstractFileSystem,
                                                                  list[str]]:
     """The filesystem and sorted files of a glob, a directory (its *.parquet) or a file."""
-    fs, path = fsspec.core.url_to_fs(inputs)
-    if any(char in path for char in _GLOB_CHARS):
-        found = fs.glob(path, detail=True)
-        paths = [name for name, info in found.items() if info.get("type") == "file"]
-    elif fs.isdir(path):
-        found = fs.glob(path.rstrip("/") + "/*.parquet", detail=True)
-        paths = [name for name, info in found.items() if info.get("type") == "file"]
-    elif fs.isfile(path):
-        paths = [path]
-    else:
-        paths = []
+    fs, paths = resolve_parquet_files(inputs)
     if not paths:
         raise DataError(f"inputs '{inputs}' matches no files (write some with python -m "
                         "projects.home.recap.data.generate --out DIR)")
-    paths = sorted(paths)
     return fs, paths[:keep] if keep else paths
 
 
