@@ -23,7 +23,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from tml.common.topology import create_topology, host_memory_bytes
@@ -32,6 +32,17 @@ from tml.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+
+# The compute kernels tml offers per table (TorchRec's names), by device type. On CPU
+# TorchRec's sharders list only the fused kernel for sharded tables
+# (`EmbeddingBagCollectionSharder.compute_kernels`); the unified-memory kernels need CUDA.
+COMPUTE_KERNELS = {
+    "cpu": ("fused",),
+    "cuda": ("fused", "fused_uvm", "fused_uvm_caching"),
+}
+# With no kernel chosen for a table: the planner keeps it in GPU memory (fused) when it
+# fits and falls back to the unified-memory cache for what does not.
+DEFAULT_KERNELS = {"cpu": ("fused",), "cuda": ("fused", "fused_uvm_caching")}
 
 
 class AllShardingTypesSharder(EmbeddingBagCollectionSharder):
@@ -58,9 +69,30 @@ def _embedding_bag_collections(model: nn.Module) -> list[EmbeddingBagCollection]
     return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
 
 
+def _kernels(table: str, device_type: str, chosen: str | None) -> list[str]:
+    """The compute kernels the planner may pick for `table`, or one line saying why the
+    chosen one cannot run here."""
+    available = COMPUTE_KERNELS.get(device_type, COMPUTE_KERNELS["cpu"])
+    if chosen is None:
+        return list(DEFAULT_KERNELS.get(device_type, DEFAULT_KERNELS["cpu"]))
+    if chosen not in COMPUTE_KERNELS["cuda"]:
+        raise ConfigError(f"table '{table}': unknown compute_kernel '{chosen}' (use one of "
+                          f"{', '.join(COMPUTE_KERNELS['cuda'])})")
+    if chosen not in available:
+        raise ConfigError(f"table '{table}': compute_kernel {chosen} needs CUDA; on "
+                          f"{device_type} TorchRec runs only "
+                          f"{', '.join(available)} for sharded tables")
+    return [chosen]
+
+
 def _constraints(model: nn.Module, sharding_types: Mapping[str, str],
-                 world_size: int) -> dict[str, ParameterConstraints]:
+                 world_size: int, device_type: str = "cpu",
+                 compute_kernels: Mapping[str, str] | None = None,
+                 cache_load_factors: Mapping[str, float] | None = None,
+                 ) -> dict[str, ParameterConstraints]:
     constraints = {}
+    compute_kernels = compute_kernels or {}
+    cache_load_factors = cache_load_factors or {}
     for ebc in _embedding_bag_collections(model):
         for table in ebc.embedding_bag_configs():
             sharding_type = sharding_types.get(table.name, "table_wise")
@@ -75,9 +107,14 @@ def _constraints(model: nn.Module, sharding_types: Mapping[str, str],
                 shard_dim = table.embedding_dim // world_size
                 min_partition = shard_dim if shard_dim >= 4 and shard_dim % 4 == 0 \
                     else table.embedding_dim
+            load_factor = cache_load_factors.get(table.name)
             constraints[table.name] = ParameterConstraints(
-                sharding_types=[sharding_type], compute_kernels=["fused"],
-                min_partition=min_partition)
+                sharding_types=[sharding_type],
+                compute_kernels=_kernels(table.name, device_type,
+                                         compute_kernels.get(table.name)),
+                min_partition=min_partition,
+                cache_params=None if load_factor is None
+                else CacheParams(load_factor=load_factor))
     return constraints
 
 
@@ -143,7 +180,10 @@ def describe_plan(plan: ShardingPlan) -> str:
 
 def maybe_shard_model(model: nn.Module, device: torch.device,
                       sharding_types: Mapping[str, str] | None = None,
-                      output_dtensor: bool = False) -> DistributedModelParallel:
+                      output_dtensor: bool = False,
+                      compute_kernels: Mapping[str, str] | None = None,
+                      cache_load_factors: Mapping[str, float] | None = None,
+                      ) -> DistributedModelParallel:
     """Wrap `model` in DistributedModelParallel with a plan for its embedding tables.
 
     Args:
@@ -153,6 +193,10 @@ def maybe_shard_model(model: nn.Module, device: torch.device,
       device: this worker's device (`setup_and_get_device`).
       sharding_types: table name -> table_wise | row_wise | column_wise (default table_wise).
       output_dtensor: keep sharded state as DTensor (needed for asynchronous checkpoints).
+      compute_kernels: table name -> fused | fused_uvm | fused_uvm_caching (`COMPUTE_KERNELS`
+        says which run on this device; a table without one gets `DEFAULT_KERNELS`).
+      cache_load_factors: table name -> fraction of rows cached in GPU memory
+        (fused_uvm_caching tables).
 
     With one worker the dense part is not wrapped in DDP (`NoDataParallel`). The default
     process group must be initialised. The plan is made collectively (every
@@ -168,7 +212,8 @@ def maybe_shard_model(model: nn.Module, device: torch.device,
         fused_params={USE_ONE_TBE_PER_TABLE: one_kernel_per_table(model)})
     planner = EmbeddingShardingPlanner(
         topology=create_topology(world_size, local_world_size, device),
-        constraints=_constraints(model, sharding_types or {}, world_size),
+        constraints=_constraints(model, sharding_types or {}, world_size, device.type,
+                                 compute_kernels, cache_load_factors),
     )
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     logger.info("sharding plan (%d workers):\n%s", world_size, describe_plan(plan))

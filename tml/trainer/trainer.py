@@ -69,7 +69,12 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
     model = apply_table_optimizers(parts.model(), parts.tables, parts.tables_field)
     sharding_types = {t.name: t.sharding_type.value for t in parts.tables if t.sharding_type}
     # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
-    sharded = maybe_shard_model(model, device, sharding_types, output_dtensor=True)
+    sharded = maybe_shard_model(
+        model, device, sharding_types, output_dtensor=True,
+        compute_kernels={t.name: t.compute_kernel.value for t in parts.tables
+                         if t.compute_kernel},
+        cache_load_factors={t.name: t.cache_load_factor for t in parts.tables
+                            if t.cache_load_factor is not None})
     load_table_vectors(sharded, parts.tables, parts.tables_field)
     if parts.after_shard is not None:
         parts.after_shard(sharded)

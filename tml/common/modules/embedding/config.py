@@ -23,6 +23,21 @@ class ShardingType(str, enum.Enum):
     COLUMN_WISE = "column_wise"
 
 
+class ComputeKernel(str, enum.Enum):
+    """Where a table's rows live and which fbgemm kernel looks them up (TorchRec's names).
+
+    `fused` keeps the rows in the worker's memory (GPU memory on CUDA) with the optimizer
+    fused into the kernel; the only kernel TorchRec runs on CPU. `fused_uvm` keeps them in
+    host memory that the GPU reads through unified memory; `fused_uvm_caching` does the same
+    with a cache of the hottest rows in GPU memory, for tables larger than the GPU. Both
+    need CUDA.
+    """
+
+    FUSED = "fused"
+    FUSED_UVM = "fused_uvm"
+    FUSED_UVM_CACHING = "fused_uvm_caching"
+
+
 class EmbeddingSnapshot(BaseConfig):
     emb_name: str = Field(..., description="Table name in the loaded checkpoint.")
     embedding_snapshot_uri: str = Field(..., description="Path of the checkpoint.")
@@ -55,6 +70,13 @@ class EmbeddingBagConfig(BaseConfig):
     data_type: DataType = Field(DataType.FP32, description="fp32 or fp16 weights.")
     sharding_type: ShardingType | None = Field(
         None, description="table_wise (default), row_wise or column_wise.")
+    compute_kernel: ComputeKernel | None = Field(
+        None, description="fused, fused_uvm or fused_uvm_caching (the last two need CUDA). "
+        "Default: fused on CPU; on CUDA the planner keeps fused while the tables fit in GPU "
+        "memory and falls back to fused_uvm_caching for what does not.")
+    cache_load_factor: float | None = Field(
+        None, gt=0, le=1, description="fused_uvm_caching only: the fraction of the "
+        "table's rows cached in GPU memory (TorchRec's default 0.2).")
     init_scale: pydantic.PositiveFloat | None = Field(
         None, description="Initial weights uniform in [-s, s]; default 1/sqrt(embedding_dim).")
     init_from_export: InitFromExport | None = Field(
@@ -62,6 +84,14 @@ class EmbeddingBagConfig(BaseConfig):
         "checkpoint loaded later, to resume or warm start, replaces them).")
     frozen: bool = Field(False, description="Never update this table: its optimizer is "
                          "replaced by SGD at learning rate 0 (no optimizer state).")
+
+    @pydantic.model_validator(mode="after")
+    def _cache_needs_caching_kernel(self) -> EmbeddingBagConfig:
+        if self.cache_load_factor is not None and \
+                self.compute_kernel is not ComputeKernel.FUSED_UVM_CACHING:
+            raise ValueError("cache_load_factor is only used with compute_kernel: "
+                             "fused_uvm_caching")
+        return self
 
     @pydantic.field_validator("pretrained")
     @classmethod
