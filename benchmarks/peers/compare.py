@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tml's N (the multi-worker row)")
     parser.add_argument("--results", default=bench.RESULTS)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated rows to run (e.g. tml_1_worker,pbg_1_worker,"
+                        "row_access_limit): a shorter same-run comparison; the PBG row and "
+                        "the row-access limit are always kept, as the ratios need them")
     args = parser.parse_args(argv)
     if not os.path.exists(PBG_PYTHON):
         raise SystemExit("error: .venv-pbg is missing: run `make bench-peers` (it creates it)")
@@ -209,6 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
             "plain_pytorch": lambda: bench._run_plain(config, work),
             "row_access_limit": lambda: row_access_limit(sizes, graph),
         }
+        if args.only:
+            wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+            unknown = wanted - set(steps)
+            if unknown:
+                raise SystemExit(f"error: --only: unknown row(s) {', '.join(sorted(unknown))} "
+                                 f"(rows: {', '.join(steps)})")
+            wanted |= {"pbg_1_worker", "row_access_limit"}
+            steps = {key: step for key, step in steps.items() if key in wanted}
+            labels = {key: label for key, label in labels.items() if key in wanted}
+            samples = {key: value for key, value in samples.items() if key in wanted}
         for round_ in range(args.rounds):
             for key, step in steps.items():
                 load = os.getloadavg()
@@ -218,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"round {round_ + 1}: {key} {result['edges_per_s']:,.0f} edges/s "
                       f"auc {result.get('auc')} (load {load[0]:.1f})", flush=True)
     rows_ = {key: _summary(value) for key, value in samples.items()}
-    pbg_best = max(("pbg_1_worker", "pbg_2_workers"), key=lambda k: rows_[k]["edges_per_s"])
+    pbg_best = max((key for key in ("pbg_1_worker", "pbg_2_workers") if key in rows_),
+                   key=lambda k: rows_[k]["edges_per_s"])
     pbg = rows_[pbg_best]["edges_per_s"]
     limit = rows_["row_access_limit"]["edges_per_s"]
     for row in rows_.values():
