@@ -1,7 +1,7 @@
 """Run pytest on the test files named on the command line, for Bazel `py_test` targets.
 
-    py_test(name = "test_x", srcs = ["bazel_pytest_main.py", "test_x.py"],
-            main = "bazel_pytest_main.py", args = ["tests/test_x.py"], ...)
+    py_test(name = "test_x", srcs = ["bazel_pytest_main.py", "tml/common/test_x.py", ...],
+            main = "bazel_pytest_main.py", args = ["tests/tml/common/test_x.py"], ...)
 
 Paths are relative to the workspace root: Bazel starts a test in its runfiles tree's copy
 of the workspace. The exit code is pytest's, so Bazel sees failures; when Bazel asks for a

@@ -1,4 +1,4 @@
-"""Functions that run inside real worker processes (gloo) for tests/test_checkpointing.py.
+"""Functions that run inside real worker processes (gloo) for tests/tml/common/test_checkpointing.py.
 
 Each returns plain values (numbers, strings); the test process asserts on them.
 """

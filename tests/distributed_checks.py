@@ -238,7 +238,7 @@ OPERATOR_SET = ("translation", "diagonal", "complex_diagonal")
 
 
 def all_sharded_checks() -> dict[str, object]:
-    """The sharded-model checks of tests/test_twhin_sharded.py in one launch (a torch elastic
+    """The sharded-model checks of tests/projects/twhin/test_twhin_sharded.py in one launch (a torch elastic
     start costs more than the checks): every sharding type against the reference, global
     negatives with three operators, and the message Adam on the tables gets on CPU."""
     from tml.errors import ConfigError

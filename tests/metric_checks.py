@@ -1,4 +1,4 @@
-"""Worker functions of tests/test_metrics.py, run in 2 real gloo workers (spawned)."""
+"""Worker functions of tests/tml/metrics/test_metrics.py, run in 2 real gloo workers (spawned)."""
 
 from __future__ import annotations
 

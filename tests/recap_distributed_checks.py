@@ -1,4 +1,4 @@
-"""Run in 2 gloo workers by tests/test_recap_sharded.py: one training step of the ranker on
+"""Run in 2 gloo workers by tests/projects/recap/test_recap_sharded.py: one training step of the ranker on
 sharded tables (row_wise and column_wise) against the same model unsharded in one process."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ def test_marginal_memory_of_a_table_is_at_most_1_3x_its_bytes(tmp_path, monkeypa
     from benchmarks.scale import measure
 
     # The memory-safe layout (a fused kernel per table), forced: on its own the rule picks it
-    # only for tables over 5% of the host's memory (tests/test_sharding_rule.py), so on a
+    # only for tables over 5% of the host's memory (tests/tml/common/test_sharding_rule.py), so on a
     # large host this 1.5 GB table would measure the shared-kernel layout instead.
     monkeypatch.setenv("TML_ONE_KERNEL_PER_TABLE", "1")
     small = measure(5000, 32, str(tmp_path / "small"), data_type)  # the graph has 5000 users

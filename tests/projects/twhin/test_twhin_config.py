@@ -6,12 +6,11 @@ import pytest
 import yaml
 
 from projects.twhin.config import TwhinConfig
+from tests.twhin_setup import REPO
 from tml.core.config import load_config_from_yaml
 from tml.errors import ConfigError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-ORIGINAL = os.path.join(HERE, "data", "original_twhin_local.yaml")
+ORIGINAL = os.path.join(REPO, "tests", "data", "original_twhin_local.yaml")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")
 
 

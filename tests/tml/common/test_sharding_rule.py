@@ -1,5 +1,5 @@
 """The rule that picks the memory-safe layout (one fused kernel per table), tested on its
-own so that tests/test_scale.py can force the layout instead of relying on the host's size."""
+own so that tests/benchmarks/test_scale.py can force the layout instead of relying on the host's size."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from projects.twhin.config import TwhinConfig
 from projects.twhin.data.data import create_dataset
 from projects.twhin.data.edges import EdgeBatch
 from projects.twhin.data.generate import generate_graph
-from tests.test_readers import assert_same
+from tests.tml.readers.test_readers import assert_same
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.core.config import load_config_from_yaml
 from tml.readers.client import ReaderDataset, ReaderError

@@ -114,7 +114,7 @@ def write_sharded_and_evaluate(full: str, out: str, config: str) -> dict:
 def test_two_worker_checkpoint_rows_sharded_evaluation_and_export(tmp_path, monkeypatch):
     from projects.twhin.cli import dispatch
     from projects.twhin.link_prediction import evaluate_checkpoint
-    from tests.test_twhin_cli import _fake_checkpoint, _triples, _write_tsv
+    from tests.projects.twhin.test_twhin_cli import _fake_checkpoint, _triples, _write_tsv
     from tml.common.run_training import launch_function
 
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -9,12 +9,11 @@ import yaml
 
 from projects.home.recap.config import RecapConfig
 from projects.home.recap.model.config import MultiTaskType
+from tests.twhin_setup import REPO
 from tml.core.config import load_config_from_yaml
 from tml.errors import ConfigError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-ORIGINAL = os.path.join(HERE, "data", "original_recap_local_prod.yaml")
+ORIGINAL = os.path.join(REPO, "tests", "data", "original_recap_local_prod.yaml")
 SHIPPED = os.path.join(REPO, "projects", "home", "recap", "config", "local_prod.yaml")
 FAV = "recap.engagement.is_favorited"
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.test_launch_nodes import CLUSTER_VARS, SCRIPTS, _free_port, _wait_listening
+from tests.tml.common.test_launch_nodes import CLUSTER_VARS, SCRIPTS, _free_port, _wait_listening
 from tests.twhin_setup import launcher_env
 
 TOY = os.path.join(SCRIPTS, "toy_train.py")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
-from tests.test_launch_dstack import (
+from tests.tml.launch.test_launch_dstack import (
     EXAMPLE,
     SLEEPER,
     USES_THE_PACKAGE,

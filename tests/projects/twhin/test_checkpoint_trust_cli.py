@@ -24,7 +24,7 @@ from projects.twhin.cli import dispatch
 from projects.twhin.config import TwhinConfig
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
 from projects.twhin.signature import checkpoint_extra
-from tests.test_checkpoint_trust import GADGET_NAMES, _flip, _gadgets, _replace_metadata
+from tests.tml.common.test_checkpoint_trust import GADGET_NAMES, _flip, _gadgets, _replace_metadata
 from tests.twhin_setup import REPO, launcher_env
 from tml.common.checkpointing import save_checkpoint, verify_checkpoint
 from tml.core.config import load_config_from_yaml

@@ -188,5 +188,5 @@ def test_sharded_tables_give_the_same_ranks_and_auc_as_whole_tables(workers):
     for sums, (positives, _) in results:
         np.testing.assert_array_equal(sums, whole)
         # The negatives' sampling uses torch's process-wide RNG, which threads share: they
-        # are compared across real processes in tests/test_checkpoint_rows.py.
+        # are compared across real processes in tests/tml/common/test_checkpoint_rows.py.
         np.testing.assert_array_equal(positives, whole_auc[0])

@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from projects.twhin.data.generate import generate_graph
+from tests.twhin_setup import REPO as TWHIN_REPO
 from tml.launch.cli import main
 from tml.launch.workflow import memory_bytes, memory_mebibytes
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(TWHIN_REPO)
 RUN = REPO / "projects" / "twhin" / "run.py"
 LOCAL = REPO / "projects" / "twhin" / "config" / "local.yaml"
 WORKFLOWS = REPO / "projects" / "twhin" / "workflows"

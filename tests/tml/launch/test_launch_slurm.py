@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import require
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
-from tests.test_launch_workflow import (  # noqa: F401 (tiny_graph is a fixture)
+from tests.tml.launch.test_launch_workflow import (  # noqa: F401 (tiny_graph is a fixture)
     REPO,
     child_env,
     expected_final_step,
@@ -152,7 +152,7 @@ def test_a_slurm_job_gets_awkward_values_whole_and_no_files_from_outside(
     syntax reaches the worker byte for byte and runs nothing; a link the job plants at an
     artifact path brings nothing from outside, and the launch names it in one line."""
     from tests.fuzz_support import files_under
-    from tests.test_launch_injection import AWKWARD
+    from tests.tml.launch.test_launch_injection import AWKWARD
 
     work, secret = tmp_path / "work", tmp_path / "secret"
     work.mkdir()

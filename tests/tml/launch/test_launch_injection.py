@@ -18,7 +18,7 @@ import yaml
 from hypothesis import given
 
 from tests.fuzz_support import FUZZ_SETTINGS, files_under, mutated, outcome
-from tests.test_launch_workflow import launch, write_workflow
+from tests.tml.launch.test_launch_workflow import launch, write_workflow
 from tml.launch import kubernetes, slurm
 from tml.launch.artifacts import REFUSED_FILE, copy_artifacts
 from tml.launch.cli import main

@@ -15,7 +15,7 @@ from projects.twhin import run
 from projects.twhin.cli import dispatch
 from projects.twhin.config import TwhinConfig
 from projects.twhin.preflight import check_step_memory, step_bytes
-from tests.test_twhin_cli import _fake_checkpoint, _triples, _write_tsv
+from tests.projects.twhin.test_twhin_cli import _fake_checkpoint, _triples, _write_tsv
 from tests.twhin_setup import LOCAL, REPO, launcher_env
 from tml.core.config import load_config_from_yaml
 from tml.errors import CheckpointError, ConfigError, DataError, TmlError

@@ -422,9 +422,8 @@ def test_ensure_default_graph_generates_the_default_graph_once(tmp_path):
                for f in os.listdir(out / "train")) == 1_960_000
     # The shipped config's tables hold every id of the built-in graph.
     from projects.twhin.config import TwhinConfig
+    from tests.twhin_setup import REPO as repo
     from tml.core.config import load_config_from_yaml
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config_from_yaml(TwhinConfig,
                                    os.path.join(repo, "projects", "twhin", "config", "local.yaml"))
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}

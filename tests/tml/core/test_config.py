@@ -77,8 +77,8 @@ def test_configuration_reference_is_current():
     import os
 
     from projects.twhin.config import TwhinConfig
+    from tests.twhin_setup import REPO as repo
     from tml.core.config.reference import render
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "docs", "configuration.md")) as f:
         assert f.read() == render(TwhinConfig)

@@ -23,7 +23,7 @@ from projects.twhin.models.models import (
     regularizer_penalty,
     softmax_loss,
 )
-from tests.test_twhin_operators import TABLES, _formula, _model_config
+from tests.projects.twhin.test_twhin_operators import TABLES, _formula, _model_config
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
 from tml.errors import ConfigError

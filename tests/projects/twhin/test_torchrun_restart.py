@@ -17,7 +17,7 @@ import sys
 import pytest
 import yaml
 
-from tests.test_launch_nodes import CLUSTER_VARS
+from tests.tml.common.test_launch_nodes import CLUSTER_VARS
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
