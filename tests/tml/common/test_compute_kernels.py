@@ -13,12 +13,11 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig as TorchrecTable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from tests.conftest import REPO
 from tml.common.modules.embedding.config import EmbeddingBagConfig
 from tml.common.run_training import launch_function
 from tml.common.sharding import _constraints
 from tml.errors import ConfigError
-
-REPO = __import__("tests.conftest", fromlist=["REPO"]).REPO
 
 
 def _ebc() -> torch.nn.Module:
