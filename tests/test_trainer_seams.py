@@ -154,7 +154,7 @@ def test_the_loop_still_takes_worker_batch_size_as_the_global_batch(tmp_path):
     assert len(out["deprecations"]) == 1 and "pass global_batch_size" in \
         out["deprecations"][0]
     assert out["per_step"] == pytest.approx([24.0, 24.0])
-    assert out["lr_keys"] == ["fused_opt", "operator_opt"]
+    assert out["lr_keys"] == ["fused_opt/0", "fused_opt/1", "operator_opt"]  # 2 table lrs
     assert out["optim_keys"] == ["fused_opt", "operator_opt"]
 
 
