@@ -29,7 +29,9 @@ saving needs DTensor state (`shard_model(..., output_dtensor=True)`); ShardedTen
 state falls back to synchronous saves with a warning (DCP cannot stage ShardedTensors).
 
 Only tensors are saved: each part's state dict is reduced to its tensor leaves
-(hyper-parameters such as learning rates come from the config on load).
+(hyper-parameters such as learning rates come from the config on load). What the parts are
+is the caller's business: this module knows no training loop (the loop's own state, its
+step and data position, is defined with the loop in tml.core.loop_state).
 
 Untrusted checkpoints: every read goes through `SafeFileSystemReader` (DCP's own load
 included, which is given it): `.metadata` is unpickled by the one restricted unpickler

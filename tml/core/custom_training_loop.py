@@ -493,8 +493,9 @@ def evaluate_checkpoints(
     checkpoint without an `evaluation.json` is loaded (weights only) and evaluated; rank 0
     then writes the metrics to `<checkpoint>/evaluation.json`, which marks it evaluated, so a
     restarted evaluator skips it, and appends them to `save_dir/metrics.jsonl` (kind
-    `checkpoint_eval`, with the checkpoint's training time; tml.core.run_records). Stops once a checkpoint at step >= `until_step` was
-    evaluated (or found evaluated), or after `timeout_s` without a new checkpoint.
+    `checkpoint_eval`, with the checkpoint's training time; tml.core.run_records). Stops
+    once a checkpoint at step >= `until_step` was evaluated (or found evaluated), or after
+    `timeout_s` without a new checkpoint.
     `verify_checkpoint(path)` is called before each load (see `train`).
     Returns `{step: metrics}` of the checkpoints evaluated by this call.
     """
