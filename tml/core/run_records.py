@@ -13,7 +13,9 @@ The last kind is written by the only-evaluate mode (an evaluator beside the trai
 `record_checkpoint_evaluation`): its own kind, so that it never reads as a second in-line
 evaluation of the same step; `wall_time` is the checkpoint's training time. The evaluator
 and the trainer append to the same file, one line per write (O_APPEND), so their lines
-never interleave.
+never interleave. (A resumed trainer rewrites the file once, at its start, to drop the
+records after its checkpoint; an evaluator's line appended in that instant can be lost,
+while the checkpoint's evaluation.json keeps its metrics.)
 
 `wall_time` is seconds of training so far, restored from the checkpoint on a resume (not
 the clock). A resumed run first drops the records after the step it resumes from (written
