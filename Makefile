@@ -14,7 +14,7 @@ SAVE_DIR ?= runs/twhin
 NPROC ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean
+.PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean config-docs
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ test: $(STAMP)
 # For development: skips the tests that start worker processes (marker slow).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Each project's configuration reference, generated from its config models (tests check
+# that the committed pages are current).
+config-docs: $(STAMP)
+	$(PY) -m tml.core.config.reference projects.twhin.config:TwhinConfig --out docs/projects/twhin/configuration.md
+	$(PY) -m tml.core.config.reference projects.home.recap.config:RecapConfig --out docs/projects/recap/configuration.md
 
 # Bazel (4.2.3, offline, native Python rules); installs Debian's bazel-bootstrap if missing.
 test-bazel: $(STAMP)

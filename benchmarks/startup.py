@@ -30,7 +30,7 @@ PHASES = (
     ("device + process group", "tml/common/device.py", "setup_and_get_device"),
     ("datasets", "projects/twhin/data/data.py", "create_dataset"),
     ("model (meta tables)", "projects/twhin/models/models.py", "__init__"),
-    ("sharding plan + DMP", "tml/common/sharding.py", "maybe_shard_model"),
+    ("sharding plan + DMP", "tml/common/sharding.py", "shard_model"),
     ("optimizers", "projects/twhin/optimizer.py", "build_optimizer"),
     ("training loop (all)", "tml/core/custom_training_loop.py", "train"),
     ("  pipeline steps (fx trace + step)", "train_pipeline/train_pipelines.py", "progress"),

@@ -26,7 +26,7 @@ from tml.common.checkpointing import (
     read_tensors,
 )
 from tml.common.device import setup_and_get_device
-from tml.common.sharding import maybe_shard_model
+from tml.common.sharding import shard_model
 from tml.core import custom_training_loop as ctl
 from tml.errors import CheckpointError
 
@@ -61,8 +61,8 @@ def _build(sharding_type: str, optimizer: str = "sgd", tables: dict[str, int] | 
     else:
         apply_optimizers(twhin, config)
     model = TwhinModelAndLoss(twhin)
-    dmp = maybe_shard_model(model, device, dict.fromkeys(TABLES, sharding_type),
-                            output_dtensor=True)
+    dmp = shard_model(model, device, dict.fromkeys(TABLES, sharding_type),
+                      output_dtensor=True)
     optimizer_, scheduler = build_optimizer(dmp, config)
     return dmp, optimizer_, scheduler, config
 
@@ -256,7 +256,7 @@ def save_load_reshard_and_failures(root: str) -> dict:
     batches = [_edges(i * 10 + rank, cfg)[4] for i in range(6)]
     result = ctl.train(model, opt, torch.device("cpu"), loop_dir, logging_interval=2,
                        train_steps=6, checkpoint_frequency=2, dataset=batches,
-                       worker_batch_size=48, scheduler=sched, async_checkpoint=True, seed=5)
+                       global_batch_size=48, scheduler=sched, async_checkpoint=True, seed=5)
     out["loop_final_step"] = result.final_step
     out["loop_steps"] = checkpoint_steps(loop_dir)
     loop_saved = read_tensors(os.path.join(loop_dir, "6"))
@@ -266,7 +266,7 @@ def save_load_reshard_and_failures(root: str) -> dict:
     warm, warm_opt, warm_sched, _ = _build("table_wise")
     warm_result = ctl.train(warm, warm_opt, torch.device("cpu"), os.path.join(root, "warm"),
                             logging_interval=2, train_steps=0, checkpoint_frequency=2,
-                            dataset=batches, worker_batch_size=48, scheduler=warm_sched,
+                            dataset=batches, global_batch_size=48, scheduler=warm_sched,
                             initial_checkpoint_dir=os.path.join(loop_dir, "6"))
     out["warm_start_step"] = warm_result.start_step
     out["warm_resumed_from"] = warm_result.resumed_from

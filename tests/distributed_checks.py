@@ -21,7 +21,7 @@ from projects.twhin.models.models import (
 )
 from projects.twhin.optimizer import build_optimizer
 from tml.common.device import setup_and_get_device
-from tml.common.sharding import maybe_shard_model
+from tml.common.sharding import shard_model
 
 TABLES = {"user": 60, "tweet": 40}
 LR = {"user": 5.0, "tweet": 3.0}
@@ -175,7 +175,7 @@ def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int =
     for sharding_type in sharding_types:
         torch.manual_seed(0)
         model = TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config))
-        dmp = maybe_shard_model(model, device, dict.fromkeys(TABLES, sharding_type))
+        dmp = shard_model(model, device, dict.fromkeys(TABLES, sharding_type))
         translations = dmp.module.model.all_trans_embs
         with torch.no_grad():
             translations.copy_(torch.randn(translations.shape,
@@ -223,7 +223,7 @@ def adam_tables_train() -> float:
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES)
     model = TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config))
-    dmp = maybe_shard_model(model, device)
+    dmp = shard_model(model, device)
     optimizer, _ = build_optimizer(dmp, config)
     before = _full_tables(dmp)["user"]
     loss, _ = dmp(_edges(0, config)[4])

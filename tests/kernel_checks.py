@@ -7,7 +7,7 @@ from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_op
 from projects.twhin.optimizer import build_optimizer
 from tests.distributed_checks import BATCH, NEGATIVES, _edges, _full_tables, _model_config
 from tml.common.device import setup_and_get_device
-from tml.common.sharding import maybe_shard_model
+from tml.common.sharding import shard_model
 
 
 def planned_kernels(user_kernel: str | None, load_factor: float | None = None,
@@ -21,7 +21,7 @@ def planned_kernels(user_kernel: str | None, load_factor: float | None = None,
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES)
     model = TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config))
-    dmp = maybe_shard_model(
+    dmp = shard_model(
         model, device,
         compute_kernels={} if user_kernel is None else {"user": user_kernel},
         cache_load_factors={} if load_factor is None else {"user": load_factor})

@@ -76,7 +76,7 @@ def grown_sharded(checkpoint: str, vectors_file: str) -> dict[str, object]:
     from tml.common.modules.embedding.config import LargeEmbeddingsConfig
     from tml.common.modules.embedding.embedding import LargeEmbeddings
     from tml.common.modules.embedding.vectors import load_table_vectors, local_shards
-    from tml.common.sharding import maybe_shard_model
+    from tml.common.sharding import shard_model
     from tml.trainer.fused_tables import apply_table_optimizers
 
     device = setup_and_get_device()
@@ -93,8 +93,8 @@ def grown_sharded(checkpoint: str, vectors_file: str) -> dict[str, object]:
     for sharding_type in SHARDING_TYPES:
         torch.manual_seed(0)
         model = apply_table_optimizers(LargeEmbeddings(config), config.tables)
-        sharded = maybe_shard_model(model, device, {"user": sharding_type},
-                                    output_dtensor=True)
+        sharded = shard_model(model, device, {"user": sharding_type},
+                              output_dtensor=True)
         before = shards(sharded)
         grown = load_checkpoint(checkpoint, {"model": sharded}, grow_rows=True)
         warm = shards(sharded)

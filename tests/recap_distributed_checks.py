@@ -24,7 +24,7 @@ from projects.home.recap.model.ranking import RankingModel, RankingModelAndLoss
 from projects.home.recap.optimizer.optimizer import build_optimizer
 from tests.recap_setup import config_dict
 from tml.common.device import setup_and_get_device
-from tml.common.sharding import maybe_shard_model
+from tml.common.sharding import shard_model
 from tml.core.config import parse_config
 from tml.trainer.fused_tables import apply_table_optimizers
 
@@ -85,9 +85,9 @@ def recap_sharded_matches_unsharded() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         config = _config(directory)
         torch.manual_seed(0)
-        sharded = maybe_shard_model(_build(config, "meta"), torch.device("cpu"),
-                                    {"user": "row_wise", "author": "column_wise"},
-                                    output_dtensor=True)
+        sharded = shard_model(_build(config, "meta"), torch.device("cpu"),
+                              {"user": "row_wise", "author": "column_wise"},
+                              output_dtensor=True)
         init_tables_from_exports(sharded, config.model.large_embeddings)
         reference = _build(config, "cpu")
         init_tables_from_exports(reference, config.model.large_embeddings)

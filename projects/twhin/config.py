@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pydantic
+
 from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.models.config import TwhinModelConfig
 from tml.core.config.base_config import BaseConfig, Field
-from tml.core.config.training import RuntimeConfig, TrainingConfig
+from tml.core.config.training import RuntimeConfig, TrainingConfig, check_early_stopping_data
 from tml.readers.config import ReadersConfig
 
 
@@ -26,3 +28,8 @@ class TwhinConfig(BaseConfig):
     readers: ReadersConfig = Field(default_factory=ReadersConfig, description="Reader "
                                    "processes serving the training data (none by default: "
                                    "the trainers read it). See docs/readers.md.")
+
+    @pydantic.model_validator(mode="after")
+    def _early_stopping_has_data(self) -> TwhinConfig:
+        check_early_stopping_data(self.training, self.validation_data is not None)
+        return self

@@ -8,13 +8,15 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer
 
 from projects.twhin.models.config import TwhinModelConfig
-from tml.optimizers.combined import DENSE_OPT_KEY, FUSED_OPT_KEY, build_combined_optimizer
+from tml.optimizers.combined import FUSED_OPT_KEY, build_combined_optimizer
 from tml.optimizers.optimizer import LRShim
 from tml.trainer.fused_tables import table_of_param, table_schedules
 
 logger = logging.getLogger(__name__)
 
-TRANSLATION_OPT_KEY = DENSE_OPT_KEY
+# The translation vectors' optimizer, by the original TwHIN's name: its checkpoints hold
+# `optim.operator_opt.…` and its run records `lr/operator_opt`.
+TRANSLATION_OPT_KEY = "operator_opt"
 __all__ = ["FUSED_OPT_KEY", "TRANSLATION_OPT_KEY", "build_optimizer"]
 
 def build_optimizer(model: nn.Module, config: TwhinModelConfig) -> tuple[CombinedOptimizer, LRShim]:
@@ -25,7 +27,7 @@ def build_optimizer(model: nn.Module, config: TwhinModelConfig) -> tuple[Combine
     """
     optimizer, scheduler = build_combined_optimizer(
         model, config.translation_optimizer, table_schedules(config.embeddings.tables),
-        table_of_param)
+        table_of_param, dense_key=TRANSLATION_OPT_KEY)
     logger.info("optimizer groups: %d (fused tables + translations), lr %s",
                 len(optimizer.param_groups), [g["lr"] for g in optimizer.param_groups])
     return optimizer, scheduler

@@ -42,6 +42,7 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     """What the trainer needs from TwHIN: its model, data and tables."""
     from projects.twhin.data.data import create_dataset
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
+    from projects.twhin.optimizer import TRANSLATION_OPT_KEY
     from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.trainer import ProjectParts
 
@@ -72,6 +73,7 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         model=lambda: TwhinModelAndLoss(TwhinModel(model_config, all_config.train_data)),
         tables=model_config.embeddings.tables,
         dense_optimizer=model_config.translation_optimizer,
+        dense_optimizer_key=TRANSLATION_OPT_KEY,
         train_data=train_data,
         batch_size=all_config.train_data.per_replica_batch_size,
         validation_data=validation_data if validation is not None else None,

@@ -25,11 +25,13 @@ with the training step's collectives on the default group. Rank 0 completes a fi
 (rename, retention) as soon as it notices (`poll`, every step); errors are raised only at
 the points where every rank waits (`save`, `wait`), so all ranks stop together, and those
 end with a barrier, so that after them every rank sees the complete checkpoint. Async
-saving needs DTensor state (`maybe_shard_model(..., output_dtensor=True)`); ShardedTensor
+saving needs DTensor state (`shard_model(..., output_dtensor=True)`); ShardedTensor
 state falls back to synchronous saves with a warning (DCP cannot stage ShardedTensors).
 
 Only tensors are saved: each part's state dict is reduced to its tensor leaves
-(hyper-parameters such as learning rates come from the config on load).
+(hyper-parameters such as learning rates come from the config on load). What the parts are
+is the caller's business: this module knows no training loop (the loop's own state, its
+step and data position, is defined with the loop in tml.core.loop_state).
 
 Untrusted checkpoints: every read goes through `SafeFileSystemReader` (DCP's own load
 included, which is given it): `.metadata` is unpickled by the one restricted unpickler
@@ -103,7 +105,6 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^\d+$")
 TMP_PREFIX = ".tmp-"
-EVALUATION_FILE = "evaluation.json"
 # The optional JSON document a caller saves with a checkpoint (`save(..., extra=...)`).
 EXTRA_FILE = "extra.json"
 # What DCP raises: its CheckpointException (a BaseException carrying each rank's error) or
@@ -770,51 +771,20 @@ def read_extra(path: str) -> dict[str, Any] | None:
     return data
 
 
-# --- the loop's own state ---------------------------------------------------------------
+# --- names that moved to the training loop -------------------------------------------------
 
-class TrainState:
-    """The small state of the loop that must survive a restart.
-
-    step: the last completed step; batches_consumed: the data position; wall_time: seconds
-    spent training so far, summed over restarts.
-    """
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.batches_consumed = 0
-        self.wall_time = 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": torch.tensor(self.step), "batches_consumed":
-                torch.tensor(self.batches_consumed),
-                "wall_time": torch.tensor(self.wall_time, dtype=torch.float64)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-        self.batches_consumed = int(state_dict["batches_consumed"])
-        self.wall_time = float(state_dict.get("wall_time", 0.0))
+# The loop's own state (step, data position, wall time, the LR schedule's position) is
+# defined by the loop, in tml.core.loop_state; this module saves whatever state it is given.
+# Old imports from here keep working, with a DeprecationWarning.
+_MOVED = {"TrainState": "tml.core.loop_state", "SchedulerState": "tml.core.loop_state",
+          "set_schedule_step": "tml.core.loop_state", "EVALUATION_FILE": "tml.core.loop_state"}
 
 
-class SchedulerState:
-    """The LR scheduler's position as a tensor (its own state dict holds Python objects).
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-    On load the scheduler is moved to the saved step and the learning rates recomputed.
-    """
-
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": torch.tensor(int(self.scheduler.last_epoch))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_schedule_step(self.scheduler, int(state_dict["last_epoch"]))
-
-
-def set_schedule_step(scheduler: Any, step: int) -> None:
-    """Put `scheduler` at `step` and set each group's learning rate for that step."""
-    if scheduler is None:
-        return
-    scheduler.last_epoch = step
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
-        group["lr"] = lr
+        warnings.warn(f"tml.common.checkpointing.{name} moved to {_MOVED[name]}.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,10 @@
 """Shard a model's embedding tables across workers with TorchRec.
 
-`maybe_shard_model` plans with TorchRec's planner on the real topology (world size, device,
-memory of this host) and wraps the model in `DistributedModelParallel`.
+`shard_model` plans with TorchRec's planner on the real topology (world size, device,
+memory of this host) and wraps the model in `DistributedModelParallel`. It always shards
+(it needs a process group); `maybe_shard_model`, the original tml's name, is kept as a
+deprecated alias that also keeps the original's "maybe": without a process group it
+returns the model as it is.
 
 The sharding type of each table is chosen by the caller (table_wise by default). TorchRec's
 stock `EmbeddingBagCollectionSharder` offers row_wise only on CUDA, so on CPU the planner
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -178,12 +182,12 @@ def describe_plan(plan: ShardingPlan) -> str:
     return "\n".join(lines)
 
 
-def maybe_shard_model(model: nn.Module, device: torch.device,
-                      sharding_types: Mapping[str, str] | None = None,
-                      output_dtensor: bool = False,
-                      compute_kernels: Mapping[str, str] | None = None,
-                      cache_load_factors: Mapping[str, float] | None = None,
-                      ) -> DistributedModelParallel:
+def shard_model(model: nn.Module, device: torch.device,
+                sharding_types: Mapping[str, str] | None = None,
+                output_dtensor: bool = False,
+                compute_kernels: Mapping[str, str] | None = None,
+                cache_load_factors: Mapping[str, float] | None = None,
+                ) -> DistributedModelParallel:
     """Wrap `model` in DistributedModelParallel with a plan for its embedding tables.
 
     Args:
@@ -203,7 +207,7 @@ def maybe_shard_model(model: nn.Module, device: torch.device,
     rank must call this) and logged on rank 0.
     """
     if not dist.is_initialized():
-        raise RuntimeError("maybe_shard_model needs an initialised process group "
+        raise RuntimeError("shard_model needs an initialised process group "
                            "(call tml.common.device.setup_and_get_device first)")
     check_fused_optimizers(model, device)
     world_size = dist.get_world_size()
@@ -223,3 +227,18 @@ def maybe_shard_model(model: nn.Module, device: torch.device,
         module=model, device=device, plan=plan, env=env,
         sharders=[sharder],  # type: ignore[list-item]
         data_parallel_wrapper=NoDataParallel() if world_size == 1 else None)
+
+
+def maybe_shard_model(model: nn.Module, device: torch.device,
+                      sharding_types: Mapping[str, str] | None = None,
+                      output_dtensor: bool = False) -> nn.Module:
+    """Deprecated: `shard_model` under the original tml's name (`tml.model`).
+
+    As the original: without an initialised process group the model is returned as it is;
+    with one it is sharded (`shard_model`). Warns (DeprecationWarning) once per call site.
+    """
+    warnings.warn("maybe_shard_model is deprecated: use tml.common.sharding.shard_model "
+                  "(it always shards)", DeprecationWarning, stacklevel=2)
+    if not dist.is_initialized():
+        return model
+    return shard_model(model, device, sharding_types, output_dtensor)

@@ -28,10 +28,8 @@ checked at every log step and before every checkpoint, the first bad step all-re
 so that every rank stops together and none waits in a collective); before a checkpoint the
 state to be saved is checked too (a finite loss can come with an infinite update).
 
-Test hook: `TML_TEST_CRASH_AT_STEP=N` makes rank 1 (rank 0 in a 1-worker run) kill itself
-with SIGKILL right after step N, on the first attempt of a torch elastic group only
-(`TORCHELASTIC_RESTART_COUNT` 0). The fault-tolerance test uses it to crash a worker at a
-known step; it has no other use.
+The crash and resume tests kill a worker at a known step through `tml.core.crash_hook`
+(`TML_TEST_CRASH_AT_STEP`), called once per step; it does nothing in a real run.
 """
 
 from __future__ import annotations
@@ -41,9 +39,9 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,19 +50,17 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from tml.common.checkpointing import (
-    EVALUATION_FILE,
     Checkpointer,
-    SchedulerState,
-    TrainState,
     checkpoint_steps,
     latest_checkpoint,
     load_checkpoint,
     read_metadata,
-    set_schedule_step,
 )
 from tml.common.prefetch import prefetch
+from tml.core.crash_hook import maybe_crash
 from tml.core.early_stopping import EarlyStopping, mark_best
-from tml.core.run_records import RunRecorder, learning_rates
+from tml.core.loop_state import EVALUATION_FILE, SchedulerState, TrainState, set_schedule_step
+from tml.core.run_records import RunRecorder, learning_rates, record_checkpoint_evaluation
 from tml.errors import CheckpointError, TmlError
 from tml.metrics.reduce import global_mean
 
@@ -215,24 +211,6 @@ def _progress_bar(total: int, initial: int):  # noqa: ANN202
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-CRASH_AT_STEP_ENV = "TML_TEST_CRASH_AT_STEP"
-
-
-def _maybe_crash_for_test(step: int) -> None:
-    """The fault-tolerance test hook (see the module docstring)."""
-    crash_at = os.environ.get(CRASH_AT_STEP_ENV)
-    if not crash_at or int(crash_at) != step:
-        return
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == min(1, world_size - 1):
-        logger.warning("%s=%s: killing rank %d at step %d (test hook)", CRASH_AT_STEP_ENV,
-                       crash_at, rank, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def seed_step(seed: int, step: int) -> None:
     """Seed torch's RNG for the step after `step`, distinct per rank, equal across restarts."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -249,7 +227,7 @@ def train(
     train_steps: int,
     checkpoint_frequency: int,
     dataset: Iterable,
-    worker_batch_size: int,
+    global_batch_size: int | None = None,
     num_workers: int = 0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     initial_checkpoint_dir: str | None = None,
@@ -265,6 +243,7 @@ def train(
     tensorboard: bool = True,
     early_stopping: EarlyStopping | None = None,
     verify_warm_start: Callable[[str], None] | None = None,
+    worker_batch_size: int | None = None,
 ) -> TrainResult:
     """Train `model` (returns `(loss, outputs)`) for up to `train_steps` steps.
 
@@ -278,7 +257,7 @@ def train(
       checkpoint_frequency: save every N steps (and always at the end).
       dataset: iterable of Pipelineable batches, with `state_dict`/`load_state_dict` of its
         position and `len()` (batches per epoch) when resumable.
-      worker_batch_size: examples per step summed over workers (for examples/s).
+      global_batch_size: examples per step summed over every worker (for examples/s).
       scheduler: stepped once per step; its position is saved and restored.
       initial_checkpoint_dir: warm start (weights only, step 0) when save_dir has none.
       gradient_accumulation: step the dense optimizer every N batches.
@@ -301,12 +280,15 @@ def train(
         `verify_checkpoint`); a warm start may load into grown tables (more rows than
         saved: saved rows bit for bit, new rows keep their initialisation), so a project
         accepts there what it refuses on resume.
+      worker_batch_size: deprecated name of `global_batch_size` (the original tml's, which
+        held the global batch too); still accepted, with a DeprecationWarning.
 
     The logged loss is the mean over the steps since the last log line and over every
     worker (`global_mean`). Without a terminal (no progress bar) the log line carries an
     ETA; with one, log lines print above the bar (tqdm's logging redirect).
     """
     del num_workers  # reading happens in the dataset's own iterator
+    global_batch_size = _global_batch_size(global_batch_size, worker_batch_size)
     train_state = TrainState()
     parts: dict[str, Any] = {"model": model, "optim": optimizer, "train": train_state}
     if scheduler is not None:
@@ -392,8 +374,8 @@ def train(
         eta = "" if bar is not None else f", ETA {_duration((train_steps - step) / rate)}"
         logger.log(logging.INFO if log else logging.DEBUG,
                    "step %d: loss %.5f, %.1f steps/s, %.0f examples/s%s", step, loss, rate,
-                   rate * worker_batch_size, eta)
-        recorder.train(step, train_state.wall_time, loss, rate, rate * worker_batch_size,
+                   rate * global_batch_size, eta)
+        recorder.train(step, train_state.wall_time, loss, rate, rate * global_batch_size,
                        learning_rates(optimizer))
         return loss
 
@@ -447,7 +429,7 @@ def train(
             if best:
                 keep_best()
         checkpointer.poll()
-        _maybe_crash_for_test(step)
+        maybe_crash(step)
         if stopped_early:
             break
     train_seconds = time.perf_counter() - wall_start
@@ -480,6 +462,22 @@ def train(
                        train_seconds, stopped_early, best_path)
 
 
+def _global_batch_size(global_batch_size: int | None, worker_batch_size: int | None) -> int:
+    """`global_batch_size`, or the deprecated `worker_batch_size` (same meaning)."""
+    if worker_batch_size is not None:
+        warnings.warn("train(worker_batch_size=...) is deprecated: it is the global batch "
+                      "(examples per step over all workers); pass global_batch_size",
+                      DeprecationWarning, stacklevel=3)
+        if global_batch_size is not None and global_batch_size != worker_batch_size:
+            raise TypeError(f"train() got global_batch_size={global_batch_size} and "
+                            f"worker_batch_size={worker_batch_size}; pass global_batch_size "
+                            "only")
+        return worker_batch_size
+    if global_batch_size is None:
+        raise TypeError("train() missing required argument: 'global_batch_size'")
+    return global_batch_size
+
+
 def evaluate_checkpoints(
     model: torch.nn.Module,
     save_dir: str,
@@ -494,8 +492,10 @@ def evaluate_checkpoints(
     Runs beside a training job (its own workers, same model config). Every complete
     checkpoint without an `evaluation.json` is loaded (weights only) and evaluated; rank 0
     then writes the metrics to `<checkpoint>/evaluation.json`, which marks it evaluated, so a
-    restarted evaluator skips it. Stops once a checkpoint at step >= `until_step` was
-    evaluated (or found evaluated), or after `timeout_s` without a new checkpoint.
+    restarted evaluator skips it, and appends them to `save_dir/metrics.jsonl` (kind
+    `checkpoint_eval`, with the checkpoint's training time; tml.core.run_records). Stops
+    once a checkpoint at step >= `until_step` was evaluated (or found evaluated), or after
+    `timeout_s` without a new checkpoint.
     `verify_checkpoint(path)` is called before each load (see `train`).
     Returns `{step: metrics}` of the checkpoints evaluated by this call.
     """
@@ -508,7 +508,11 @@ def evaluate_checkpoints(
             try:
                 if verify_checkpoint is not None:
                     verify_checkpoint(path)
-                load_checkpoint(path, {"model": model})
+                train_state = TrainState()
+                parts: dict[str, Any] = {"model": model}
+                if "train" in _saved_parts(path):   # the loop's checkpoints have it
+                    parts["train"] = train_state
+                load_checkpoint(path, parts)
             except CheckpointError:
                 if not os.path.isdir(path):  # removed by the trainer's retention meanwhile
                     logger.warning("checkpoint %s went away before evaluation", path)
@@ -519,6 +523,8 @@ def evaluate_checkpoints(
             if not dist.is_initialized() or dist.get_rank() == 0:
                 _write_json(os.path.join(path, EVALUATION_FILE),
                             {"step": step, "metrics": metrics})
+            record_checkpoint_evaluation(save_dir, step, metrics,
+                                         train_state.wall_time if "train" in parts else None)
             logger.info("evaluated checkpoint %s: %s", path, metrics)
             last_new = time.monotonic()
             finished = finished or step >= until_step
@@ -557,13 +563,15 @@ def _write_json(path: str, data: dict) -> None:
 def _parts_in(path: str, parts: dict[str, Any]) -> dict[str, Any]:
     """`parts` without early stopping's state when the checkpoint has none (written before
     early stopping was configured): the rule then starts afresh."""
-    if "early_stopping" not in parts:
-        return parts
-    keys = read_metadata(path).state_dict_metadata
-    if any(key.startswith("early_stopping.") for key in keys):
+    if "early_stopping" not in parts or "early_stopping" in _saved_parts(path):
         return parts
     logger.warning("%s holds no early-stopping state: the rule starts afresh", path)
     return {name: part for name, part in parts.items() if name != "early_stopping"}
+
+
+def _saved_parts(path: str) -> set[str]:
+    """The names of the parts saved in the checkpoint at `path` (`model`, `train`, ...)."""
+    return {key.split(".", 1)[0] for key in read_metadata(path).state_dict_metadata}
 
 
 def _seek(dataset: Any, batches_consumed: int) -> None:

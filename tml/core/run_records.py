@@ -6,6 +6,16 @@ rank; rank 0 writes. One JSON object per line in `metrics.jsonl`:
     {"kind": "train", "step": 100, "wall_time": 12.3, "loss": 0.41, "steps_per_s": 8.1,
      "examples_per_s": 16200.0, "lr": {"fused_opt": 0.05, "operator_opt": 0.1}}
     {"kind": "eval", "step": 100, "wall_time": 12.9, "metrics": {"auc": 0.81, ...}}
+    {"kind": "checkpoint_eval", "step": 100, "wall_time": 12.5, "checkpoint": "100",
+     "metrics": {"auc": 0.81, ...}}
+
+The last kind is written by the only-evaluate mode (an evaluator beside the training job,
+`record_checkpoint_evaluation`): its own kind, so that it never reads as a second in-line
+evaluation of the same step; `wall_time` is the checkpoint's training time. The evaluator
+and the trainer append to the same file, one line per write (O_APPEND), so their lines
+never interleave. (A resumed trainer rewrites the file once, at its start, to drop the
+records after its checkpoint; an evaluator's line appended in that instant can be lost,
+while the checkpoint's evaluation.json keeps its metrics.)
 
 `wall_time` is seconds of training so far, restored from the checkpoint on a resume (not
 the clock). A resumed run first drops the records after the step it resumes from (written
@@ -66,6 +76,22 @@ def learning_rates(optimizer: Any) -> dict[str, float]:
         else:
             rates.update({f"{key}/{i}": value for i, value in enumerate(values)})
     return rates
+
+
+def record_checkpoint_evaluation(save_dir: str, step: int, metrics: Mapping[str, float],
+                                 wall_time: float | None = None) -> None:
+    """Append the evaluator's record of the checkpoint `save_dir/<step>` (rank 0 writes).
+
+    No TensorBoard events: the trainer's writer owns the event files of `save_dir`.
+    """
+    if (dist.is_initialized() and dist.get_rank() != 0) or not metrics:
+        return
+    record: dict[str, Any] = {"kind": "checkpoint_eval", "step": step, "checkpoint": str(step),
+                              "metrics": {k: float(v) for k, v in metrics.items()}}
+    if wall_time is not None:
+        record["wall_time"] = round(wall_time, 3)
+    with open(os.path.join(save_dir, METRICS_FILE), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 class RunRecorder:

@@ -20,8 +20,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tml.optimizers.config import LearningRate, OptimizerConfig, learning_rate_of
 from tml.optimizers.optimizer import LRShim, get_optimizer_class, optimizer_kwargs
 
+# The names of the combined optimizer's parts: in checkpoints (`optim.<key>.…`), in the
+# learning rates of metrics.jsonl and TensorBoard (`lr/<key>`). A project names its dense
+# part for what it holds (TwHIN: "operator_opt", the translations, as in the original);
+# DENSE_OPT_KEY is the name for a project that has no reason to choose another.
 FUSED_OPT_KEY = "fused_opt"
-DENSE_OPT_KEY = "operator_opt"
+DENSE_OPT_KEY = "dense_opt"
 
 
 class InBackwardOptimizer(KeyedOptimizer):
@@ -59,6 +63,8 @@ def build_combined_optimizer(
     dense_config: OptimizerConfig,
     table_schedules: Mapping[str, LearningRate],
     table_of_param: Callable[[str], str | None],
+    *,
+    dense_key: str,
 ) -> tuple[CombinedOptimizer, LRShim]:
     """`CombinedOptimizer([fused tables, dense rest])` and an LR scheduler for all groups.
 
@@ -67,13 +73,15 @@ def build_combined_optimizer(
       dense_config: optimizer of the parameters not fused into tables.
       table_schedules: table name -> learning-rate schedule.
       table_of_param: maps a parameter name to its table name (None if not a table).
+      dense_key: the name of the dense part (`DENSE_OPT_KEY`, or the project's own); it is
+        part of the checkpoint's keys, so a project keeps it once it has checkpoints.
     """
     dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
     dense_factory = functools.partial(get_optimizer_class(dense_config),
                                       **optimizer_kwargs(dense_config))
     parts: list[tuple[str, KeyedOptimizer]] = [(FUSED_OPT_KEY, fused_optimizer_of(model))]
     if dense_params:
-        parts.append((DENSE_OPT_KEY, KeyedOptimizerWrapper(dense_params, dense_factory)))
+        parts.append((dense_key, KeyedOptimizerWrapper(dense_params, dense_factory)))
     optimizer = CombinedOptimizer(parts)
 
     names_by_param = {id(p): name for name, p in optimizer.params.items()}

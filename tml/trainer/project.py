@@ -30,6 +30,8 @@ class ProjectParts:
         optimizers (`tables`) and shards it.
       tables: the embedding tables' configs (optimizer, sharding type), by table name.
       dense_optimizer: the optimizer of every parameter that is not a table.
+      dense_optimizer_key: that optimizer's name in checkpoints and run records (default
+        `tml.optimizers.combined.DENSE_OPT_KEY`, "dense_opt"); keep it once checkpoints exist.
       train_data: `(rank, world_size, num_epochs) -> dataset` of this rank's batches; with
         `len()` (batches per epoch) and `state_dict` / `load_state_dict` of its position.
       batch_size: examples per batch per worker.
@@ -61,3 +63,4 @@ class ProjectParts:
     optimizer: Callable[[torch.nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None
     after_shard: Callable[[torch.nn.Module], None] | None = None
     verify_warm_start: Callable[[str], None] | None = None
+    dense_optimizer_key: str = "dense_opt"   # tml.optimizers.combined.DENSE_OPT_KEY

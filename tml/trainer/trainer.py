@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import tml.core.custom_training_loop as ctl
 from tml.common.modules.embedding.vectors import load_table_vectors
-from tml.common.sharding import maybe_shard_model
+from tml.common.sharding import shard_model
 from tml.core.config.training import RuntimeConfig, TrainingConfig
 from tml.core.early_stopping import EarlyStopping
 from tml.errors import ConfigError
@@ -69,7 +69,7 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
     model = apply_table_optimizers(parts.model(), parts.tables, parts.tables_field)
     sharding_types = {t.name: t.sharding_type.value for t in parts.tables if t.sharding_type}
     # DTensor state: what dcp.async_save can stage (it cannot stage ShardedTensors).
-    sharded = maybe_shard_model(
+    sharded = shard_model(
         model, device, sharding_types, output_dtensor=True,
         compute_kernels={t.name: t.compute_kernel.value for t in parts.tables
                          if t.compute_kernel},
@@ -82,7 +82,8 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
         optimizer, scheduler = parts.optimizer(sharded)
     else:
         optimizer, scheduler = build_combined_optimizer(
-            sharded, parts.dense_optimizer, table_schedules(parts.tables), table_of_param)
+            sharded, parts.dense_optimizer, table_schedules(parts.tables), table_of_param,
+            dense_key=parts.dense_optimizer_key)
     logger.info("optimizer groups: %d (fused tables + dense), lr %s",
                 len(optimizer.param_groups), [g["lr"] for g in optimizer.param_groups])
 
@@ -100,7 +101,7 @@ def train(parts: ProjectParts, training: TrainingConfig, runtime: RuntimeConfig,
         train_steps=train_steps,
         checkpoint_frequency=training.checkpoint_every_n,
         dataset=train_dataset,
-        worker_batch_size=parts.batch_size * world_size,
+        global_batch_size=parts.batch_size * world_size,
         scheduler=scheduler,
         initial_checkpoint_dir=training.initial_checkpoint_dir,
         gradient_accumulation=training.gradient_accumulation,

@@ -19,6 +19,7 @@ from projects.home.recap.model.config import ModelConfig
 from projects.home.recap.optimizer.config import RecapOptimizerConfig
 from tml.core.config import training as training_config
 from tml.core.config.base_config import BaseConfig, Field
+from tml.core.config.compat import compat_field
 
 
 class TrainingConfig(training_config.TrainingConfig):
@@ -45,10 +46,12 @@ class RecapConfig(BaseConfig):
     validation_data: dict[str, RecapDataConfig] = Field({}, description="Named validation "
                                                         "sets, each evaluated on its own.")
     optimizer: RecapOptimizerConfig
-    which_metrics: str | None = Field(None, description="Not used.")
+    which_metrics: str | None = compat_field(None, "evaluation reports the metrics of "
+                                             "tml.metrics.evaluation")
 
     @pydantic.model_validator(mode="after")
     def _tasks_have_labels(self) -> RecapConfig:
+        training_config.check_early_stopping_data(self.training, bool(self.validation_data))
         for name, data in [("train_data", self.train_data),
                            *((f"validation_data.{k}", v) for k, v in
                              self.validation_data.items())]:

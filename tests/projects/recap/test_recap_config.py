@@ -105,10 +105,9 @@ def test_workflow_loads_and_names_main():
 
 
 def test_configuration_reference_is_current():
-    """docs/recap_configuration.md is generated from the code; regenerate it when the recap
-    configs change: python -m tml.core.config.reference projects.home.recap.config:RecapConfig
-    > docs/recap_configuration.md"""
+    """The recap configuration page is generated from the code; regenerate it (and the other
+    projects' pages) when configs change: make config-docs"""
     from tml.core.config.reference import render
 
-    with open(os.path.join(REPO, "docs", "recap_configuration.md")) as handle:
+    with open(os.path.join(REPO, "docs", "projects", "recap", "configuration.md")) as handle:
         assert handle.read() == render(RecapConfig)

@@ -16,13 +16,12 @@ import torch
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.common.checkpointing import (
     TMP_PREFIX,
-    SchedulerState,
-    TrainState,
     checkpoint_steps,
     latest_checkpoint,
     save_checkpoint,
 )
 from tml.common.run_training import launch_function
+from tml.core.loop_state import SchedulerState, TrainState
 
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
 LOCAL = os.path.join(REPO, "projects", "twhin", "config", "local.yaml")

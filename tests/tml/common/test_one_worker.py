@@ -1,7 +1,7 @@
 """One worker trains without DDP around the dense part, and the step is still exact.
 
 With one worker there is nothing to average, and DDP's forward hook and one-rank allreduce
-cost ~8% of a CPU step in the profile (docs/performance.md); `maybe_shard_model` leaves the
+cost ~8% of a CPU step in the profile (docs/performance.md); `shard_model` leaves the
 dense part unwrapped then (`tml.common.sharding.NoDataParallel`). This checks in a real
 worker that no DistributedDataParallel is left, and that one step (loss, updated tables,
 updated translations) equals the edge-by-edge reference of tests/distributed_checks.py.
@@ -23,13 +23,13 @@ def one_worker_checks() -> dict:
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
     from tests.distributed_checks import BATCH, NEGATIVES, _model_config, sharded_matches_unsharded
     from tml.common.device import setup_and_get_device
-    from tml.common.sharding import maybe_shard_model
+    from tml.common.sharding import shard_model
 
     device = setup_and_get_device()
     config = _model_config()
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES)
-    dmp = maybe_shard_model(
+    dmp = shard_model(
         TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config)), device)
     ddp = [type(m).__name__ for m in dmp.modules()
            if isinstance(m, torch.nn.parallel.DistributedDataParallel)]

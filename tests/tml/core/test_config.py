@@ -71,14 +71,13 @@ def test_optimizer_needs_exactly_one_algorithm():
 
 
 def test_configuration_reference_is_current():
-    """docs/configuration.md is generated from the code; regenerate it when configs change:
-    python -m tml.core.config.reference projects.twhin.config:TwhinConfig > docs/configuration.md
-    """
+    """TwHIN's configuration page is generated from the code; regenerate it (and the other
+    projects' pages) when configs change: make config-docs"""
     import os
 
     from projects.twhin.config import TwhinConfig
     from tests.twhin_setup import REPO as repo
     from tml.core.config.reference import render
 
-    with open(os.path.join(repo, "docs", "configuration.md")) as f:
+    with open(os.path.join(repo, "docs", "projects", "twhin", "configuration.md")) as f:
         assert f.read() == render(TwhinConfig)

@@ -19,6 +19,7 @@ import pydantic
 import yaml
 
 from tml.core.config.base_config import BaseConfig
+from tml.core.config.compat import warn_no_effect
 from tml.errors import ConfigError
 
 C = TypeVar("C", bound=BaseConfig)
@@ -105,13 +106,17 @@ def format_validation_error(error: pydantic.ValidationError, source: str) -> str
 
 
 def parse_config(config_type: type[C], obj: object, source: str = "<config>") -> C:
-    """Validate a plain object (from YAML or code) into `config_type`, raising ConfigError."""
+    """Validate a plain object (from YAML or code) into `config_type`, raising ConfigError.
+
+    A field set that has no effect (`tml.core.config.compat`) is a warning naming it."""
     try:
-        return config_type.model_validate(obj)
+        config = config_type.model_validate(obj)
     except pydantic.ValidationError as error:
         raise ConfigError(format_validation_error(error, source)) from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
+    warn_no_effect(config, source)   # fields kept for the original's YAML that do nothing
+    return config
 
 
 def _yaml_error(error: yaml.YAMLError) -> str:

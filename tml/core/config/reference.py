@@ -1,16 +1,21 @@
 """Render a config class as a Markdown reference (fields, types, defaults, descriptions).
 
-    python -m tml.core.config.reference projects.twhin.config:TwhinConfig > docs/configuration.md
+    python -m tml.core.config.reference projects.twhin.config:TwhinConfig \
+        --out docs/projects/twhin/configuration.md
 
-The docs are generated from the pydantic models themselves, so they cannot drift from the
-code; a test compares the committed page with a fresh rendering.
+(`make config-docs` writes every project's page; without `--out` the page is printed.) The
+docs are generated from the pydantic models themselves, so they cannot drift from the
+code; a test per project compares the committed page with a fresh rendering. Each project
+has its own page (docs/projects/<project>/configuration.md): the shared sections
+(`training`, `runtime`) appear in each, as that project's config holds them.
 """
 
 from __future__ import annotations
 
+import argparse
 import enum
 import importlib
-import sys
+import os
 import types
 import typing
 
@@ -63,7 +68,8 @@ def render(config_type: type[BaseConfig], title: str | None = None) -> str:
              "Generated from the code by `python -m tml.core.config.reference "
              f"{config_type.__module__}:{config_type.__name__}`. Unknown fields are errors. "
              "Fields marked *one of* form a group of which exactly one must be set; "
-             "*at most one of*, at most one.", ""]
+             "*at most one of*, at most one. Fields *accepted for compatibility with "
+             "the-algorithm-ml* do nothing; setting one logs a warning naming it.", ""]
     seen: set[type] = set()
     queue = [config_type]
     while queue:
@@ -91,12 +97,32 @@ def render(config_type: type[BaseConfig], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or ":" not in argv[0]:
-        raise SystemExit("usage: python -m tml.core.config.reference package.module:ConfigClass")
-    module_name, class_name = argv[0].split(":")
-    print(render(getattr(importlib.import_module(module_name), class_name)), end="")
+    """`python -m tml.core.config.reference package.module:ConfigClass [--out FILE]`."""
+    parser = argparse.ArgumentParser(prog="python -m tml.core.config.reference",
+                                     description="Render a config class as Markdown.")
+    parser.add_argument("config", metavar="package.module:ConfigClass")
+    parser.add_argument("--out", default=None, help="Write the page here (atomically) "
+                        "instead of printing it.")
+    args = parser.parse_args(argv)
+    if args.config.count(":") != 1:
+        parser.error("expected package.module:ConfigClass")
+    module_name, class_name = args.config.split(":")
+    text = render(getattr(importlib.import_module(module_name), class_name))
+    if args.out is None:
+        print(text, end="")
+    else:
+        write_atomic(args.out, text)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ from typing import Literal
 import pydantic
 
 from tml.core.config.base_config import BaseConfig, Field
+from tml.core.config.compat import compat_field
 
 
 class RuntimeConfig(BaseConfig):
     """How the process runs (precision switches)."""
 
     enable_tensorfloat32: bool = Field(False, description="Use TF32 matmuls on Ampere+ GPUs.")
-    enable_amp: bool = Field(False, description="Kept for the original schema; TwHIN's "
-                             "fused tables choose their precision by data_type (not used).")
+    enable_amp: bool = compat_field(False, "each table's precision is its data_type; the "
+                                    "dense parameters train in fp32")
 
 
 class EarlyStoppingConfig(BaseConfig):
@@ -52,9 +53,9 @@ class TrainingConfig(BaseConfig):
     num_eval_steps: int = Field(16384, description="Evaluation batches per evaluation; "
                                 "< 0 means the whole validation data.")
     eval_log_every_n: pydantic.PositiveInt = Field(5000, description="Evaluate every N steps.")
-    eval_timeout_in_s: pydantic.PositiveFloat = Field(
-        3600.0, description="Kept for the original schema; evaluation runs in-line in the "
-        "training loop, so there is nothing to wait for (not used).")
+    eval_timeout_in_s: pydantic.PositiveFloat = compat_field(
+        3600.0, "evaluation runs in-line in the training loop, so there is nothing to wait "
+        "for")
     gradient_accumulation: pydantic.PositiveInt | None = Field(
         None, description="Step the dense optimizer every N batches. Embedding tables with "
         "fused optimizers update in every backward regardless.")
@@ -76,3 +77,15 @@ class TrainingConfig(BaseConfig):
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="Stop when a validation metric stops improving; its best "
         "checkpoint is kept and marked (save_dir/best.json). Needs validation data.")
+
+
+def check_early_stopping_data(training: TrainingConfig, has_validation_data: bool,
+                              data_field: str = "validation_data") -> None:
+    """Refuse early stopping without validation data (ValueError naming both fields).
+
+    A project's top-level config calls it from a model validator, so a run that could never
+    evaluate is refused when its config is read, before any worker starts.
+    """
+    if training.early_stopping is not None and not has_validation_data:
+        raise ValueError(f"training.early_stopping needs {data_field}, which is not set "
+                         f"(set {data_field} or remove training.early_stopping)")

@@ -13,6 +13,7 @@ import pydantic
 
 from projects.home.recap.config_support import refuse_when_set
 from tml.core.config.base_config import BaseConfig, Field
+from tml.core.config.compat import compat_field
 
 
 class ExplicitDateInputs(BaseConfig):
@@ -92,17 +93,18 @@ class RecapDataConfig(BaseConfig):
                                                            "first N files.")
     repeat_files: bool = Field(True, description="Training repeats the data until "
                                "num_train_steps (always, as in the original).")
-    file_batch_size: pydantic.PositiveInt = Field(16, description="Not used.")
-    cache: bool = Field(False, description="Not used.")
+    file_batch_size: pydantic.PositiveInt = compat_field(16, "tf.data option; files are "
+                                                         "read one at a time")
+    cache: bool = compat_field(False, "tf.data option")
     data_service_dispatcher: str | None = Field(None, description="Not supported.")
     ignore_data_errors: bool = Field(False, description="Must stay false: bad rows are errors.")
-    dataset_service_compression: DdsCompressionOption | None = Field(None,
-                                                                     description="Not used.")
-    examples_shuffle_buffer_size: int = Field(1024, description="Not used (data is read in "
-                                              "file order, so a resumed run reads the same).")
-    map_num_parallel_calls: pydantic.PositiveInt | None = Field(None, description="Not used.")
-    interleave_num_parallel_calls: pydantic.PositiveInt | None = Field(None,
-                                                                       description="Not used.")
+    dataset_service_compression: DdsCompressionOption | None = compat_field(
+        None, "tf.data service option; there is no data service")
+    examples_shuffle_buffer_size: int = compat_field(
+        1024, "data is read in file order, so a resumed run reads the same")
+    map_num_parallel_calls: pydantic.PositiveInt | None = compat_field(None, "tf.data option")
+    interleave_num_parallel_calls: pydantic.PositiveInt | None = compat_field(
+        None, "tf.data option")
     seg_dense_schema: SegDenseSchema
     tasks: dict[str, TaskData] = Field(..., description="The label columns.")
     evaluation_tasks: list[str] = Field([], description="Tasks reported in evaluation "

@@ -1,7 +1,7 @@
 """The ranker's embedding tables.
 
 `large_embeddings`: one TorchRec EmbeddingBagCollection built on the meta device (nothing
-allocated until `maybe_shard_model` places each shard on its worker), one feature per table
+allocated until `shard_model` places each shard on its worker), one feature per table
 named as the table. `trainer_tables` states them as tml table configs: SGD at the configured
 learning rate (0 for frozen tables), which `tml.trainer` fuses into the table kernels. `small_embeddings`: plain `nn.Embedding`s over discrete-feature
 columns, trained by the dense optimizer.

@@ -22,7 +22,7 @@ from projects.home.recap.model.embeddings import trainer_tables
 from projects.home.recap.model.ranking import sanitize
 from projects.home.recap.optimizer.config import RecapOptimizerConfig
 from tml.errors import ConfigError
-from tml.optimizers.combined import DENSE_OPT_KEY, FUSED_OPT_KEY, fused_optimizer_of
+from tml.optimizers.combined import FUSED_OPT_KEY, fused_optimizer_of
 from tml.optimizers.config import LearningRate
 from tml.optimizers.optimizer import LRShim
 from tml.trainer.fused_tables import table_schedules
@@ -30,6 +30,10 @@ from tml.trainer.fused_tables import table_schedules
 logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
+# The Adam part's key in checkpoints (`optim.operator_opt.…`) and run records. The ranker
+# took it over from tml's first dense key, which was TwHIN's name for its translations;
+# it stays so that the ranker's existing checkpoints still load.
+ADAM_OPT_KEY = "operator_opt"
 _TABLE = re.compile(r"embedding_bags\.([^.]+)\.weight")
 
 
@@ -75,7 +79,7 @@ def build_optimizer(model: nn.Module, config: RecapOptimizerConfig,
 
     parts: list[tuple[str, KeyedOptimizer]] = [(FUSED_OPT_KEY, fused_optimizer_of(model))]
     if dense:
-        parts.append((DENSE_OPT_KEY, KeyedOptimizerWrapper(dense, factory)))
+        parts.append((ADAM_OPT_KEY, KeyedOptimizerWrapper(dense, factory)))
     optimizer = CombinedOptimizer(parts)
 
     tables = table_schedules(trainer_tables(model_config.large_embeddings))

@@ -7,6 +7,7 @@ import enum
 import pydantic
 
 from tml.core.config.base_config import BaseConfig, Field
+from tml.core.config.compat import compat_field
 from tml.optimizers.config import OptimizerConfig
 
 
@@ -64,8 +65,9 @@ class EmbeddingBagConfig(BaseConfig):
     num_embeddings: pydantic.PositiveInt = Field(..., description="Rows.")
     embedding_dim: pydantic.PositiveInt = Field(..., description="Columns.")
     pretrained: EmbeddingSnapshot | None = Field(None, description="Not supported yet.")
-    vocab: str | None = Field(None, description="Parquet id-to-row mapping; informational, "
-                       "kept for the original schema.")
+    vocab: str | None = compat_field(None, "ids are mapped to rows by `twhin import`, "
+                                     "whose vocab/ directory `twhin export` reads; "
+                                     "init_from_export.vocab places vectors by id")
     optimizer: OptimizerConfig = Field(..., description="Fused into backward for this table.")
     data_type: DataType = Field(DataType.FP32, description="fp32 or fp16 weights.")
     sharding_type: ShardingType | None = Field(
@@ -107,8 +109,7 @@ class LargeEmbeddingsConfig(BaseConfig):
     """Tables gathered into one TorchRec EmbeddingBagCollection."""
 
     tables: list[EmbeddingBagConfig] = Field(..., description="The embedding tables.")
-    tables_to_log: list[str] | None = Field(None, description="Kept for the original schema "
-                                            "(not used).")
+    tables_to_log: list[str] | None = compat_field(None, "no table contents are logged")
 
     @pydantic.field_validator("tables")
     @classmethod
