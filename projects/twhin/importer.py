@@ -205,7 +205,7 @@ def _check_out(out: str, inputs: list[str], force: bool) -> None:
 
 
 def import_triples(train: str, out: str, valid: str | None = None, test: str | None = None,
-                   split: str = "0.9,0.05,0.05", seed: int = 0, dim: int = 32,
+                   split: str = "0.9,0.05,0.05", seed: int = 0, dim: int | None = None,
                    force: bool = False, vocab: str | None = None) -> dict:
     """Run the import (see module docstring); returns counts per split and table sizes.
 
@@ -213,10 +213,11 @@ def import_triples(train: str, out: str, valid: str | None = None, test: str | N
     `force` an --out that is not an earlier import (a file, or a directory with other
     entries): replacing it would delete them. Everything is written inside --out (names
     from the data are checked, and every destination is checked to lie inside it).
-    `vocab`: an earlier import's vocab/ (or its OUT) whose ids keep their rows.
+    `vocab`: an earlier import's vocab/ (or its OUT) whose ids keep their rows. `dim`:
+    the tables' embedding_dim; None: chosen by the rule (`choose_defaults`).
     """
     out = os.path.abspath(out)
-    if dim < 1:
+    if dim is not None and dim < 1:
         raise DataError(f"--dim must be >= 1, got {dim}")
     fractions = parse_split(split) if valid is None and test is None else None
     _check_out(out, [p for p in (train, valid, test, vocab) if p is not None], force)
@@ -240,7 +241,7 @@ def _destination(root: str, *parts: str) -> str:
 
 
 def _import(train: str, valid: str | None, test: str | None,
-            fractions: tuple[float, float, float] | None, seed: int, dim: int,
+            fractions: tuple[float, float, float] | None, seed: int, dim: int | None,
             tmp: str, vocab: Vocabulary) -> dict:
     known = {table: len(ids) for table, ids in vocab.tables.items()}
     writers: dict[str, pq.ParquetWriter] = {}
@@ -301,7 +302,7 @@ def _import(train: str, valid: str | None, test: str | None,
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
                                [len(ids) for t, ids in vocab.tables.items() if t in used], dim)
-    config = default_config(vocab, counts, dim, defaults)
+    config = default_config(vocab, counts, defaults.dim, defaults)
     with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
                      f"# Defaults chosen by the rule in docs/twhin_cli.md: {defaults.reason}.\n")
@@ -325,6 +326,14 @@ N3_WEIGHT = 0.01
 LARGE_TABLE_LR = 1.0
 LARGE_RELATION_LR = 1.0            # Adagrad, as the tables (SGD 5 diverged with Adagrad 2)
 LARGE_EPOCHS = 40
+# embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
+# at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
+# keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
+# (issue 20, third round; docs/twhin_cli.md); 128 keeps training time well under
+# PyKEEN's. Many relations per batch: SMALL_DIM, the dim those settings were chosen at.
+LARGE_DIM = 128
+SMALL_DIM = 32
+MAX_TABLE_BYTES = 4 << 30
 # Adagrad's eps, written explicitly (it is also the config default now). With eps 0 a row
 # whose first gradient is exactly zero gets 0 / (sqrt(0) + 0) = NaN, and its NaN spreads to
 # the loss: rows that only ever appear as global negatives (ids seen only in the validation
@@ -351,10 +360,19 @@ class Defaults:
     epochs: int
     same_relation: float
     reason: str
+    dim: int = SMALL_DIM
+
+
+def large_dim(table_rows: list[int]) -> int:
+    """LARGE_DIM, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
+    dim, rows = LARGE_DIM, sum(table_rows)
+    while dim > SMALL_DIM and rows * dim * 4 > MAX_TABLE_BYTES:
+        dim //= 2
+    return dim
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
-                    dim: int) -> Defaults:
+                    dim: int | None = None) -> Defaults:
     """The rule for the written config, from statistics seen while streaming the input.
 
     `relation_edges`: training edges per relation; `table_rows`: rows of every table a
@@ -382,12 +400,21 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
     steps_per_epoch = max(1, train_edges // batch)
     smallest = min(table_rows, default=2)
     negatives = max(1, min(MAX_GLOBAL_NEGATIVES, smallest - 1))
+    few_relations = same_relation >= MIN_SAME_RELATION
+    given = dim is not None
+    if dim is None:
+        dim = large_dim(table_rows) if few_relations else SMALL_DIM
+    dim_reason = (f"dim {dim} (--dim)" if given else
+                  f"dim {dim} (validation MRR rose with the dim up to 256 on generated "
+                  f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
-    if same_relation >= MIN_SAME_RELATION:
+    if few_relations:
         epochs = LARGE_EPOCHS
         return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", N3_WEIGHT, LARGE_TABLE_LR,
                         LARGE_RELATION_LR, "adagrad", operator, epochs, same_relation,
                         f"{same_relation:.0f} edges of a relation per batch of {batch}: "
+                        f"{dim_reason}, "
                         f"{SHARED_NEGATIVES} uniform negatives per table shared by the batch "
                         f"(many negatives per positive for few lookups; in-batch ones are "
                         f"drawn by popularity), loss softmax (each positive against its "
@@ -397,17 +424,18 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                         f"highest), Adagrad {LARGE_TABLE_LR:g} for the tables and "
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
                         f"tables' they stay near zero; higher rates diverged), {epochs} epochs "
-                        f"(validation MRR still rising at 40)")
+                        f"(validation MRR still rising at 40)", dim)
     epochs = min(200, max(10, -(-MIN_STEPS // steps_per_epoch)))
     return Defaults(batch, 0, negatives, 0, "bce", 0.0, 5.0, 50.0, "sgd", operator, epochs,
                     same_relation,
                     f"only {same_relation:.1f} edges of a relation per batch of {batch} "
-                    f"(< {MIN_SAME_RELATION:.0f}): {negatives} global negatives instead of "
+                    f"(< {MIN_SAME_RELATION:.0f}): {dim_reason}, {negatives} global "
+                    f"negatives instead of "
                     f"in-batch ones (too few per relation, mostly the positive itself), "
                     f"Adagrad 5 and SGD 50 (each relation vector gets ~1/R of a batch's "
                     f"gradient), operator {operator} (translation cannot tell many relations "
                     f"between the same entities apart), {epochs} epochs (>= {MIN_STEPS} "
-                    f"steps, at most 200)")
+                    f"steps, at most 200)", dim)
 
 
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
