@@ -41,11 +41,13 @@ relations per batch: the built-in graph ~335, the generated graphs of benchmarks
 per table shared by the whole batch, a softmax cross-entropy of each positive against them
 per side, N3 regularisation (weight N3_WEIGHT), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
-epochs; chosen on
-the validation MRR of generated graphs (issue 20, second round; the first round's 32 uniform
-global negatives with BCE stayed below the popularity baseline). Below 50 (Nations 2.6,
+epochs, and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
+MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
+the first round's 32 uniform global negatives with BCE stayed below the popularity
+baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
 UMLS 16.5, Kinships 25.9; the first round's rule, not re-measured with the softmax
-recipe): no in-batch negatives (too few per relation, mostly the positive itself),
+recipe; dim SMALL_DIM without `--dim`): no in-batch negatives (too few per relation,
+mostly the positive itself),
 min(32, smallest table - 1) global ones with BCE, Adagrad 5, SGD 50 (each relation vector
 gets about 1/R of a batch's gradient), operator complex_diagonal, epochs enough for 4000
 steps (10 to 200); chosen on the validation splits of Nations, UMLS and Kinships (test MRR,
@@ -386,13 +388,15 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
       LARGE_TABLE_LR (tables) and LARGE_RELATION_LR (relation vectors), LARGE_EPOCHS epochs. Issue 20: BCE against
       32 uniform negatives per positive learnt too little per step (below the popularity
       baseline); the softmax over hundreds of shared negatives with N3 is the recipe of
-      Lacroix et al. 2018; measured in docs/twhin_cli.md.
+      Lacroix et al. 2018; measured in docs/twhin_cli.md. Without `dim`: `large_dim`.
     - same_relation < 50 (many relations per batch; Nations 2.6, UMLS 16.5, Kinships 25.9):
       no in-batch negatives; min(32, smallest table - 1) global negatives; Adagrad 5 and
       SGD 50 (each relation vector gets ~1/R of a batch's gradient); operator
       complex_diagonal (diagonal for an odd dim): translation adds only a per-entity bias
       to dot(lhs, rhs), which cannot tell many relations between the same tables apart.
-      Epochs: enough for MIN_STEPS steps, between 10 and 200.
+      Epochs: enough for MIN_STEPS steps, between 10 and 200. Without `dim`: SMALL_DIM.
+
+    A given `dim` is kept (the reason says "--dim").
     """
     batch = max(1, min(MAX_BATCH, train_edges // BATCH_EDGES_FRACTION))
     total = max(1, sum(relation_edges))
