@@ -6,6 +6,9 @@ at); a given `--dim` always wins. Checked on statistics alone and through import
 generated graphs of each shape.
 """
 
+import shutil
+
+import pytest
 import yaml
 
 from projects.twhin.data.kg_generate import generate
@@ -16,6 +19,7 @@ from projects.twhin.importer import (
     choose_defaults,
     import_triples,
 )
+from tml.errors import DataError
 
 FEW = (1_960_000, [490_000, 490_000, 490_000, 490_000])   # same_relation 250
 
@@ -67,3 +71,35 @@ def test_a_given_dim_is_written_as_given(tmp_path):
     result, text, config = _imported(tmp_path, "longtail", 1500, 6000, dim=16)
     assert {t["embedding_dim"] for t in config["model"]["embeddings"]["tables"]} == {16}
     assert "dim 16 (--dim)" in result["defaults"]
+
+
+def _tsv(path, rows):
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_day_two_keeps_the_earlier_imports_dim_so_its_checkpoint_warm_starts(tmp_path):
+    day1 = [(f"user:u{i % 300}", "likes", f"item:i{(7 * i) % 97}") for i in range(1300)]
+    day2 = day1 + [("user:new", "likes", "item:i1")]
+    import_triples(_tsv(tmp_path / "d1.tsv", day1), str(tmp_path / "day1"), dim=16)
+    result = import_triples(_tsv(tmp_path / "d2.tsv", day2), str(tmp_path / "day2"),
+                            vocab=str(tmp_path / "day1" / "vocab"))
+    config = yaml.safe_load((tmp_path / "day2" / "config.yaml").read_text())
+    assert {t["embedding_dim"] for t in config["model"]["embeddings"]["tables"]} == {16}
+    assert "dim 16 (the earlier import's, --vocab)" in result["defaults"]
+    # PREVIOUS given as the earlier OUT works the same; a given --dim still wins.
+    result = import_triples(str(tmp_path / "d2.tsv"), str(tmp_path / "day2b"),
+                            vocab=str(tmp_path / "day1"), dim=24)
+    assert "dim 24 (--dim)" in result["defaults"]
+    # A vocab/ copied without its config: the rule chooses.
+    shutil.copytree(tmp_path / "day1" / "vocab", tmp_path / "alone" / "vocab")
+    result = import_triples(str(tmp_path / "d2.tsv"), str(tmp_path / "day2c"),
+                            vocab=str(tmp_path / "alone" / "vocab"))
+    assert f"dim {LARGE_DIM} (validation MRR rose" in result["defaults"]
+    # An earlier config that does not say a dim: one line naming it, nothing written.
+    (tmp_path / "day1" / "config.yaml").write_text("model: {embeddings: {tables: []}}\n")
+    with pytest.raises(DataError, match=r"day1/config.yaml: cannot read model.embeddings"
+                       r".tables\[0\].embedding_dim .*give --dim") as error:
+        import_triples(str(tmp_path / "d2.tsv"), str(tmp_path / "day2d"),
+                       vocab=str(tmp_path / "day1"))
+    assert "\n" not in str(error.value) and not (tmp_path / "day2d").exists()

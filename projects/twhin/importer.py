@@ -224,9 +224,13 @@ def import_triples(train: str, out: str, valid: str | None = None, test: str | N
     fractions = parse_split(split) if valid is None and test is None else None
     _check_out(out, [p for p in (train, valid, test, vocab) if p is not None], force)
     start = previous_vocabulary(vocab) if vocab is not None else Vocabulary()
+    dim_source = "--dim"
+    if dim is None and vocab is not None:
+        dim = previous_dim(vocab)
+        dim_source = "the earlier import's, --vocab"
     with atomic_directory(out, DataError) as tmp:
         try:
-            summary = _import(train, valid, test, fractions, seed, dim, tmp, start)
+            summary = _import(train, valid, test, fractions, seed, dim, tmp, start, dim_source)
         except OSError as error:   # reading errors are DataErrors already: this is a write
             raise DataError(cannot_write(out, error)) from None
     summary["out"] = out
@@ -244,7 +248,7 @@ def _destination(root: str, *parts: str) -> str:
 
 def _import(train: str, valid: str | None, test: str | None,
             fractions: tuple[float, float, float] | None, seed: int, dim: int | None,
-            tmp: str, vocab: Vocabulary) -> dict:
+            tmp: str, vocab: Vocabulary, dim_source: str = "--dim") -> dict:
     known = {table: len(ids) for table, ids in vocab.tables.items()}
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
@@ -303,7 +307,8 @@ def _import(train: str, valid: str | None, test: str | None,
     per_relation = [int(n) for n in relation_edges] + [0] * (len(names) - len(relation_edges))
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
-                               [len(ids) for t, ids in vocab.tables.items() if t in used], dim)
+                               [len(ids) for t, ids in vocab.tables.items() if t in used], dim,
+                               dim_source)
     config = default_config(vocab, counts, defaults.dim, defaults)
     with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
@@ -374,7 +379,7 @@ def large_dim(table_rows: list[int]) -> int:
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
-                    dim: int | None = None) -> Defaults:
+                    dim: int | None = None, dim_source: str = "--dim") -> Defaults:
     """The rule for the written config, from statistics seen while streaming the input.
 
     `relation_edges`: training edges per relation; `table_rows`: rows of every table a
@@ -408,7 +413,7 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
     given = dim is not None
     if dim is None:
         dim = large_dim(table_rows) if few_relations else SMALL_DIM
-    dim_reason = (f"dim {dim} (--dim)" if given else
+    dim_reason = (f"dim {dim} ({dim_source})" if given else
                   f"dim {dim} (validation MRR rose with the dim up to 256 on generated "
                   f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
                   if few_relations else f"dim {dim} (the dim these settings were chosen at)")
@@ -544,6 +549,31 @@ def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
             raise DataError(f"{path}: {error_line(error)}") from None
         relations = [names[i] for i in order]
     return tables, relations
+
+
+def previous_dim(path: str) -> int | None:
+    """The embedding_dim of the config an earlier import wrote beside PREVIOUS's vocab/.
+
+    Day 2 (`--vocab`) keeps day 1's dim, so day 1's checkpoint warm starts day 2's tables
+    even when the tables' growth would make the rule choose another. None when there is no
+    such config (a vocab/ copied alone): the rule chooses. A config that is there but does
+    not name a positive integer dim is a DataError naming the file.
+    """
+    directory = path if os.path.isdir(os.path.join(path, VOCAB_DIR)) else os.path.dirname(
+        os.path.abspath(path))
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as handle:
+            dim = yaml.safe_load(handle)["model"]["embeddings"]["tables"][0]["embedding_dim"]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as error:
+        raise DataError(f"{config_path}: cannot read model.embeddings.tables[0]."
+                        f"embedding_dim ({error_line(error)}); give --dim") from None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise DataError(f"{config_path}: model.embeddings.tables[0].embedding_dim must be a "
+                        f"positive integer, got {dim!r}; give --dim")
+    return dim
 
 
 def previous_vocabulary(path: str) -> Vocabulary:
