@@ -157,3 +157,17 @@ def test_reciprocal_needs_the_softmax_loss():
     with pytest.raises(ConfigError, match="reciprocal: true needs loss: softmax") as error:
         parse_config(TwhinModelConfig, {**_model_config(), "reciprocal": True}, source="c.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_reciprocal_forward_traces_with_torchrec_fx():
+    """`twhin train`'s pipeline traces the model: the traced loss must be the eager one."""
+    from torchrec.fx import symbolic_trace
+
+    config, model = _model(regularization=0.1)
+    wrapped = TwhinModelAndLoss(model)
+    batch = _batch(config)[0]
+    traced = symbolic_trace(wrapped)
+    eager_loss, eager = wrapped(batch)
+    traced_loss, traced_out = traced(batch)
+    assert torch.equal(eager["head_positives"], traced_out["head_positives"])
+    assert torch.allclose(eager_loss, traced_loss)
