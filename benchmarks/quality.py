@@ -15,7 +15,7 @@ Choose settings on the validation MRR of some graphs (seeds); check them on othe
 PyKEEN (`--pykeen VENV`, the virtual environment of benchmarks/kg_compare.py; skipped with a
 note when it does not exist): TransE, RotatE and ComplEx with PyKEEN's pipeline defaults
 (sLCWA, Adam 1e-3; batch 256) for `--pykeen-epochs` epochs, on the same train / valid / test files,
-same embedding size in real numbers, same metric (filtered over train + valid + test, ties
+same embedding size in real numbers as tml's written config, same metric (filtered over train + valid + test, ties
 at the mean, both sides), 1 thread; `train_seconds` is PyKEEN's own training-loop time.
 The public graphs (Nations, UMLS, Kinships) are `--public`: their files come out of the
 PyKEEN package, so they need the venv too.
@@ -104,6 +104,15 @@ CANDIDATES.update({
     "sm256_e30": {**_SM, "training.num_epochs": 30},
     "sm256_dim64": {**_SM, "model.embeddings.tables.*.embedding_dim": 64},
     "sm256_ib": {**_SM, "train_data.in_batch_negatives": 64},
+})
+# Third round: the written config (now dim 128 for these graphs) with one setting changed
+# (`benchmarks.quality_sweep` takes the same keys as JSON; docs/twhin_cli.md).
+_DIM = "model.embeddings.tables.*.embedding_dim"
+CANDIDATES.update({
+    "dim32": {_DIM: 32}, "dim64": {_DIM: 64}, "dim256": {_DIM: 256},
+    "reciprocal": {"model.reciprocal": True},
+    "n3_003": {"model.regularization": 0.003}, "n3_03": {"model.regularization": 0.03},
+    "e80": {"training.num_epochs": 80},
 })
 
 
@@ -205,6 +214,7 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
                      "popularity_mrr": test["popularity"]["mrr"],
                      "popularity_hits_at_10": test["popularity"]["hits_at_10"],
                      "train_seconds": round(train_s, 1), "import_reason": reason,
+                     "dim": config["model"]["embeddings"]["tables"][0]["embedding_dim"],
                      "overrides": CANDIDATES[name]})
         print(f"{spec} {name} seed {seed}: valid MRR {valid['mrr']:.3f}, test MRR "
               f"{test['mrr']:.3f}, H@10 {test['hits_at_10']:.3f} (popularity "
@@ -263,9 +273,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if paths is None:
             print(f"note: {spec} skipped (needs the PyKEEN venv)", flush=True)
             continue
-        rows += one_graph(spec, names, work, args.seed, paths)
+        graph_rows = one_graph(spec, names, work, args.seed, paths)
+        rows += graph_rows
         if venv_python is not None and models:
-            rows += pykeen_rows(venv_python, spec, paths, 32, args.pykeen_epochs,
+            # PyKEEN at the dim of tml's written config (as many real numbers per entity).
+            dim = graph_rows[0]["dim"] if graph_rows else 32
+            rows += pykeen_rows(venv_python, spec, paths, dim, args.pykeen_epochs,
                                 os.path.join(work, spec.replace(":", "_")), models)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

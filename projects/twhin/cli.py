@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                    "of --triples when --valid and --test are not given.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the split.")
     p.add_argument("--out", required=True, help="Output directory.")
-    p.add_argument("--dim", type=int, default=32, help="embedding_dim in the written config.")
+    p.add_argument("--dim", type=int, default=None, help="embedding_dim in the written "
+                   "config (default: chosen with the other settings, see docs/twhin_cli.md).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty --out.")
     p.add_argument("--vocab", default=None, metavar="PREVIOUS", help="An earlier import's "
                    "vocab/ (or its output directory): its ids keep their rows, new ids are "

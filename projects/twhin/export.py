@@ -4,7 +4,8 @@ Output directory:
 
     <table>.parquet       id (string), vector (fixed_size_list<float32>[D]), one row per
                           table row, in row order
-    relations.parquet     name, operator, lhs, rhs (table names), vector (as above)
+    relations.parquet     name, operator, lhs, rhs (table names), vector (as above); with
+                          reciprocal relations also inverse_vector (head queries)
     metadata.json         format ("twhin-export"), format_version, embedding_dim, tables
                           (name -> rows), source checkpoint
 
@@ -111,7 +112,9 @@ def check_checkpoint(config: TwhinConfig, checkpoint: str) -> dict[str, tuple[in
     dim = config.model.embeddings.tables[0].embedding_dim
     wanted = {TABLE_KEY.format(t.name): (t.num_embeddings, dim)
               for t in config.model.embeddings.tables}
-    wanted[RELATIONS_KEY] = (len(config.model.relations), dim)
+    # Reciprocal relations: the inverse relations' vectors follow, rows R..2R-1.
+    wanted[RELATIONS_KEY] = ((2 if config.model.reciprocal else 1)
+                             * len(config.model.relations), dim)
     for key, shape in wanted.items():
         if key not in saved:
             raise CheckpointError(f"checkpoint {checkpoint} has no '{key}': was it written with "
@@ -179,12 +182,15 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
                         del vectors
             relations = config.model.relations
             relation_vectors = load_rows(path, RELATIONS_KEY, 0, len(relations), torch.float32)
-            pq.write_table(pa.table({
-                "name": [r.name for r in relations],
-                "operator": [r.operator.value for r in relations],
-                "lhs": [r.lhs for r in relations], "rhs": [r.rhs for r in relations],
-                "vector": _vectors(relation_vectors.numpy())}),
-                os.path.join(tmp, "relations.parquet"))
+            columns = {"name": [r.name for r in relations],
+                       "operator": [r.operator.value for r in relations],
+                       "lhs": [r.lhs for r in relations], "rhs": [r.rhs for r in relations],
+                       "vector": _vectors(relation_vectors.numpy())}
+            if config.model.reciprocal:   # the inverse relations' vectors (head queries)
+                columns["inverse_vector"] = _vectors(load_rows(
+                    path, RELATIONS_KEY, len(relations), 2 * len(relations),
+                    torch.float32).numpy())
+            pq.write_table(pa.table(columns), os.path.join(tmp, "relations.parquet"))
             metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
                         "embedding_dim": int(dim), "tables": {n: int(r) for n, r in sizes.items()},
                         "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}

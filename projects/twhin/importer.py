@@ -41,11 +41,13 @@ relations per batch: the built-in graph ~335, the generated graphs of benchmarks
 per table shared by the whole batch, a softmax cross-entropy of each positive against them
 per side, N3 regularisation (weight N3_WEIGHT), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
-epochs; chosen on
-the validation MRR of generated graphs (issue 20, second round; the first round's 32 uniform
-global negatives with BCE stayed below the popularity baseline). Below 50 (Nations 2.6,
+epochs, and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
+MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
+the first round's 32 uniform global negatives with BCE stayed below the popularity
+baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
 UMLS 16.5, Kinships 25.9; the first round's rule, not re-measured with the softmax
-recipe): no in-batch negatives (too few per relation, mostly the positive itself),
+recipe; dim SMALL_DIM without `--dim`): no in-batch negatives (too few per relation,
+mostly the positive itself),
 min(32, smallest table - 1) global ones with BCE, Adagrad 5, SGD 50 (each relation vector
 gets about 1/R of a batch's gradient), operator complex_diagonal, epochs enough for 4000
 steps (10 to 200); chosen on the validation splits of Nations, UMLS and Kinships (test MRR,
@@ -205,7 +207,7 @@ def _check_out(out: str, inputs: list[str], force: bool) -> None:
 
 
 def import_triples(train: str, out: str, valid: str | None = None, test: str | None = None,
-                   split: str = "0.9,0.05,0.05", seed: int = 0, dim: int = 32,
+                   split: str = "0.9,0.05,0.05", seed: int = 0, dim: int | None = None,
                    force: bool = False, vocab: str | None = None) -> dict:
     """Run the import (see module docstring); returns counts per split and table sizes.
 
@@ -213,17 +215,22 @@ def import_triples(train: str, out: str, valid: str | None = None, test: str | N
     `force` an --out that is not an earlier import (a file, or a directory with other
     entries): replacing it would delete them. Everything is written inside --out (names
     from the data are checked, and every destination is checked to lie inside it).
-    `vocab`: an earlier import's vocab/ (or its OUT) whose ids keep their rows.
+    `vocab`: an earlier import's vocab/ (or its OUT) whose ids keep their rows. `dim`:
+    the tables' embedding_dim; None: chosen by the rule (`choose_defaults`).
     """
     out = os.path.abspath(out)
-    if dim < 1:
+    if dim is not None and dim < 1:
         raise DataError(f"--dim must be >= 1, got {dim}")
     fractions = parse_split(split) if valid is None and test is None else None
     _check_out(out, [p for p in (train, valid, test, vocab) if p is not None], force)
     start = previous_vocabulary(vocab) if vocab is not None else Vocabulary()
+    dim_source = "--dim"
+    if dim is None and vocab is not None:
+        dim = previous_dim(vocab)
+        dim_source = "the earlier import's, --vocab"
     with atomic_directory(out, DataError) as tmp:
         try:
-            summary = _import(train, valid, test, fractions, seed, dim, tmp, start)
+            summary = _import(train, valid, test, fractions, seed, dim, tmp, start, dim_source)
         except OSError as error:   # reading errors are DataErrors already: this is a write
             raise DataError(cannot_write(out, error)) from None
     summary["out"] = out
@@ -240,8 +247,8 @@ def _destination(root: str, *parts: str) -> str:
 
 
 def _import(train: str, valid: str | None, test: str | None,
-            fractions: tuple[float, float, float] | None, seed: int, dim: int,
-            tmp: str, vocab: Vocabulary) -> dict:
+            fractions: tuple[float, float, float] | None, seed: int, dim: int | None,
+            tmp: str, vocab: Vocabulary, dim_source: str = "--dim") -> dict:
     known = {table: len(ids) for table, ids in vocab.tables.items()}
     writers: dict[str, pq.ParquetWriter] = {}
     counts = dict.fromkeys(SPLITS, 0)
@@ -300,8 +307,9 @@ def _import(train: str, valid: str | None, test: str | None,
     per_relation = [int(n) for n in relation_edges] + [0] * (len(names) - len(relation_edges))
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
-                               [len(ids) for t, ids in vocab.tables.items() if t in used], dim)
-    config = default_config(vocab, counts, dim, defaults)
+                               [len(ids) for t, ids in vocab.tables.items() if t in used], dim,
+                               dim_source)
+    config = default_config(vocab, counts, defaults.dim, defaults)
     with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
                      f"# Defaults chosen by the rule in docs/twhin_cli.md: {defaults.reason}.\n")
@@ -325,6 +333,14 @@ N3_WEIGHT = 0.01
 LARGE_TABLE_LR = 1.0
 LARGE_RELATION_LR = 1.0            # Adagrad, as the tables (SGD 5 diverged with Adagrad 2)
 LARGE_EPOCHS = 40
+# embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
+# at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
+# keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
+# (issue 20, third round; docs/twhin_cli.md); 128 keeps training time well under
+# PyKEEN's. Many relations per batch: SMALL_DIM, the dim those settings were chosen at.
+LARGE_DIM = 128
+SMALL_DIM = 32
+MAX_TABLE_BYTES = 4 << 30
 # Adagrad's eps, written explicitly (it is also the config default now). With eps 0 a row
 # whose first gradient is exactly zero gets 0 / (sqrt(0) + 0) = NaN, and its NaN spreads to
 # the loss: rows that only ever appear as global negatives (ids seen only in the validation
@@ -351,10 +367,19 @@ class Defaults:
     epochs: int
     same_relation: float
     reason: str
+    dim: int = SMALL_DIM
+
+
+def large_dim(table_rows: list[int]) -> int:
+    """LARGE_DIM, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
+    dim, rows = LARGE_DIM, sum(table_rows)
+    while dim > SMALL_DIM and rows * dim * 4 > MAX_TABLE_BYTES:
+        dim //= 2
+    return dim
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
-                    dim: int) -> Defaults:
+                    dim: int | None = None, dim_source: str = "--dim") -> Defaults:
     """The rule for the written config, from statistics seen while streaming the input.
 
     `relation_edges`: training edges per relation; `table_rows`: rows of every table a
@@ -368,13 +393,15 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
       LARGE_TABLE_LR (tables) and LARGE_RELATION_LR (relation vectors), LARGE_EPOCHS epochs. Issue 20: BCE against
       32 uniform negatives per positive learnt too little per step (below the popularity
       baseline); the softmax over hundreds of shared negatives with N3 is the recipe of
-      Lacroix et al. 2018; measured in docs/twhin_cli.md.
+      Lacroix et al. 2018; measured in docs/twhin_cli.md. Without `dim`: `large_dim`.
     - same_relation < 50 (many relations per batch; Nations 2.6, UMLS 16.5, Kinships 25.9):
       no in-batch negatives; min(32, smallest table - 1) global negatives; Adagrad 5 and
       SGD 50 (each relation vector gets ~1/R of a batch's gradient); operator
       complex_diagonal (diagonal for an odd dim): translation adds only a per-entity bias
       to dot(lhs, rhs), which cannot tell many relations between the same tables apart.
-      Epochs: enough for MIN_STEPS steps, between 10 and 200.
+      Epochs: enough for MIN_STEPS steps, between 10 and 200. Without `dim`: SMALL_DIM.
+
+    A given `dim` is kept (the reason says "--dim").
     """
     batch = max(1, min(MAX_BATCH, train_edges // BATCH_EDGES_FRACTION))
     total = max(1, sum(relation_edges))
@@ -382,12 +409,21 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
     steps_per_epoch = max(1, train_edges // batch)
     smallest = min(table_rows, default=2)
     negatives = max(1, min(MAX_GLOBAL_NEGATIVES, smallest - 1))
+    few_relations = same_relation >= MIN_SAME_RELATION
+    given = dim is not None
+    if dim is None:
+        dim = large_dim(table_rows) if few_relations else SMALL_DIM
+    dim_reason = (f"dim {dim} ({dim_source})" if given else
+                  f"dim {dim} (validation MRR rose with the dim up to 256 on generated "
+                  f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
-    if same_relation >= MIN_SAME_RELATION:
+    if few_relations:
         epochs = LARGE_EPOCHS
         return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", N3_WEIGHT, LARGE_TABLE_LR,
                         LARGE_RELATION_LR, "adagrad", operator, epochs, same_relation,
                         f"{same_relation:.0f} edges of a relation per batch of {batch}: "
+                        f"{dim_reason}, "
                         f"{SHARED_NEGATIVES} uniform negatives per table shared by the batch "
                         f"(many negatives per positive for few lookups; in-batch ones are "
                         f"drawn by popularity), loss softmax (each positive against its "
@@ -397,17 +433,18 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                         f"highest), Adagrad {LARGE_TABLE_LR:g} for the tables and "
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
                         f"tables' they stay near zero; higher rates diverged), {epochs} epochs "
-                        f"(validation MRR still rising at 40)")
+                        f"(validation MRR still rising at 40)", dim)
     epochs = min(200, max(10, -(-MIN_STEPS // steps_per_epoch)))
     return Defaults(batch, 0, negatives, 0, "bce", 0.0, 5.0, 50.0, "sgd", operator, epochs,
                     same_relation,
                     f"only {same_relation:.1f} edges of a relation per batch of {batch} "
-                    f"(< {MIN_SAME_RELATION:.0f}): {negatives} global negatives instead of "
+                    f"(< {MIN_SAME_RELATION:.0f}): {dim_reason}, {negatives} global "
+                    f"negatives instead of "
                     f"in-batch ones (too few per relation, mostly the positive itself), "
                     f"Adagrad 5 and SGD 50 (each relation vector gets ~1/R of a batch's "
                     f"gradient), operator {operator} (translation cannot tell many relations "
                     f"between the same entities apart), {epochs} epochs (>= {MIN_STEPS} "
-                    f"steps, at most 200)")
+                    f"steps, at most 200)", dim)
 
 
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
@@ -512,6 +549,31 @@ def read_vocabulary(directory: str) -> tuple[dict[str, np.ndarray], list[str]]:
             raise DataError(f"{path}: {error_line(error)}") from None
         relations = [names[i] for i in order]
     return tables, relations
+
+
+def previous_dim(path: str) -> int | None:
+    """The embedding_dim of the config an earlier import wrote beside PREVIOUS's vocab/.
+
+    Day 2 (`--vocab`) keeps day 1's dim, so day 1's checkpoint warm starts day 2's tables
+    even when the tables' growth would make the rule choose another. None when there is no
+    such config (a vocab/ copied alone): the rule chooses. A config that is there but does
+    not name a positive integer dim is a DataError naming the file.
+    """
+    directory = path if os.path.isdir(os.path.join(path, VOCAB_DIR)) else os.path.dirname(
+        os.path.abspath(path))
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as handle:
+            dim = yaml.safe_load(handle)["model"]["embeddings"]["tables"][0]["embedding_dim"]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as error:
+        raise DataError(f"{config_path}: cannot read model.embeddings.tables[0]."
+                        f"embedding_dim ({error_line(error)}); give --dim") from None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise DataError(f"{config_path}: model.embeddings.tables[0].embedding_dim must be a "
+                        f"positive integer, got {dim!r}; give --dim")
+    return dim
 
 
 def previous_vocabulary(path: str) -> Vocabulary:

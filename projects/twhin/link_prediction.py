@@ -53,6 +53,7 @@ from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.data.dataset import _resolve
 from projects.twhin.models.config import Relation
 from projects.twhin.models.models import (
+    directed_vector,
     in_batch_negative_logits,
     operator_code,
     relation_query,
@@ -215,6 +216,9 @@ def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors:
               reduce: Reduce | None = None) -> np.ndarray:
     """(R, 2, len(COLUMNS)) metric sums of `edges`, per relation and side (head, tail).
 
+    `relation_vectors`: (R, D), or (2R, D) for reciprocal relations (heads are then ranked
+    with the inverse relation, `models.directed_vector`).
+
     `tables`: whole tables, or with `reduce` this worker's `TableShard`s; every worker
     passes all `edges` and gets the same sums.
     """
@@ -234,8 +238,10 @@ def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors:
                 a = anchors[start:start + query_chunk]
                 t = truths[start:start + query_chunk]
                 positions, entities = known.lookup(side, r, a)
-                ranks = filtered_ranks(gather_rows(anchor_table, a, reduce), relation_vectors[r],
-                                       code, side, candidates.rows, t, positions, entities,
+                vector, query_side = directed_vector(relation_vectors, r, side,
+                                                     len(relations))
+                ranks = filtered_ranks(gather_rows(anchor_table, a, reduce), vector, code,
+                                       query_side, candidates.rows, t, positions, entities,
                                        candidate_chunk, candidates.start, reduce)
                 _add(sums[r, side_index], ranks)
     return sums
@@ -431,7 +437,8 @@ def _check_range(edges: Edges, sizes: dict[str, int], relations: list[Relation],
 
 def load_shards(config: TwhinConfig, checkpoint: str, rank: int = 0, world: int = 1
                 ) -> tuple[dict[str, TableShard], torch.Tensor]:
-    """Worker `rank`'s row share of every table, and the (R, D) relation vectors (whole)."""
+    """Worker `rank`'s row share of every table, and the relation vectors (whole): (R, D),
+    or (2R, D) for reciprocal relations."""
     from projects.twhin.export import RELATIONS_KEY, TABLE_KEY, check_checkpoint
     from tml.common.checkpoint_rows import load_row_ranges
 

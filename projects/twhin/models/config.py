@@ -100,6 +100,12 @@ class TwhinModelConfig(BaseConfig):
     regularization: float = Field(
         0.0, ge=0, allow_inf_nan=False, description="Weight of `regularizer` on each positive's lhs, rhs and relation "
         "vectors, added to the loss per positive (mean over the batch); 0 turns it off.")
+    reciprocal: bool = Field(
+        False, description="Give every relation a second vector, its inverse, used to "
+        "predict heads: the head of (?, r, t) is scored as the tail of (t, r^-1, ?) "
+        "(Lacroix et al. 2018). The relation vectors are then 2R rows: r's at row i, its "
+        "inverse's at row R + i. Needs loss softmax (each side's positive against its own "
+        "side's negatives).")
 
     @pydantic.model_validator(mode="after")
     def _relations_name_tables(self) -> TwhinModelConfig:
@@ -115,6 +121,9 @@ class TwhinModelConfig(BaseConfig):
             if relation.operator == Operator.COMPLEX_DIAGONAL and dim % 2:
                 raise ValueError(f"relations[{index}] ('{relation.name}'): operator "
                                  f"complex_diagonal needs an even embedding_dim, got {dim}")
+        if self.reciprocal and self.loss != Loss.SOFTMAX:
+            raise ValueError("reciprocal: true needs loss: softmax (with bce an edge has one "
+                             "score, not one per direction)")
         seen = set()
         for relation in self.relations:
             if relation.name in seen:

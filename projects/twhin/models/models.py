@@ -134,10 +134,12 @@ class TwhinModel(nn.Module):
         self.loss = Loss(model_config.loss)
         self.regularizer = Regularizer(model_config.regularizer)
         self.regularization = model_config.regularization
+        self.reciprocal = model_config.reciprocal
         self.operators = [Operator(r.operator) for r in model_config.relations]
         self.large_embeddings = LargeEmbeddings(model_config.embeddings)
-        self.all_trans_embs = nn.Parameter(
-            torch.empty(self.num_relations, self.embedding_dim))
+        # Reciprocal: rows R..2R-1 hold the inverse relations (`relation_vector_rows`).
+        self.all_trans_embs = nn.Parameter(torch.empty(
+            relation_vector_rows(self.num_relations, self.reciprocal), self.embedding_dim))
         # Not a parameter, not in the state dict: the config says it.
         self.register_buffer("operator_codes", torch.tensor(
             [operator_code(op) for op in self.operators], dtype=torch.long), persistent=False)
@@ -150,11 +152,12 @@ class TwhinModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each relation vector starts neutral for its operator: the score is dot(lhs, rhs)."""
+        """Each relation vector (and inverse) starts neutral for its operator: the score is
+        dot(lhs, rhs)."""
         with torch.no_grad():
-            for index, operator in enumerate(self.operators):
-                self.all_trans_embs[index].copy_(
-                    initial_relation_vector(operator, self.embedding_dim))
+            for index in range(self.all_trans_embs.shape[0]):
+                self.all_trans_embs[index].copy_(initial_relation_vector(
+                    self.operators[index % self.num_relations], self.embedding_dim))
 
     def lookup(self, batch: EdgeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(lhs, rhs) embeddings, each (B, D), read from the tables by name."""
@@ -186,7 +189,9 @@ class TwhinModel(nn.Module):
         positive's M negatives per side (in-batch, global, shared), `negative_offsets`
         (2, B, M) what the softmax loss adds to them (-log q for in-batch ones, -inf for a
         shared negative that is the positive itself, else 0), and `penalty` the weighted
-        regulariser.
+        regulariser. With `reciprocal` the head side is scored by the inverse relation:
+        the head query is the tail query of (rhs, r^-1), and `head_positives` (B,) holds the
+        positives' scores that way (the softmax's head side compares those).
         """
         lhs, rhs, negative_lhs, negative_rhs, shared = self.lookup_all(batch)
         relation_vectors = self.all_trans_embs[batch.rels]
@@ -195,13 +200,22 @@ class TwhinModel(nn.Module):
             codes = self.operator_codes[batch.rels]
         tail_query = relation_query(lhs, relation_vectors, codes, "tail")
         positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
+        factors = (lhs, relation_vectors, rhs)
+        inverse_vectors = None
+        if self.reciprocal:
+            inverse_vectors = self.all_trans_embs[batch.rels + self.num_relations]
+            factors = (*factors, inverse_vectors)
         outputs = {}
         logits = [positives]
         # Decided by the config, not by shapes: torch.fx traces this method.
         if self.in_batch_negatives or self.global_negatives or self.shared_negatives:
             softmax = self.loss == Loss.SOFTMAX
             num_edges = batch.rels.shape[0]
-            head_query = relation_query(rhs, relation_vectors, codes, "head")
+            if inverse_vectors is not None:
+                head_query = relation_query(rhs, inverse_vectors, codes, "tail")
+                outputs["head_positives"] = (head_query[0] * lhs).sum(-1) + head_query[1]
+            else:
+                head_query = relation_query(rhs, relation_vectors, codes, "head")
             sample = None
             if self.in_batch_negatives:
                 sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
@@ -222,11 +236,30 @@ class TwhinModel(nn.Module):
                     batch.rels, negative_lhs.shape[1], sample)
         if self.regularization:
             outputs["penalty"] = self.regularization * regularizer_penalty(
-                (lhs, relation_vectors, rhs), self.regularizer,
+                factors, self.regularizer,
                 self.single_operator_code == operator_code(Operator.COMPLEX_DIAGONAL))
         logits = torch.cat(logits)
         outputs.update({"logits": logits, "probabilities": torch.sigmoid(logits)})
         return outputs
+
+
+def relation_vector_rows(num_relations: int, reciprocal: bool) -> int:
+    """Rows of the relation vectors: R, or 2R with reciprocal relations (r's inverse at row
+    R + r)."""
+    return 2 * num_relations if reciprocal else num_relations
+
+
+def directed_vector(relation_vectors: torch.Tensor, relation: int, side: str,
+                    num_relations: int) -> tuple[torch.Tensor, str]:
+    """(vector, side) to pass to `relation_query` for `side` queries of `relation`.
+
+    `relation_vectors` (R or 2R, D), as trained: with 2R rows (reciprocal) the head side is
+    the tail query of the inverse relation, row R + relation; otherwise row `relation` with
+    `side`. Link prediction ranks with this, so it scores as training did.
+    """
+    if side == "head" and relation_vectors.shape[0] == 2 * num_relations:
+        return relation_vectors[num_relations + relation], "tail"
+    return relation_vectors[relation], side
 
 
 def sum_table_blocks(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -467,19 +500,25 @@ def regularizer_penalty(factors: tuple[torch.Tensor, ...], regularizer: Regulari
 
 def softmax_loss(positives: torch.Tensor, tail_negatives: torch.Tensor,
                  head_negatives: torch.Tensor, offsets: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
+                 weights: torch.Tensor, head_positives: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Mean over positives of weight * (CE_tail + CE_head) / 2.
 
     CE of a side: -log softmax of the positive among [positive, negatives + offsets]:
     logsumexp([p, n_1 + o_1, ...]) - p. A row's -inf offsets drop those negatives.
+    `head_positives`: the positives' scores on the head side when they differ from the
+    tail side's (reciprocal relations); by default `positives` on both.
     """
     num_edges = positives.shape[0]
     if not num_edges:
         return positives.new_zeros(())
+    if head_positives is None:
+        head_positives = positives
     total = positives.new_zeros(num_edges)
-    for negatives, offset in ((tail_negatives, offsets[0]), (head_negatives, offsets[1])):
-        row = torch.cat([positives.unsqueeze(1), negatives + offset], dim=1)
-        total = total + torch.logsumexp(row, dim=1) - positives
+    for scores, negatives, offset in ((positives, tail_negatives, offsets[0]),
+                                      (head_positives, head_negatives, offsets[1])):
+        row = torch.cat([scores.unsqueeze(1), negatives + offset], dim=1)
+        total = total + torch.logsumexp(row, dim=1) - scores
     return (weights.float() * total).sum() / (2 * num_edges)
 
 
@@ -546,7 +585,7 @@ class TwhinModelAndLoss(nn.Module):
             num_edges = batch.labels.shape[0]
             loss = softmax_loss(outputs["logits"][:num_edges], outputs["tail_negatives"],
                                 outputs["head_negatives"], outputs["negative_offsets"],
-                                batch.weights)
+                                batch.weights, outputs.get("head_positives"))
         else:
             loss = self.loss_fn(outputs["logits"], labels, weights)
         if "penalty" in outputs:
