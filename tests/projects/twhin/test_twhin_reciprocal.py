@@ -15,8 +15,8 @@ from projects.twhin import link_prediction as lp
 from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.models.config import TwhinModelConfig
 from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, softmax_loss
-from tests.test_twhin_operators import _formula, _model_config
-from tests.test_twhin_softmax import NAMES, _batch, _weights
+from tests.projects.twhin.test_twhin_operators import _formula, _model_config
+from tests.projects.twhin.test_twhin_softmax import NAMES, _batch, _weights
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
 from tml.errors import ConfigError

@@ -8,7 +8,7 @@ import yaml
 
 from projects.twhin.cli import dispatch
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY
-from tests.test_twhin_cli import _triples, _write_tsv
+from tests.projects.twhin.test_twhin_cli import _triples, _write_tsv
 from tml.errors import CheckpointError
 
 
