@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.models.config import TwhinModelConfig
 from tml.core.config.base_config import BaseConfig, Field
 from tml.core.config.training import RuntimeConfig, TrainingConfig
 from tml.readers.config import ReadersConfig
+
+from .data.config import TwhinDataConfig
+from .models.config import TwhinModelConfig
 
 
 class TwhinConfig(BaseConfig):

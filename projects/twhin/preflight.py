@@ -12,8 +12,9 @@ import glob
 import os
 import tempfile
 
-from projects.twhin.config import TwhinConfig
 from tml.errors import CheckpointError, ConfigError, DataError
+
+from .config import TwhinConfig
 
 # The built-in graph (projects/twhin/data/data.py DEFAULT_GRAPH_DIR) is generated on first
 # use, so its absence is not an error; computed here to keep torch out of the launcher.

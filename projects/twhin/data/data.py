@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.dataset import EdgesDataset
-from projects.twhin.models.config import TwhinModelConfig
+from ..models.config import TwhinModelConfig
+from .config import TwhinDataConfig
+from .dataset import EdgesDataset
 
 # The built-in graph lives at the repository root, data/twhin (generated, not committed).
 DEFAULT_GRAPH_DIR = os.path.abspath(
@@ -23,7 +23,7 @@ def maybe_generate_default_graph(data_root: str) -> bool:
     root = os.path.abspath(data_root.split("*")[0])
     if not (root + os.sep).startswith(DEFAULT_GRAPH_DIR + os.sep):
         return False
-    from projects.twhin.data.generate import ensure_default_graph
+    from .generate import ensure_default_graph
 
     return ensure_default_graph(DEFAULT_GRAPH_DIR)
 

@@ -11,8 +11,9 @@ import enum
 
 import pydantic
 
-from projects.home.recap.config_support import refuse_when_set
 from tml.core.config.base_config import BaseConfig, Field
+
+from ..config_support import refuse_when_set
 
 
 class ExplicitDateInputs(BaseConfig):

@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
-from projects.home.recap.data.generate import DEFAULT_SCHEMA
-from projects.home.recap.data.schema import Feature, arrow_schema, load_schema
 from tml.common.cli import StrictArgumentParser, run_cli
 from tml.errors import DataError, error_line
+
+from .generate import DEFAULT_SCHEMA
+from .schema import Feature, arrow_schema, load_schema
 
 MAX_RECORD_BYTES = 64 << 20
 ROWS_PER_GROUP = 1024

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from projects.home.recap.data.schema import Feature, arrow_schema, load_schema
 from tml.common.cli import StrictArgumentParser, run_cli
 from tml.errors import ConfigError
+
+from .schema import Feature, arrow_schema, load_schema
 
 DEFAULT_SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config", "home_recap_2022", "segdense.json")
