@@ -118,7 +118,9 @@ def _train(args: argparse.Namespace) -> None:
     link = os.path.join(save_dir, "vocab")
     if os.path.isdir(vocab) and not os.path.lexists(link):
         os.symlink(vocab, link)
-    launch(train_from_yaml, "projects.twhin.run", config.training,
+    # The workers import run.py under this package's name: projects.twhin in a checkout,
+    # tml_projects.twhin in the wheel.
+    launch(train_from_yaml, f"{__package__}.run", config.training,
            nproc_per_node=args.nproc_per_node, config_yaml_path=effective, save_dir=save_dir)
 
 
@@ -229,6 +231,10 @@ def dispatch(argv: list[str] | None = None) -> Any:
                           "overrides are for `twhin train` only")
     if dotted:
         args.set += dotted
+    if args.command in ("train", "evaluate", "export"):
+        from tml.common.stack import require_torchrec
+
+        require_torchrec(f"twhin {args.command}")
     handlers = {"import": _import, "train": _train, "evaluate": _evaluate,
                 "export": _export, "neighbors": _neighbors}
     return handlers[args.command](args)
