@@ -14,6 +14,8 @@ only the wheel provides tml. Two environments:
 - `bare`: the same without torchrec and fbgemm (a user who skipped the torchrec step):
   `twhin --help`, `tml --version` and `twhin import` work, `twhin train` is refused in
   one line naming the install command.
+
+And the editable install `make venv` makes: `tml_projects` is the checkout's projects/.
 """
 
 from __future__ import annotations
@@ -90,10 +92,7 @@ def _site_packages(bin_dir: str) -> str:
                                   "site-packages"))[0]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
-    source = tmp_path / "source"
+def _copy_sources(source) -> str:
     source.mkdir()
     for name in _SOURCES:
         path = os.path.join(REPO, name)
@@ -102,10 +101,49 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(path, source / name)
+    return source
+
+
+def _user_env(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in (*WORKER_VARS, "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(CUDA_VISIBLE_DEVICES="", TML_CACHE_DIR=str(tmp_path / "cache"),
                XDG_CACHE_HOME=str(tmp_path / "xdg"), PIP_NO_INDEX="1")
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_editable_install_of_a_checkout_keeps_both_names(tmp_path) -> None:
+    # What `make venv` does (pip install -e .): `twhin` runs tml_projects, which is the
+    # checkout's projects/ directory; `python -m projects.twhin` still works there.
+    source = _copy_sources(tmp_path / "source")
+    env = _user_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    bin_dir = _venv(str(tmp_path / "env"), list(_views(str(tmp_path))))
+    _run([os.path.join(bin_dir, "python"), "-m", "pip", "install", "--no-index", "--no-deps",
+          "--no-build-isolation", "-e", str(source)], str(work), env)
+    where = _run([os.path.join(bin_dir, "python"), "-c",
+                  "import tml, tml_projects.twhin.cli as cli; print(tml.__file__); "
+                  "print(cli.__file__)"], str(work), env).stdout.split()
+    assert where == [str(source / "tml" / "__init__.py"),
+                     str(source / "projects" / "twhin" / "cli.py")], where
+    assert _run([os.path.join(bin_dir, "twhin"), "--version"], str(work), env).stdout \
+        .startswith("twhin (tml ")
+    assert _run([os.path.join(bin_dir, "python"), "-m", "projects.twhin", "--version"],
+                str(source), env).stdout.startswith("twhin (tml ")
+    # From elsewhere, only the checkout's own directory makes `projects` importable.
+    missing = _run([os.path.join(bin_dir, "python"), "-c", "import projects"], str(work),
+                   env, check=False)
+    assert missing.returncode == 1 and "No module named 'projects'" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
+    source = _copy_sources(tmp_path / "source")
+    env = _user_env(tmp_path)
     work = tmp_path / "work"     # every command runs here: not the repository
     work.mkdir()
 

@@ -91,10 +91,11 @@ def generate_graph(out_dir: str, num_users: int = DEFAULTS["num_users"],
                    seed: int = DEFAULTS["seed"],
                    validation_fraction: float = DEFAULTS["validation_fraction"],
                    files: int = DEFAULTS["files"]) -> dict[str, Any]:
-    """Write the graph to `out_dir` unless `out_dir/_SUCCESS` says it is already there.
+    """Write the graph to `out_dir` unless `out_dir/_SUCCESS` says it is already there;
+    to `out_dir-<key>` when `out_dir` holds a graph with other parameters (graph_dir_for).
 
-    Returns the parameters, the edge and file counts, and `generated` (False when the
-    graph with these parameters was already there).
+    Returns the parameters, the edge and file counts, `out` (the directory used) and
+    `generated` (False when the graph with these parameters was already there).
     """
     params = {"num_users": int(num_users), "num_tweets": int(num_tweets),
               "num_edges": int(num_edges), "num_communities": int(num_communities),
