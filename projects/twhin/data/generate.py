@@ -313,10 +313,14 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# Its name as run (projects.… in a checkout, tml_projects.… when installed).
+_PROG = f"python -m {__spec__.name if __spec__ else 'projects.twhin.data.generate'}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: generate the graph (see module docstring)."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name if __spec__ else 'projects.twhin.data.generate'}",
+        prog=_PROG,
         description="Generate the built-in TwHIN graph (planted communities).")
     parser.add_argument("--out", required=True, help="Output directory (e.g. data/twhin); "
                         "when it holds a graph with other parameters, OUT-<key> beside it.")

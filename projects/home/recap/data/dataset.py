@@ -171,7 +171,7 @@ def resolve_files(inputs: str, keep: int | None = None) -> tuple[fsspec.Abstract
     fs, paths = resolve_parquet_files(inputs)
     if not paths:
         raise DataError(f"inputs '{inputs}' matches no files (write some with python -m "
-                        "projects.home.recap.data.generate --out DIR)")
+                        f"{__package__}.generate --out DIR)")
     return fs, paths[:keep] if keep else paths
 
 
