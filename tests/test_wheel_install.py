@@ -15,7 +15,8 @@ only the wheel provides tml. Two environments:
   `twhin --help`, `tml --version` and `twhin import` work, `twhin train` is refused in
   one line naming the install command.
 
-And the editable install `make venv` makes: `tml_projects` is the checkout's projects/.
+And the editable install `make venv` makes: `tml_projects` and `projects` are both the
+checkout's projects/.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _user_env(tmp_path) -> dict[str, str]:
 @pytest.mark.timeout(600)
 def test_the_editable_install_of_a_checkout_keeps_both_names(tmp_path) -> None:
     # What `make venv` does (pip install -e .): `twhin` runs tml_projects, which is the
-    # checkout's projects/ directory; `python -m projects.twhin` still works there.
+    # checkout's projects/ directory, and `projects` stays importable as it was.
     source = _copy_sources(tmp_path / "source")
     env = _user_env(tmp_path)
     work = tmp_path / "work"
@@ -133,10 +134,11 @@ def test_the_editable_install_of_a_checkout_keeps_both_names(tmp_path) -> None:
         .startswith("twhin (tml ")
     assert _run([os.path.join(bin_dir, "python"), "-m", "projects.twhin", "--version"],
                 str(source), env).stdout.startswith("twhin (tml ")
-    # From elsewhere, only the checkout's own directory makes `projects` importable.
-    missing = _run([os.path.join(bin_dir, "python"), "-c", "import projects"], str(work),
-                   env, check=False)
-    assert missing.returncode == 1 and "No module named 'projects'" in missing.stderr
+    # The original's name, from any directory: an editable checkout keeps it (a wheel not).
+    original = _run([os.path.join(bin_dir, "python"), "-c",
+                     "import projects.twhin.run as run; print(run.__file__)"], str(work),
+                    env).stdout.strip()
+    assert original == str(source / "projects" / "twhin" / "run.py"), original
 
 
 @pytest.mark.slow
