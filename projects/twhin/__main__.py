@@ -1,6 +1,6 @@
 """`python -m projects.twhin ...`: the `twhin` command line (see projects/twhin/cli.py)."""
 
-from projects.twhin.cli import main
+from .cli import main
 
 if __name__ == "__main__":
     main()

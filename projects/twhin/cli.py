@@ -94,12 +94,13 @@ def _train(args: argparse.Namespace) -> None:
     (`${CONFIG_DIR}` is the directory of the user's file, not of the copy) and escaped, so
     it reads back as the run used it.
     """
-    from projects.twhin.config import TwhinConfig
-    from projects.twhin.preflight import preflight
-    from projects.twhin.run import train_from_yaml
     from tml.core.config.config_load import escape_variables
     from tml.core.config.overrides import load_config_with_overrides
     from tml.trainer.launch import launch
+
+    from .config import TwhinConfig
+    from .preflight import preflight
+    from .run import train_from_yaml
 
     config, data, source = load_config_with_overrides(TwhinConfig, args.config, args.set)
     save_dir = os.path.abspath(args.save_dir)
@@ -118,7 +119,9 @@ def _train(args: argparse.Namespace) -> None:
     link = os.path.join(save_dir, "vocab")
     if os.path.isdir(vocab) and not os.path.lexists(link):
         os.symlink(vocab, link)
-    launch(train_from_yaml, "projects.twhin.run", config.training,
+    # The workers import run.py under this package's name: projects.twhin in a checkout,
+    # tml_projects.twhin in the wheel.
+    launch(train_from_yaml, f"{__package__}.run", config.training,
            nproc_per_node=args.nproc_per_node, config_yaml_path=effective, save_dir=save_dir)
 
 
@@ -159,9 +162,10 @@ def _pick_best(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from projects.twhin.config import TwhinConfig
-    from projects.twhin.link_prediction import evaluate_checkpoint
     from tml.core.config import load_config_from_yaml
+
+    from .config import TwhinConfig
+    from .link_prediction import evaluate_checkpoint
 
     load_config_from_yaml(TwhinConfig, args.config)   # fail here, once, not in every worker
     _pick_best(args)
@@ -182,9 +186,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 
 def _export(args: argparse.Namespace) -> dict:
-    from projects.twhin.config import TwhinConfig
-    from projects.twhin.export import export_embeddings
     from tml.core.config import load_config_from_yaml
+
+    from .config import TwhinConfig
+    from .export import export_embeddings
 
     config = load_config_from_yaml(TwhinConfig, args.config)
     _pick_best(args)
@@ -196,7 +201,7 @@ def _export(args: argparse.Namespace) -> dict:
 
 
 def _import(args: argparse.Namespace) -> dict:
-    from projects.twhin.importer import import_triples
+    from .importer import import_triples
 
     result = import_triples(args.triples, args.out, args.valid, args.test, args.split,
                             args.seed, args.dim, args.force, args.vocab)
@@ -209,7 +214,7 @@ def _import(args: argparse.Namespace) -> dict:
 
 
 def _neighbors(args: argparse.Namespace) -> list:
-    from projects.twhin.neighbors import format_table, neighbors
+    from .neighbors import format_table, neighbors
 
     rows = neighbors(args.embeddings, args.entity, args.relation, args.k, args.table)
     print(format_table(rows))
@@ -227,6 +232,10 @@ def dispatch(argv: list[str] | None = None) -> Any:
                           "overrides are for `twhin train` only")
     if dotted:
         args.set += dotted
+    if args.command in ("train", "evaluate", "export"):
+        from tml.common.stack import require_torchrec
+
+        require_torchrec(f"twhin {args.command}")
     handlers = {"import": _import, "train": _train, "evaluate": _evaluate,
                 "export": _export, "neighbors": _neighbors}
     return handlers[args.command](args)

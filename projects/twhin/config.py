@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pydantic
 
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.models.config import TwhinModelConfig
 from tml.core.config.base_config import BaseConfig, Field
 from tml.core.config.training import RuntimeConfig, TrainingConfig, check_early_stopping_data
 from tml.readers.config import ReadersConfig
+
+from .data.config import TwhinDataConfig
+from .models.config import TwhinModelConfig
 
 
 class TwhinConfig(BaseConfig):

@@ -38,12 +38,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from projects.twhin.config import TwhinConfig
-from projects.twhin.signature import check_checkpoint_matches
 from tml.common.atomic_directory import atomic_directory
 from tml.common.checkpoint_rows import load_rows, tensor_shapes
 from tml.common.checkpointing import latest_checkpoint
 from tml.errors import CheckpointError, TmlError
+
+from .config import TwhinConfig
+from .signature import check_checkpoint_matches
 
 TABLE_KEY = "model.model.large_embeddings.ebc.embedding_bags.{}.weight"
 RELATIONS_KEY = "model.model.all_trans_embs"
@@ -144,7 +145,7 @@ def export_embeddings(config: TwhinConfig, config_path: str, checkpoint: str, ou
     `chunk_rows`: rows read and written at a time (one parquet row group each); default:
     `CHUNK_BYTES` worth of vectors.
     """
-    from projects.twhin.importer import read_vocabulary
+    from .importer import read_vocabulary
 
     out = os.path.abspath(out)
     check_out(out, force)

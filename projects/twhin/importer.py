@@ -64,10 +64,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from projects.twhin.triples import Chunk, read_triples
 from tml.common.atomic_directory import atomic_directory, cannot_write, refuse_non_empty
 from tml.common.safe_paths import check_name, is_inside
 from tml.errors import DataError, error_line
+
+from .triples import Chunk, read_triples
 
 __all__ = ["import_triples", "read_triples", "read_vocabulary", "choose_defaults",
            "default_config", "Vocabulary", "RESERVED_NAMES", "previous_vocabulary"]

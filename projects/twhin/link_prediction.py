@@ -48,18 +48,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from projects.twhin.config import TwhinConfig
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.dataset import _resolve
-from projects.twhin.models.config import Relation
-from projects.twhin.models.models import (
+from tml.errors import DataError
+
+from .config import TwhinConfig
+from .data.config import TwhinDataConfig
+from .data.dataset import _resolve
+from .models.config import Relation
+from .models.models import (
     directed_vector,
     in_batch_negative_logits,
     operator_code,
     relation_query,
     score,
 )
-from tml.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -439,8 +440,9 @@ def load_shards(config: TwhinConfig, checkpoint: str, rank: int = 0, world: int 
                 ) -> tuple[dict[str, TableShard], torch.Tensor]:
     """Worker `rank`'s row share of every table, and the relation vectors (whole): (R, D),
     or (2R, D) for reciprocal relations."""
-    from projects.twhin.export import RELATIONS_KEY, TABLE_KEY, check_checkpoint
     from tml.common.checkpoint_rows import load_row_ranges
+
+    from .export import RELATIONS_KEY, TABLE_KEY, check_checkpoint
 
     shapes = check_checkpoint(config, checkpoint)
     ranges = {key: share(rows, rank, world) for key, (rows, _) in shapes.items()}
@@ -462,8 +464,9 @@ def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
     """
     import torch.distributed as dist
 
-    from projects.twhin.export import resolve_checkpoint
     from tml.core.config import load_config_from_yaml
+
+    from .export import resolve_checkpoint
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed and not dist.is_initialized():

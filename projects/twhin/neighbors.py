@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from projects.twhin.models.models import operator_code, relation_query
 from tml.errors import TmlError
+
+from .models.models import operator_code, relation_query
 
 _CHUNK_ROWS = 1 << 18
 

@@ -7,10 +7,11 @@ import logging
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer
 
-from projects.twhin.models.config import TwhinModelConfig
 from tml.optimizers.combined import FUSED_OPT_KEY, build_combined_optimizer
 from tml.optimizers.optimizer import LRShim
 from tml.trainer.fused_tables import table_of_param, table_schedules
+
+from .models.config import TwhinModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,10 @@ import glob
 import os
 import tempfile
 
-from projects.twhin.config import TwhinConfig
 from tml.errors import CheckpointError, ConfigError, DataError
 
-# The built-in graph (projects/twhin/data/data.py DEFAULT_GRAPH_DIR) is generated on first
-# use, so its absence is not an error; computed here to keep torch out of the launcher.
-_DEFAULT_GRAPH_DIR = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "data", "twhin"))
+from .config import TwhinConfig
+
 _GLOB_CHARS = ("*", "?", "[")
 
 
@@ -60,7 +57,10 @@ def check_data_paths(config: TwhinConfig, source: str) -> None:
         if data is None or "://" in data.data_root:
             continue
         root = os.path.abspath(data.data_root)
-        if (root.split("*")[0] + os.sep).startswith(_DEFAULT_GRAPH_DIR + os.sep):
+        # The built-in graph is generated on first use: its absence is not an error.
+        from .data.generate import builtin_graph_dir
+
+        if (root.split("*")[0] + os.sep).startswith(builtin_graph_dir() + os.sep):
             continue
         if any(char in root for char in _GLOB_CHARS):
             found = any(os.path.isfile(p) for p in glob.iglob(root))

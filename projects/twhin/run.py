@@ -26,10 +26,29 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+# Run as a file (PEP 366): `python projects/.../x.py`, torchrun and Bazel run this module
+# without a package; name it, and put the directory above the top package on the path (in
+# place of the script's own directory, whose modules would shadow top-level ones).
+if not __package__:
+    import os as _os
+    import sys as _sys
+
+    _top, _names = _os.path.dirname(_os.path.abspath(__file__)), []
+    while _os.path.isfile(_os.path.join(_top, "__init__.py")):
+        _top, _name = _os.path.split(_top)
+        _names.insert(0, _name)
+    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _os.path.dirname(
+            _os.path.abspath(__file__)):
+        _sys.path[0] = _top
+    elif _top not in _sys.path:
+        _sys.path.insert(0, _top)
+    __package__ = ".".join(_names)
+
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
-from projects.twhin.config import TwhinConfig
 from tml.common.cli import StrictArgumentParser, run_cli, split_dotted_overrides
 from tml.core.config.overrides import load_config_with_overrides
+
+from .config import TwhinConfig
 
 if TYPE_CHECKING:
     import tml.core.custom_training_loop as ctl
@@ -40,17 +59,18 @@ logger = logging.getLogger(__name__)
 
 def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     """What the trainer needs from TwHIN: its model, data and tables."""
-    from projects.twhin.data.data import create_dataset
-    from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
-    from projects.twhin.optimizer import TRANSLATION_OPT_KEY
-    from projects.twhin.signature import check_checkpoint_matches, checkpoint_extra
     from tml.trainer import ProjectParts
+
+    from .data.data import create_dataset
+    from .models.models import TwhinModel, TwhinModelAndLoss
+    from .optimizer import TRANSLATION_OPT_KEY
+    from .signature import check_checkpoint_matches, checkpoint_extra
 
     model_config, validation = all_config.model, all_config.validation_data
 
     def train_data(rank: int, world_size: int, num_epochs: int):  # noqa: ANN202
         # From the reader processes when the run has them (tml.readers), else read here.
-        from projects.twhin.data.readers import reader_train_dataset
+        from .data.readers import reader_train_dataset
 
         dataset = reader_train_dataset(all_config, rank, world_size)
         if dataset is not None:
@@ -92,8 +112,9 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     """
     # Imported here, in the workers: the launcher process only validates the config and
     # starts them, and skipping torchrec and fbgemm there saves seconds on every launch.
-    from projects.twhin.preflight import require_save_dir
     from tml.trainer import train
+
+    from .preflight import require_save_dir
 
     save_dir = require_save_dir(save_dir, all_config, "the config")
     return train(twhin_parts(all_config), all_config.training, all_config.runtime, save_dir,
@@ -122,7 +143,7 @@ def serve_from_yaml(config_yaml_path: str, save_dir: str | None = None,
 
     Takes the trainers' kwargs (the launcher forwards the same ones to both roles), and
     reads the config with the same overrides, so readers and trainers agree on the data."""
-    from projects.twhin.data.readers import serve_train_data
+    from .data.readers import serve_train_data
 
     del save_dir, only_evaluate, evaluate_until_step
     serve_train_data(load_config_with_overrides(TwhinConfig, config_yaml_path,
@@ -161,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     import sys
 
-    from projects.twhin.preflight import preflight, require_save_dir
     from tml.trainer.launch import launch
+
+    from .preflight import preflight, require_save_dir
 
     argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

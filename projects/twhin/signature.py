@@ -23,10 +23,11 @@ import logging
 import os
 from typing import Any
 
-from projects.twhin.config import TwhinConfig
-from projects.twhin.models.config import Operator, TwhinModelConfig
 from tml.common.checkpointing import latest_checkpoint, read_extra
 from tml.errors import CheckpointError
+
+from .config import TwhinConfig
+from .models.config import Operator, TwhinModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ import enum
 
 import pydantic
 
-from projects.home.recap.data.config import RecapDataConfig
-from projects.home.recap.model.config import ModelConfig
-from projects.home.recap.optimizer.config import RecapOptimizerConfig
 from tml.core.config import training as training_config
 from tml.core.config.base_config import BaseConfig, Field
 from tml.core.config.compat import compat_field
+
+from .data.config import RecapDataConfig
+from .model.config import ModelConfig
+from .optimizer.config import RecapOptimizerConfig
 
 
 class TrainingConfig(training_config.TrainingConfig):

@@ -20,21 +20,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING
 
-# Run as a script (`python projects/home/recap/main.py`), the repository root is not on the
-# path; the workers torchrun starts need it as much as this process does.
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# Run as a file (PEP 366): `python projects/.../x.py`, torchrun and Bazel run this module
+# without a package; name it, and put the directory above the top package on the path (in
+# place of the script's own directory, whose modules would shadow top-level ones).
+if not __package__:
+    import os as _os
+    import sys as _sys
+
+    _top, _names = _os.path.dirname(_os.path.abspath(__file__)), []
+    while _os.path.isfile(_os.path.join(_top, "__init__.py")):
+        _top, _name = _os.path.split(_top)
+        _names.insert(0, _name)
+    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _os.path.dirname(
+            _os.path.abspath(__file__)):
+        _sys.path[0] = _top
+    elif _top not in _sys.path:
+        _sys.path.insert(0, _top)
+    __package__ = ".".join(_names)
 
 import tml  # noqa: E402,F401  (logging set-up before torchrec is imported)
-from projects.home.recap.config import RecapConfig  # noqa: E402
 from tml.common.cli import StrictArgumentParser, run_cli  # noqa: E402
 from tml.core.config.overrides import load_config_with_overrides  # noqa: E402
 from tml.errors import ConfigError  # noqa: E402
+
+from .config import RecapConfig  # noqa: E402
 
 if TYPE_CHECKING:
     import tml.core.custom_training_loop as ctl
@@ -45,13 +56,14 @@ logger = logging.getLogger(__name__)
 
 def recap_parts(config: RecapConfig) -> ProjectParts:
     """What the trainer needs from the ranker."""
-    from projects.home.recap.data.dataset import RecapDataset, input_spec
-    from projects.home.recap.metrics import ValidationSets, make_evaluate
-    from projects.home.recap.model.embeddings import init_tables_from_exports, trainer_tables
-    from projects.home.recap.model.ranking import RankingModel, RankingModelAndLoss
-    from projects.home.recap.optimizer.optimizer import build_optimizer
     from tml.optimizers.config import OptimizerConfig, SgdConfig
     from tml.trainer import ProjectParts
+
+    from .data.dataset import RecapDataset, input_spec
+    from .metrics import ValidationSets, make_evaluate
+    from .model.embeddings import init_tables_from_exports, trainer_tables
+    from .model.ranking import RankingModel, RankingModelAndLoss
+    from .optimizer.optimizer import build_optimizer
 
     model_config = config.model
     tasks = list(model_config.tasks)
@@ -179,8 +191,9 @@ def _json_list(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Check the flags, the config and the data, then start the workers (or be one)."""
-    from projects.home.recap.data.dataset import RecapDataset
     from tml.trainer.launch import launch
+
+    from .data.dataset import RecapDataset
 
     args = parse_args(argv)
     source = args.config_yaml_path

@@ -40,3 +40,13 @@ class TwhinDataConfig(BaseConfig):
     offset: pydantic.NonNegativeInt | None = Field(None, description="Skip this many batches "
                                                    "per rank first (to hold out a split of "
                                                    "the same files).")
+
+    @pydantic.field_validator("data_root")
+    @classmethod
+    def _builtin_graph_place(cls, value: str) -> str:
+        """local.yaml names the built-in graph by its place in a checkout (data/twhin);
+        in an installation it lives in the cache directory instead (never in the
+        installation): see projects/twhin/data/generate.py, builtin_graph_dir."""
+        from .generate import resolve_builtin_path
+
+        return resolve_builtin_path(value)

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import os
 
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.dataset import EdgesDataset
-from projects.twhin.models.config import TwhinModelConfig
-
-# The built-in graph lives at the repository root, data/twhin (generated, not committed).
-DEFAULT_GRAPH_DIR = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "..", "data", "twhin"))
+from ..models.config import TwhinModelConfig
+from .config import TwhinDataConfig
+from .dataset import EdgesDataset
 
 
 def maybe_generate_default_graph(data_root: str) -> bool:
     """Generate the built-in graph if `data_root` points into it and it is missing.
 
-    Safe on many ranks at once (a file lock inside makes one of them write it).
+    The built-in graph's place is `generate.builtin_graph_dir()` (data/twhin in a
+    checkout, the cache directory in an installation); TwhinDataConfig has already
+    replaced local.yaml's path by it. Safe on many ranks at once (a file lock inside makes
+    one of them write it).
     """
     if "://" in data_root:
         return False
-    root = os.path.abspath(data_root.split("*")[0])
-    if not (root + os.sep).startswith(DEFAULT_GRAPH_DIR + os.sep):
-        return False
-    from projects.twhin.data.generate import ensure_default_graph
+    from .generate import builtin_graph_base, builtin_graph_dir, ensure_default_graph
 
-    return ensure_default_graph(DEFAULT_GRAPH_DIR)
+    root = os.path.abspath(data_root.split("*")[0])
+    if not (root + os.sep).startswith(builtin_graph_dir() + os.sep):
+        return False
+    return ensure_default_graph(builtin_graph_base())
 
 
 def create_dataset(data_config: TwhinDataConfig, model_config: TwhinModelConfig,

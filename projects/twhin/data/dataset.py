@@ -40,11 +40,12 @@ import pyarrow.parquet as pq
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
-from projects.twhin.models.config import Relation
 from tml.common.data_position import ResumablePosition
 from tml.common.parquet_files import resolve_parquet_files
 from tml.errors import ConfigError, DataError, error_line
+
+from ..models.config import Relation
+from .edges import EdgeBatch, edges_to_kjt, relation_tables
 
 logger = logging.getLogger(__name__)
 

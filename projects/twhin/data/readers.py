@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 
-from projects.twhin.config import TwhinConfig
-from projects.twhin.data.data import create_dataset
-from projects.twhin.data.dataset import EdgesDataset
-from projects.twhin.data.edges import EdgeBatch
 from tml.readers.client import ReaderDataset
 from tml.readers.roles import reader_addresses, serve_reader
+
+from ..config import TwhinConfig
+from .data import create_dataset
+from .dataset import EdgesDataset
+from .edges import EdgeBatch
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,12 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.edges import EdgeBatch, relation_tables
-from projects.twhin.models.config import Loss, Operator, Regularizer, TwhinModelConfig
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.trainer.fused_tables import apply_table_optimizers
+
+from ..data.config import TwhinDataConfig
+from ..data.edges import EdgeBatch, relation_tables
+from .config import Loss, Operator, Regularizer, TwhinModelConfig
 
 # Operator codes as stored in tensors (position in this tuple).
 OPERATORS: tuple[Operator, ...] = (Operator.TRANSLATION, Operator.IDENTITY, Operator.DIAGONAL,

@@ -386,10 +386,17 @@ def test_generator_second_call_is_a_no_op_and_new_parameters_regenerate(tmp_path
     second = generate_graph(str(out), **TINY)
     assert second["generated"] is False and second["num_train_edges"] == 4500
     assert (out / "train" / "part-00000.parquet").stat().st_mtime_ns == stamp
+    # Other parameters: a new directory beside it, keyed by them; the first stays as it was.
     changed = generate_graph(str(out), **{**TINY, "files": 2, "num_edges": 3000})
-    assert changed["generated"] is True
-    assert sorted(os.listdir(out / "train")) == ["part-00000.parquet", "part-00001.parquet"]
-    assert _read_graph(out)["train"].num_rows == 2700
+    assert changed["generated"] is True and changed["out"] != str(out)
+    keyed = tmp_path / os.path.basename(changed["out"])
+    assert keyed.name.startswith("graph-") and keyed.is_dir()
+    assert sorted(os.listdir(keyed / "train")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert _read_graph(keyed)["train"].num_rows == 2700
+    assert (out / "train" / "part-00000.parquet").stat().st_mtime_ns == stamp
+    assert _read_graph(out)["train"].num_rows == 4500
+    again = generate_graph(str(out), **{**TINY, "files": 2, "num_edges": 3000})
+    assert again["generated"] is False and again["out"] == changed["out"]
     assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 
 
@@ -439,6 +446,53 @@ def test_generator_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(DataError, match="precious.txt"):
         generate_graph(str(out), **TINY)
     assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_generator_refuses_a_graph_it_did_not_write(tmp_path):
+    # The same layout (train/, validation/) without the generator's _SUCCESS marker: a
+    # user's graph, never replaced (it was, as an "unfinished" one, before).
+    out = tmp_path / "graph"
+    generate_graph(str(out), **TINY)
+    os.remove(out / "_SUCCESS")
+    before = _read_graph(out)
+    with pytest.raises(DataError) as error:
+        generate_graph(str(out), **TINY)
+    assert str(error.value).startswith(f"{out} holds files that the graph generator did not "
+                                       "write (train, validation; no _SUCCESS")
+    assert "\n" not in str(error.value)
+    assert all(_read_graph(out)[s].equals(before[s]) for s in before)
+    assert sorted(os.listdir(tmp_path)) == ["graph", "graph.lock"]
+
+
+def test_built_in_graph_goes_to_the_cache_directory_outside_a_checkout(tmp_path,
+                                                                      monkeypatch):
+    from projects.twhin.data import generate
+
+    # In this checkout: data/twhin at the repository root, as `make data` writes it.
+    from tests.twhin_setup import REPO
+
+    assert generate.in_checkout()
+    assert generate.builtin_graph_base() == os.path.join(REPO, "data", "twhin")
+    # Installed (no pyproject.toml above the package): the cache directory.
+    monkeypatch.setattr(generate, "in_checkout", lambda: False)
+    monkeypatch.setenv("TML_CACHE_DIR", str(tmp_path / "cache"))
+    assert generate.builtin_graph_base() == str(tmp_path / "cache" / "twhin" / "graph")
+    monkeypatch.delenv("TML_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert generate.cache_dir() == str(tmp_path / "xdg" / "tml")
+    monkeypatch.setenv("TML_CACHE_DIR", str(tmp_path / "cache"))
+    # local.yaml's data_root (the checkout's place) is read as the cache's.
+    train = os.path.join(generate.CONFIG_GRAPH_DIR, "train")
+    assert generate.resolve_builtin_path(train) == str(tmp_path / "cache" / "twhin" /
+                                                       "graph" / "train")
+    assert generate.resolve_builtin_path(str(tmp_path / "mine")) == str(tmp_path / "mine")
+    assert generate.resolve_builtin_path("s3://bucket/twhin") == "s3://bucket/twhin"
+    # A graph with other parameters in the cache's place: the built-in one goes beside it.
+    base = tmp_path / "cache" / "twhin" / "graph"
+    generate_graph(str(base), **TINY)
+    beside = generate.builtin_graph_dir()
+    assert beside == f"{base}-{generate.params_key(generate.default_params())}"
+    assert generate.resolve_builtin_path(train) == os.path.join(beside, "train")
 
 
 def test_generator_command_line(tmp_path):

@@ -11,9 +11,10 @@ import enum
 
 import pydantic
 
-from projects.home.recap.config_support import refuse_when_set
 from tml.core.config.base_config import BaseConfig, Field
 from tml.core.config.compat import compat_field
+
+from ..config_support import refuse_when_set
 
 
 class ExplicitDateInputs(BaseConfig):

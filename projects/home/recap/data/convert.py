@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
-from projects.home.recap.data.generate import DEFAULT_SCHEMA
-from projects.home.recap.data.schema import Feature, arrow_schema, load_schema
 from tml.common.cli import StrictArgumentParser, run_cli
 from tml.errors import DataError, error_line
+
+from .generate import DEFAULT_SCHEMA
+from .schema import Feature, arrow_schema, load_schema
 
 MAX_RECORD_BYTES = 64 << 20
 ROWS_PER_GROUP = 1024
@@ -179,8 +180,12 @@ def _remove_temporaries(out_dir: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
+# Its name as run (projects.… in a checkout, tml_projects.… when installed).
+_PROG = f"python -m {__spec__.name if __spec__ else 'projects.home.recap.data.convert'}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = StrictArgumentParser(prog="python -m projects.home.recap.data.convert",
+    parser = StrictArgumentParser(prog=_PROG,
                                   description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Directory for the parquet files.")
     parser.add_argument("--schema", default=DEFAULT_SCHEMA, help="segdense.json.")

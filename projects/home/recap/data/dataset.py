@@ -30,14 +30,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from projects.home.recap.data.config import RecapDataConfig
-from projects.home.recap.data.schema import EMBEDDING_INPUTS, Feature, load_schema
-from projects.home.recap.model.config import ModelConfig
 from tml.common.parquet_files import resolve_parquet_files
 from tml.errors import ConfigError, DataError, error_line
 
+from ..model.config import ModelConfig
+from .config import RecapDataConfig
+from .schema import EMBEDDING_INPUTS, Feature, load_schema
+
 if TYPE_CHECKING:
-    from projects.home.recap.data.batch import RecapBatch
+    from .batch import RecapBatch
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def resolve_files(inputs: str, keep: int | None = None) -> tuple[fsspec.Abstract
     fs, paths = resolve_parquet_files(inputs)
     if not paths:
         raise DataError(f"inputs '{inputs}' matches no files (write some with python -m "
-                        "projects.home.recap.data.generate --out DIR)")
+                        f"{__package__}.generate --out DIR)")
     return fs, paths[:keep] if keep else paths
 
 
@@ -321,7 +322,7 @@ class RecapDataset:
         # Imported here: the launcher checks the data without paying for torchrec.
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        from projects.home.recap.data.batch import RecapBatch
+        from .batch import RecapBatch
 
         spec = self.spec
         labels = np.stack([rows[c.feature.name] for c in spec.labels], axis=1).astype(np.float32)

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from projects.home.recap.data.schema import Feature, arrow_schema, load_schema
 from tml.common.cli import StrictArgumentParser, run_cli
 from tml.errors import ConfigError
+
+from .schema import Feature, arrow_schema, load_schema
 
 DEFAULT_SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "config", "home_recap_2022", "segdense.json")
@@ -159,8 +160,12 @@ def generate(out: str, rows: int, schema_path: str = DEFAULT_SCHEMA, files: int 
     return paths
 
 
+# Its name as run (projects.… in a checkout, tml_projects.… when installed).
+_PROG = f"python -m {__spec__.name if __spec__ else 'projects.home.recap.data.generate'}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = StrictArgumentParser(prog="python -m projects.home.recap.data.generate",
+    parser = StrictArgumentParser(prog=_PROG,
                                   description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Directory for the parquet files.")
     parser.add_argument("--rows", type=int, default=2048, help="Examples in all.")

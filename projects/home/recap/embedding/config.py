@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pydantic
 
-from projects.home.recap.config_support import refuse_when_set
 from tml.common.modules.embedding.config import ShardingType
 from tml.core.config.base_config import BaseConfig, Field
 from tml.optimizers.config import LearningRate
+
+from ..config_support import refuse_when_set
 
 
 class EmbeddingSnapshot(BaseConfig):

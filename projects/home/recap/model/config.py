@@ -11,13 +11,14 @@ import enum
 
 import pydantic
 
-from projects.home.recap.config_support import refuse_when_set
-from projects.home.recap.embedding.config import (
+from tml.core.config.base_config import BaseConfig, Field
+
+from ..config_support import refuse_when_set
+from ..embedding.config import (
     LargeEmbeddingsConfig,
     SmallEmbeddingsConfig,
     StratifierConfig,
 )
-from tml.core.config.base_config import BaseConfig, Field
 
 
 class DropoutConfig(BaseConfig):

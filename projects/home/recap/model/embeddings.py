@@ -23,11 +23,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from projects.home.recap.embedding.config import LargeEmbeddingsConfig, SmallEmbeddingsConfig
 from tml.common.modules.embedding import config as tml_embedding
 from tml.common.modules.embedding.vectors import local_shards, read_vectors, write_rows
 from tml.errors import ConfigError
 from tml.optimizers.config import OptimizerConfig, SgdConfig
+
+from ..embedding.config import LargeEmbeddingsConfig, SmallEmbeddingsConfig
 
 __all__ = ["LargeEmbeddings", "SmallEmbeddings", "init_tables_from_exports", "is_frozen",
            "local_shards", "read_export", "trainer_tables"]

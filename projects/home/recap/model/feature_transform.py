@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from projects.home.recap.model.config import FeaturizationConfig, LayerNormConfig
+from .config import FeaturizationConfig, LayerNormConfig
 
 
 def log1p_abs(x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from projects.home.recap.model.config import MaskBlockConfig, MaskNetConfig
-from projects.home.recap.model.mlp import Mlp, xavier_init
+from .config import MaskBlockConfig, MaskNetConfig
+from .mlp import Mlp, xavier_init
 
 
 class MaskBlock(nn.Module):

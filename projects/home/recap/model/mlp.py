@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from projects.home.recap.model.config import MlpConfig
+from .config import MlpConfig
 
 
 def xavier_init(module: nn.Module) -> None:

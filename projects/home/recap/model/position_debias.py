@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from projects.home.recap.model.config import PositionDebiasConfig
+from .config import PositionDebiasConfig
 
 
 class PositionDebias(nn.Module):

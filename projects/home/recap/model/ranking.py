@@ -21,15 +21,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from projects.home.recap.data.batch import RecapBatch
-from projects.home.recap.data.config import RecapDataConfig
-from projects.home.recap.model.config import ModelConfig, MultiTaskType, TaskModel
-from projects.home.recap.model.embeddings import LargeEmbeddings, SmallEmbeddings
-from projects.home.recap.model.feature_transform import Featurizer
-from projects.home.recap.model.mask_net import MaskNet
-from projects.home.recap.model.mlp import Mlp
-from projects.home.recap.model.position_debias import PositionDebias
 from tml.errors import ConfigError
+
+from ..data.batch import RecapBatch
+from ..data.config import RecapDataConfig
+from .config import ModelConfig, MultiTaskType, TaskModel
+from .embeddings import LargeEmbeddings, SmallEmbeddings
+from .feature_transform import Featurizer
+from .mask_net import MaskNet
+from .mlp import Mlp
+from .position_debias import PositionDebias
 
 _TWHIN_INPUTS = ("user_embedding", "user_eng_embedding", "author_embedding")
 

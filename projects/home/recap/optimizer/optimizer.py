@@ -17,15 +17,16 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from projects.home.recap.model.config import ModelConfig
-from projects.home.recap.model.embeddings import trainer_tables
-from projects.home.recap.model.ranking import sanitize
-from projects.home.recap.optimizer.config import RecapOptimizerConfig
 from tml.errors import ConfigError
 from tml.optimizers.combined import FUSED_OPT_KEY, fused_optimizer_of
 from tml.optimizers.config import LearningRate
 from tml.optimizers.optimizer import LRShim
 from tml.trainer.fused_tables import table_schedules
+
+from ..model.config import ModelConfig
+from ..model.embeddings import trainer_tables
+from ..model.ranking import sanitize
+from .config import RecapOptimizerConfig
 
 logger = logging.getLogger(__name__)
 
