@@ -12,7 +12,15 @@ REQS := pyproject.toml requirements/base.txt requirements/$(FBGEMM_VARIANT).txt 
 TWHIN_CONFIG ?= projects/twhin/config/local.yaml
 SAVE_DIR ?= runs/twhin
 NPROC ?= 2
+# More flags for projects/twhin/run.py, e.g. TRAIN_ARGS="--set training.num_train_steps=300".
+TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` / `make test-fast` (0: one process). Two on 2 cores:
+# much of a test's time is spent waiting (interpreter and torch start-up, rendezvous,
+# subprocesses), which the other worker uses. Files stay whole on one worker, SLURM tests
+# share one (tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean
 
@@ -31,15 +39,15 @@ data: $(STAMP)
 	$(PY) -m projects.twhin.data.generate --out data/twhin
 
 train: data
-	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC)
+	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC) $(TRAIN_ARGS)
 
 # Every test (CI runs this): each test is bounded by pytest-timeout (pyproject.toml).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # For development: skips the tests that start worker processes (marker slow).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Bazel (4.2.3, offline, native Python rules); installs Debian's bazel-bootstrap if missing.
 test-bazel: $(STAMP)
