@@ -15,10 +15,10 @@ NPROC ?= 2
 # More flags for projects/twhin/run.py, e.g. TRAIN_ARGS="--set training.num_train_steps=300".
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test` / `make test-fast` (0: one process). Two on 2 cores:
-# much of a test's time is spent waiting (interpreter and torch start-up, rendezvous,
-# subprocesses), which the other worker uses. Files stay whole on one worker, SLURM tests
-# share one (tests/conftest.py).
+# pytest-xdist processes for `make test` / `make test-fast`; 0 runs the tests in this one.
+# Tests spend part of their time starting interpreters and waiting on worker processes,
+# rendezvous and the SLURM scheduler, which a second process can use. A file's tests stay in
+# one process, the SLURM tests share one (tests/conftest.py).
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
