@@ -15,11 +15,11 @@ NPROC ?= 2
 # More flags for projects/twhin/run.py, e.g. TRAIN_ARGS="--set training.num_train_steps=300".
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist processes for `make test` / `make test-fast`; 0 runs the tests in this one.
-# Tests spend part of their time starting interpreters and waiting on worker processes,
-# rendezvous and the SLURM scheduler, which a second process can use. A file's tests stay in
-# one process, the SLURM tests share one (tests/conftest.py).
-TEST_WORKERS ?= 2
+# pytest-xdist processes for `make test` / `make test-fast` (TEST_WORKERS=2, or auto on a
+# machine with more cores); 0, the default, runs the tests in this one process. On a loaded
+# 2-core machine 2 processes were slower than one (README), so CI keeps one. With several, a
+# file's tests stay in one process and the SLURM tests share one (tests/conftest.py).
+TEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean

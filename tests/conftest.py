@@ -9,7 +9,7 @@
   kernel). Locally a missing one skips the test; under CI (`CI=true`) it fails it, so no
   feature goes silently untested.
 - `@pytest.mark.gpu` tests are skipped on hosts without an NVIDIA GPU.
-- Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of one file stay
+- Under pytest-xdist (`make test TEST_WORKERS=2`: `-n 2 --dist loadgroup`): the tests of one file stay
   on one worker (their module fixtures, a SLURM cluster or a trained run, are made once),
   the SLURM tests of every file share one worker (one cluster, one apt-get at a time), the
   files with multi-process tests are handed out first (no long test left for the end), and
