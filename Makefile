@@ -12,7 +12,15 @@ REQS := pyproject.toml requirements/base.txt requirements/$(FBGEMM_VARIANT).txt 
 TWHIN_CONFIG ?= projects/twhin/config/local.yaml
 SAVE_DIR ?= runs/twhin
 NPROC ?= 2
+# More flags for projects/twhin/run.py, e.g. TRAIN_ARGS="--set training.num_train_steps=300".
+TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist processes for `make test` / `make test-fast` (TEST_WORKERS=2, or auto on a
+# machine with more cores); 0, the default, runs the tests in this one process. On a loaded
+# 2-core machine 2 processes were slower than one (README), so CI keeps one. With several, a
+# file's tests stay in one process and the SLURM tests share one (tests/conftest.py).
+TEST_WORKERS ?= 0
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean config-docs
 
@@ -31,15 +39,15 @@ data: $(STAMP)
 	$(PY) -m projects.twhin.data.generate --out data/twhin
 
 train: data
-	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC)
+	$(PY) projects/twhin/run.py --config_yaml_path=$(TWHIN_CONFIG) --save_dir=$(SAVE_DIR) --nproc_per_node=$(NPROC) $(TRAIN_ARGS)
 
 # Every test (CI runs this): each test is bounded by pytest-timeout (pyproject.toml).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # For development: skips the tests that start worker processes (marker slow).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Each project's configuration reference, generated from its config models (tests check
 # that the committed pages are current).

@@ -9,14 +9,23 @@
   kernel). Locally a missing one skips the test; under CI (`CI=true`) it fails it, so no
   feature goes silently untested.
 - `@pytest.mark.gpu` tests are skipped on hosts without an NVIDIA GPU.
+- Under pytest-xdist (`make test TEST_WORKERS=2`: `-n 2 --dist loadgroup`): the tests of one file stay
+  on one worker (their module fixtures, a SLURM cluster or a trained run, are made once),
+  the SLURM tests of every file share one worker (one cluster, one apt-get at a time), the
+  files with multi-process tests are handed out first (no long test left for the end), and
+  `small_trained_twhin` is trained once for all workers.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -69,12 +78,58 @@ def gpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _under_xdist(config: pytest.Config) -> bool:
+    """pytest-xdist distributes this run (`-n N` with N > 0), here or in a worker."""
+    return bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
+
+
+# The xdist group of the SLURM tests: one cluster, one apt-get and its dpkg lock at a time.
+SLURM_GROUP = "slurm"
+
+
+def xdist_group_of(item: pytest.Item) -> str:
+    """The xdist group a test runs in: `slurm` for the SLURM tests, else its file."""
+    if item.get_closest_marker("slurm"):
+        return SLURM_GROUP
+    return item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and not host_has_gpu():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (marker gpu)")
         for item in gpu_items:
             item.add_marker(skip)
+    if not _under_xdist(config):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+    # Groups with multi-process tests first, in their collection order (a stable sort): a
+    # two-minute test handed out last would leave the other worker idle.
+    slow_groups = {xdist_group_of(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: xdist_group_of(item) not in slow_groups)
+
+
+def _once_for_all_workers(tmp_path_factory: pytest.TempPathFactory, name: str,
+                          make: Callable[[Path], dict[str, str]]) -> dict[str, str]:
+    """`make(directory)` run once per test run, also under pytest-xdist: the first worker
+    makes it under an exclusive lock in the run's shared temporary directory and records
+    the result; the others wait for the lock and read the record."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent   # pytest-of-USER/pytest-N, shared by this run's workers
+    record = base / f"{name}.json"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            return json.loads(record.read_text())
+        directory = base / name
+        shutil.rmtree(directory, ignore_errors=True)   # what a failed first try left
+        directory.mkdir()
+        made = make(directory)
+        record.write_text(json.dumps(made))
+        return made
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +138,13 @@ def small_trained_twhin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     checkpoints at 5 and 10), for the tests that only read or copy it: `config` (its YAML),
     `save` (its save_dir; copy it before changing anything), `run_py`. Sharing it saves an
     interpreter start, a graph and a training run per test."""
+    return _once_for_all_workers(tmp_path_factory, "small_trained_twhin", _train_small_twhin)
+
+
+def _train_small_twhin(root: Path) -> dict[str, str]:
     from projects.twhin.data.generate import generate_graph
     from tests.twhin_setup import launcher_env, small_twhin_config
 
-    root = tmp_path_factory.mktemp("small_trained_twhin")
     graph = root / "graph"
     generate_graph(str(graph), num_users=300, num_tweets=100, num_edges=3000,
                    num_communities=4, seed=1, validation_fraction=0.05)

@@ -1,9 +1,13 @@
 """The suite's own rules (tests/conftest.py): CPU workers on any host, and prerequisites
-that skip locally but fail under CI, so a feature cannot go silently untested there."""
+that skip locally but fail under CI, so a feature cannot go silently untested there; under
+pytest-xdist, a shared fixture made once for every worker process, and the test groups."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +39,58 @@ def test_a_missing_prerequisite_fails_under_ci(monkeypatch: pytest.MonkeyPatch,
                        match=r"prerequisite missing under CI \(CI=true must not skip\): no bazel"):
         require(None, "no bazel")
     require("yes", "present")
+
+
+# Run by two processes at once in the test below: each asks for the same shared result.
+_SHARED_MAKER = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.conftest import _once_for_all_workers
+
+class Factory:   # what _once_for_all_workers reads of pytest's TempPathFactory
+    def getbasetemp(self):
+        return Path(sys.argv[2]) / os.environ["PYTEST_XDIST_WORKER"]
+
+def make(directory):
+    with open(Path(sys.argv[2]) / "made.txt", "a") as f:
+        f.write(os.environ["PYTEST_XDIST_WORKER"] + "\n")
+    time.sleep(1)   # the other process arrives while this one is still making it
+    (directory / "result").write_text("made")
+    return {"dir": str(directory)}
+
+print(_once_for_all_workers(Factory(), "shared", make)["dir"])
+"""
+
+
+def test_a_shared_fixture_is_made_once_for_all_xdist_workers(tmp_path: Path) -> None:
+    """Two worker processes ask at once; one makes it, both get its result."""
+    from tests.twhin_setup import REPO
+
+    for worker in ("gw0", "gw1"):
+        (tmp_path / worker).mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", _SHARED_MAKER, REPO, str(tmp_path)],
+                                  env={**os.environ, "PYTEST_XDIST_WORKER": worker},
+                                  stdout=subprocess.PIPE, text=True)
+                 for worker in ("gw0", "gw1")]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0]
+    assert outputs == [str(tmp_path / "shared")] * 2
+    assert len((tmp_path / "made.txt").read_text().splitlines()) == 1
+    assert (tmp_path / "shared" / "result").read_text() == "made"
+
+
+def test_xdist_groups_keep_a_file_together_and_the_slurm_tests_in_one() -> None:
+    from tests.conftest import SLURM_GROUP, xdist_group_of
+
+    class Item:   # the two things xdist_group_of reads of a pytest.Item
+        def __init__(self, nodeid: str, slurm: bool) -> None:
+            self.nodeid, self.slurm = nodeid, slurm
+
+        def get_closest_marker(self, name: str) -> object:
+            return object() if name == "slurm" and self.slurm else None
+
+    assert xdist_group_of(Item("tests/a/test_x.py::test_one[1]", False)) == \
+        xdist_group_of(Item("tests/a/test_x.py::test_two", False)) == "tests/a/test_x.py"
+    assert xdist_group_of(Item("tests/a/test_x.py::test_s", True)) == \
+        xdist_group_of(Item("tests/b/test_y.py::test_t", True)) == SLURM_GROUP
