@@ -347,7 +347,7 @@ MAX_TABLE_BYTES = 4 << 30
 # the loss: rows that only ever appear as global negatives (ids seen only in the validation
 # or test file, a table much larger than the ids training uses) get exactly-zero gradients
 # once their scores saturate the sigmoid. fbgemm's own default; measured in
-# tests/test_import_safety.py.
+# tests/projects/twhin/test_import_safety.py.
 ADAGRAD_EPS = 1e-8
 
 

@@ -155,7 +155,7 @@ def _all_finite(state: Any, device: torch.device) -> torch.Tensor:
 
     Checked in chunks of `_FINITE_CHECK_CHUNK` elements: `isfinite` of a whole table makes
     temporaries of the table's size (an `abs` copy and boolean masks: 1.7x the bytes of a
-    100M-row table, measured by tests/test_scale.py), which a large table cannot afford.
+    100M-row table, measured by tests/benchmarks/test_scale.py), which a large table cannot afford.
     """
     ok = torch.ones((), dtype=torch.bool, device=device)
     for tensor in _local_tensors(state):
