@@ -16,7 +16,7 @@ from projects.twhin.data.data import create_dataset
 from projects.twhin.data.dataset import EdgesDataset
 from projects.twhin.data.edges import EdgeBatch
 from tml.readers.client import ReaderDataset
-from tml.readers.roles import reader_addresses, serve_reader
+from tml.readers.roles import reader_addresses, reader_group, serve_reader
 
 logger = logging.getLogger(__name__)
 
@@ -50,4 +50,5 @@ def reader_train_dataset(config: TwhinConfig, rank: int,
         return None
     return ReaderDataset(addresses, rank, world_size, EdgeBatch,
                          connect_timeout_s=config.readers.connect_timeout_s,
-                         batch_timeout_s=config.readers.batch_timeout_s)
+                         batch_timeout_s=config.readers.batch_timeout_s,
+                         group=reader_group(rank, world_size))
