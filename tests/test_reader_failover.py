@@ -17,8 +17,9 @@ import time
 
 import pytest
 
+from projects.twhin.data.dataset import EdgesDataset
 from projects.twhin.data.edges import EdgeBatch
-from tests.test_readers import Readers, _factory, assert_same, write_edges
+from tests.test_readers import RELATIONS, TABLES, Readers, _factory, assert_same, write_edges
 from tests.twhin_setup import REPO
 from tml.readers.client import ReaderDataset, ReaderError
 from tml.readers.server import encode_ticket
@@ -250,3 +251,28 @@ def test_training_survives_a_killed_reader_with_the_in_process_losses(tmp_path):
         codes = [process.wait(timeout=30) for process in readers]
     # SIGTERM stops a reader cleanly (exit 0), as the launcher stops them.
     assert codes[0] == 0
+
+
+def test_validation_data_is_served_too_and_refused_where_there_is_none(edges, started,
+                                                                       tmp_path):
+    validation = write_edges(tmp_path)   # the same rows, read with another batch size
+
+    def make_validation(rank, world_size):
+        return EdgesDataset(validation, TABLES, RELATIONS, batch_size=7, rank=rank,
+                            world_size=world_size, num_epochs=1, global_negatives=2,
+                            shared_negatives=3, seed=9)
+    readers = started({"train": _factory(edges), "validation": make_validation}, 2, 2,
+                      block=2)
+    for rank in range(2):
+        remote = ReaderDataset(readers.addresses, rank, 2, EdgeBatch, dataset=1)
+        want = list(make_validation(rank, 2))
+        assert len(remote) == len(want) and remote.num_epochs == 1
+        # Each evaluation reads its first batches again, from the start.
+        for _ in range(2):
+            assert_same(list(itertools.islice(iter(remote), 5)), want[:5])
+        assert_same(list(remote), want)
+    train_only = started(_factory(edges), 1, 1)
+    with pytest.raises(ReaderError) as error:
+        ReaderDataset(train_only.addresses, 0, 1, EdgeBatch, dataset=1)
+    assert "dataset 1 (validation) is not served by this reader (it serves train)" in \
+        str(error.value) and "\n" not in str(error.value)

@@ -73,12 +73,14 @@ class ReaderDataset(ResumablePosition):
     `group` (first rank, number of trainers): the trainers this reader list serves;
     default all of them, `(0, world_size)`. Readers beside each node's trainers serve that
     node's trainers only: `group` is then the node's ranks, and the shares are worked out
-    with the rank's place in its group (`tml.readers.shares`).
+    with the rank's place in its group (`tml.readers.shares`). `dataset`: which of the
+    readers' datasets (`tml.readers.server.DATASETS`: 0 training, 1 validation).
     """
 
     def __init__(self, addresses: list[str], rank: int, world_size: int, batch_type: type,
                  connect_timeout_s: float = 60.0, batch_timeout_s: float = 120.0,
-                 queue_depth: int = 4, group: tuple[int, int] | None = None) -> None:
+                 queue_depth: int = 4, group: tuple[int, int] | None = None,
+                 dataset: int = 0) -> None:
         if not addresses:
             raise TmlError("no reader addresses")
         self.addresses = list(addresses)
@@ -88,6 +90,7 @@ class ReaderDataset(ResumablePosition):
             raise TmlError(f"rank {rank} is not in its reader group {first}..{first + size - 1}"
                            f" of {world_size} trainers")
         self.batch_type = batch_type
+        self.dataset = dataset
         self.connect_timeout_s, self.batch_timeout_s = connect_timeout_s, batch_timeout_s
         self.queue_depth = queue_depth
         self.readers = readers_of_rank(rank - first, size, len(addresses))
@@ -122,7 +125,7 @@ class ReaderDataset(ResumablePosition):
             except (flight.FlightError, OSError, ValueError) as error:
                 raise ReaderError(f"{name}: cannot connect: {_flight_text(error)}") from None
         deadline = time.monotonic() + wait
-        body = json.dumps({"rank": self.rank}).encode()
+        body = json.dumps({"rank": self.rank, "dataset": self.dataset}).encode()
         while True:
             left = deadline - time.monotonic()
             try:
@@ -319,7 +322,8 @@ class _Pump:
         positions = self._positions(start)
         position = start
         ticket = encode_ticket(self.index, owner.rank, owner.world_size, len(owner.addresses),
-                               start, part=self.share.part, parts=self.share.parts)
+                               start, part=self.share.part, parts=self.share.parts,
+                               dataset=owner.dataset)
         try:
             self.reader = owner.client(self.index).do_get(flight.Ticket(ticket))
             while not self.halt.is_set():

@@ -198,8 +198,10 @@ def reader_identity(config: ReadersConfig) -> tuple[int, int, str, int]:
     return index, num_readers, host, port
 
 
-def serve_reader(factory: Callable[[int, int], Any], config: ReadersConfig) -> None:
-    """Serve this reader's shares of `factory`'s datasets until stopped (a reader's main)."""
+def serve_reader(factory: Callable[[int, int], Any] | dict[str, Callable[[int, int], Any]],
+                 config: ReadersConfig) -> None:
+    """Serve `factory`'s datasets (one, or `{"train": ..., "validation": ...}`) until
+    stopped (a reader's main)."""
     from tml.readers.server import ReaderServer, serve
     from tml.readers.shares import shares_of_reader
 

@@ -1,11 +1,12 @@
 """The reader's Flight server: serves a project's dataset, in shares, to the trainers.
 
 A trainer asks with a ticket `{"reader", "rank", "world_size", "num_readers", "part",
-"parts", "start"}` (JSON) and receives, as one stream of Arrow record batches
+"parts", "dataset", "start"}` (JSON) and receives, as one stream of Arrow record batches
 (`tml.readers.codec`), the batches of share `Share(rank, part, parts)` of `rank`'s data
 (`tml.readers.shares`), from global batch index `start` on (a resumed trainer asks for its
-position). The reader builds a fresh dataset for each stream, so a restarted trainer's new
-stream does not disturb anything.
+position). `dataset` is an index into `DATASETS` (0: the training data, 1: the validation
+data, when the project hands a factory for it). The reader builds a fresh dataset for each
+stream, so a restarted trainer's new stream does not disturb anything.
 
 A reader serves *any* share of any rank on request, not only the shares the arithmetic
 gives it: that is what lets a trainer fail over (a surviving reader takes over a dead
@@ -51,7 +52,9 @@ MAX_TICKET_BYTES = 512
 # Batches per Flight message: the per-message cost (Arrow arrays, gRPC) is paid once for
 # them (measured: 1.7 ms to encode one TwHIN batch of 200 edges alone).
 MESSAGE_BATCHES = 8
-TICKET_FIELDS = ("reader", "rank", "world_size", "num_readers", "part", "parts", "start")
+TICKET_FIELDS = ("reader", "rank", "world_size", "num_readers", "part", "parts", "dataset",
+                 "start")
+DATASETS = ("train", "validation")
 MAX_ACTION_BYTES = 64
 
 
@@ -73,26 +76,28 @@ def parse_ticket(raw: bytes) -> dict[str, int]:
 
 
 def encode_ticket(reader: int, rank: int, world_size: int, num_readers: int,
-                  start: int, part: int = 0, parts: int = 1) -> bytes:
+                  start: int, part: int = 0, parts: int = 1, dataset: int = 0) -> bytes:
     return json.dumps({"reader": reader, "rank": rank, "world_size": world_size,
                        "num_readers": num_readers, "part": part, "parts": parts,
-                       "start": start}).encode()
+                       "dataset": dataset, "start": start}).encode()
 
 
-def parse_describe(raw: bytes) -> int | None:
-    """The rank a `describe` action asks about (body `{"rank": r}`), or None (empty body)."""
+def parse_describe(raw: bytes) -> tuple[int | None, int]:
+    """(rank, dataset) a `describe` action asks about (body `{"rank": r, "dataset": d}`),
+    or (None, 0) for an empty body."""
     if not raw:
-        return None
+        return None, 0
     if len(raw) > MAX_ACTION_BYTES:
         raise ValueError(f"describe body of {len(raw)} bytes (at most {MAX_ACTION_BYTES})")
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ValueError("describe body is not JSON") from None
-    if not isinstance(data, dict) or list(data) != ["rank"] or type(data["rank"]) is not int \
-            or data["rank"] < 0:
-        raise ValueError('describe body must be {"rank": <non-negative integer>}')
-    return data["rank"]
+    if not isinstance(data, dict) or sorted(data) != ["dataset", "rank"] or \
+            any(type(v) is not int or v < 0 for v in data.values()):
+        raise ValueError('describe body must be {"rank": r, "dataset": d} (non-negative '
+                         'integers)')
+    return data["rank"], data["dataset"]
 
 
 def dataset_total(dataset: Any) -> tuple[int, int]:
@@ -103,9 +108,11 @@ def dataset_total(dataset: Any) -> tuple[int, int]:
 class ReaderServer(flight.FlightServerBase):
     """Serves shares of `factory`'s datasets as reader `index` of `num_readers` (see the
     module docstring); `ranks`: the ranks whose datasets are built at start (default: the
-    ranks of this reader's own shares, `shares_of_reader`)."""
+    ranks of this reader's own shares, `shares_of_reader`). `factory` is the training
+    data's, or `{"train": ..., "validation": ...}` (names from `DATASETS`)."""
 
-    def __init__(self, factory: DatasetFactory, index: int, num_readers: int,
+    def __init__(self, factory: DatasetFactory | dict[str, DatasetFactory], index: int,
+                 num_readers: int,
                  world_size: int, host: str = "127.0.0.1", port: int = 0,
                  block: int = 8, ranks: list[int] | None = None) -> None:
         if not 0 <= index < num_readers:
@@ -113,7 +120,12 @@ class ReaderServer(flight.FlightServerBase):
         if world_size < 1 or block < 1:
             raise TmlError(f"readers need world_size >= 1 and block >= 1, got {world_size}, "
                            f"{block}")
-        self.factory = factory
+        factories = factory if isinstance(factory, dict) else {"train": factory}
+        unknown = sorted(set(factories) - set(DATASETS))
+        if unknown or "train" not in factories:
+            raise TmlError(f"a reader serves {', '.join(DATASETS)} (train required), not "
+                           f"{', '.join(unknown)}")
+        self.factories = {DATASETS.index(name): f for name, f in factories.items()}
         self.index, self.num_readers, self.world_size, self.block = (
             index, num_readers, world_size, block)
         self.shares: dict[int, Share] = {
@@ -122,31 +134,36 @@ class ReaderServer(flight.FlightServerBase):
             ranks = sorted(self.shares)
         # Build the expected ranks' datasets once up front: bad data or config fails the
         # reader at start, and their sizes are known before a trainer asks.
-        self.sizes = {rank: dataset_total(factory(rank, world_size)) for rank in ranks}
+        self.sizes = {(data, rank): dataset_total(make(rank, world_size))
+                      for data, make in self.factories.items() for rank in ranks}
         super().__init__(location=f"grpc://{_url_host(host)}:{port}")
         self.host = host
         self.streams = 0
         self._lock = threading.Lock()
 
-    def size(self, rank: int) -> tuple[int, int]:
-        """(batches per epoch, epochs) of `rank`'s data; built on the first request."""
+    def size(self, rank: int, data: int = 0) -> tuple[int, int]:
+        """(batches per epoch, epochs) of `rank`'s data (`DATASETS[data]`); built on the
+        first request."""
         with self._lock:
-            if rank not in self.sizes:
-                self.sizes[rank] = dataset_total(self.factory(rank, self.world_size))
-            return self.sizes[rank]
+            if (data, rank) not in self.sizes:
+                self.sizes[data, rank] = dataset_total(self.factories[data](rank,
+                                                                            self.world_size))
+            return self.sizes[data, rank]
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def describe(self, rank: int | None = None) -> dict[str, Any]:
-        """Who this reader is, and the sizes of the ranks built so far (and of `rank`)."""
+    def describe(self, rank: int | None = None, data: int = 0) -> dict[str, Any]:
+        """Who this reader is, and the sizes of dataset `data`'s ranks built so far (and of
+        `rank`)."""
         if rank is not None:
-            self.size(rank)
+            self.size(rank, data)
         with self._lock:
-            sizes = dict(self.sizes)
+            sizes = {r: size for (d, r), size in self.sizes.items() if d == data}
         return {"reader": self.index, "num_readers": self.num_readers,
                 "world_size": self.world_size, "block": self.block,
+                "datasets": [DATASETS[d] for d in sorted(self.factories)],
                 "ranks": {str(r): {"batches_per_epoch": n, "num_epochs": e}
                           for r, (n, e) in sizes.items()}}
 
@@ -158,15 +175,22 @@ class ReaderServer(flight.FlightServerBase):
         if action.type != "describe":
             raise flight.FlightServerError("unknown action (this reader has: describe)")
         try:
-            rank = parse_describe(action.body.to_pybytes() if action.body else b"")
+            rank, data = parse_describe(action.body.to_pybytes() if action.body else b"")
             if rank is not None and rank >= self.world_size:
                 raise ValueError(f"rank {rank} is not one of the {self.world_size} trainers")
-            return iter([json.dumps(self.describe(rank)).encode()])
+            self._check_dataset(data)
+            return iter([json.dumps(self.describe(rank, data)).encode()])
         except ValueError as error:
             raise flight.FlightServerError(f"describe refused: {error}") from None
         except TmlError as error:
             logger.error("reader %d: %s", self.index, error)
             raise flight.FlightServerError(error_line(error)) from None
+
+    def _check_dataset(self, data: int) -> None:
+        if data not in self.factories:
+            name = f" ({DATASETS[data]})" if data < len(DATASETS) else ""
+            raise ValueError(f"dataset {data}{name} is not served by this reader (it serves "
+                             f"{', '.join(DATASETS[d] for d in sorted(self.factories))})")
 
     def _check(self, ticket: dict[str, int]) -> Share:
         mine = {"reader": self.index, "world_size": self.world_size,
@@ -178,11 +202,12 @@ class ReaderServer(flight.FlightServerBase):
         if ticket["rank"] >= self.world_size:
             raise ValueError(f"rank {ticket['rank']} is not one of the {self.world_size} "
                              "trainers")
+        self._check_dataset(ticket["dataset"])
         if not 1 <= ticket["parts"] <= self.num_readers or ticket["part"] >= ticket["parts"]:
             raise ValueError(f"part {ticket['part']} of {ticket['parts']} is not a share of "
                              f"{self.num_readers} reader(s)")
         try:
-            batches, epochs = self.size(ticket["rank"])
+            batches, epochs = self.size(ticket["rank"], ticket["dataset"])
         except TmlError as error:
             raise flight.FlightServerError(error_line(error)) from None
         if ticket["start"] > batches * epochs:
@@ -200,21 +225,23 @@ class ReaderServer(flight.FlightServerBase):
             raise flight.FlightServerError(f"ticket refused: {error}") from None
         with self._lock:
             self.streams += 1
-        logger.info("reader %d: serving rank %d (part %d of %d) from batch %d to %s",
-                    self.index, share.rank, share.part, share.parts, fields["start"],
-                    context.peer())
-        records = self._records(share, fields["start"])
+        data = fields["dataset"]
+        logger.info("reader %d: serving %srank %d (part %d of %d) from batch %d to %s",
+                    self.index, f"{DATASETS[data]} of " if data else "", share.rank,
+                    share.part, share.parts, fields["start"], context.peer())
+        records = self._records(share, fields["start"], data)
         try:
             first = next(records)
         except StopIteration:
             return flight.GeneratorStream(pa.schema([]), iter(()))
         return flight.GeneratorStream(first.schema, _chain(first, records))
 
-    def _records(self, share: Share, start: int) -> Iterator[pa.RecordBatch]:
-        """Encoded batches of `share` from global index `start` (errors as one line)."""
+    def _records(self, share: Share, start: int, data: int) -> Iterator[pa.RecordBatch]:
+        """Encoded batches of `share` of dataset `data` from global index `start` (errors as
+        one line)."""
         try:
-            dataset = self.factory(share.rank, self.world_size)
-            batches, epochs = self.size(share.rank)
+            dataset = self.factories[data](share.rank, self.world_size)
+            batches, epochs = self.size(share.rank, data)
             if (len(dataset), int(getattr(dataset, "num_epochs", 1))) != (batches, epochs):
                 raise TmlError(f"rank {share.rank}'s data changed size since the reader "
                                "started; restart the readers")
