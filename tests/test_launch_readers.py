@@ -126,3 +126,56 @@ def test_bad_reader_fields_are_one_line(tmp_path, capsys, readers, message):
     assert exit_code.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def _two_nodes(config: str, save_dir: Path) -> str:
+    """`run.py --nproc_per_node=2` on two nodes of this host (TML_NUM_NODES=2, the chief
+    first); both launchers' output."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {"TML_NUM_NODES": "2", "TML_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+              "TML_RUN_ID": save_dir.name, "TML_RDZV_TIMEOUT": "300"}
+    cmd = [sys.executable, str(RUN), f"--config_yaml_path={config}", f"--save_dir={save_dir}",
+           "--nproc_per_node=2"]
+    procs = [subprocess.Popen(cmd, env=launcher_env(**common, TML_IS_CHIEF="1"), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    deadline = time.monotonic() + 240
+    while True:   # the chief's rendezvous store first
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert procs[0].poll() is None and time.monotonic() < deadline, \
+            procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    procs.append(subprocess.Popen(cmd, env=launcher_env(**common), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return "".join(outputs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1300)
+def test_each_nodes_launcher_starts_readers_for_its_own_trainers(tmp_path, graph):
+    """maybe_run_training on two nodes x 2 workers with readers.num_readers 1: each node's
+    launcher starts one reader serving its node's 2 trainers; losses as in-process."""
+    def config(name, readers):
+        path = small_twhin_config(tmp_path / name, graph, 500, 200, 50, train_log_every_n=5,
+                                  eval_log_every_n=10**6, num_eval_steps=2, num_epochs=1,
+                                  num_train_steps=30, checkpoint_every_n=1000)
+        if readers:
+            data = yaml.safe_load(open(path))
+            data["readers"] = {"num_readers": readers}
+            yaml.safe_dump(data, open(path, "w"))
+        return path
+    plain = _two_nodes(config("plain.yaml", 0), tmp_path / "plain")
+    fed = _two_nodes(config("fed.yaml", 1), tmp_path / "fed")
+    assert fed.count("started 1 reader(s) beside the trainers: 127.0.0.1:") == 2
+    # One reader per node serves both of its node's ranks (ranks 0-1 on one, 2-3 on the other).
+    assert len(set(re.findall(r"serving rank (\d) \(part 0 of 1\) from batch 0", fed))) == 4
+    want, got = _losses(plain), _losses(fed)
+    assert len(want) == 6 and got == want, (got, want)
