@@ -129,6 +129,20 @@ def test_a_reader_stopped_before_the_stream_is_taken_over(edges, started):
     assert remote.takeovers == [(1, 0)]
 
 
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1)])
+def test_a_reader_gone_before_the_trainer_starts_is_taken_over(edges, started, world_size,
+                                                               rank):
+    # A trainer (re)started after one of its readers died: another reader of the list
+    # serves that share (with 2 trainers, rank 1's only reader is gone: reader 0 serves it).
+    readers = started(_factory(edges), 2, world_size, block=3)
+    readers.stop(1)
+    remote = ReaderDataset(readers.addresses, rank, world_size, EdgeBatch,
+                           connect_timeout_s=1.0)
+    assert 1 in remote.dead and remote.dead[1].startswith("did not answer within 1 s")
+    assert_same(list(remote), _local(edges, rank, world_size))
+    assert remote.takeovers == [(1, 0)]
+
+
 def test_a_lone_reader_gone_before_the_stream_is_named_in_one_line(edges, started):
     readers = started(_factory(edges), 1, 1)
     remote = ReaderDataset(readers.addresses, 0, 1, EdgeBatch)

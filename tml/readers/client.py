@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -50,6 +51,10 @@ class ReaderError(TmlError):
     """A reader is unreachable, died, stalled or sent something wrong."""
 
 
+class ReaderUnreachable(ReaderError):
+    """A reader did not answer within the connect timeout (not started, or gone)."""
+
+
 class _Failure:
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -57,6 +62,11 @@ class _Failure:
 
 def _name(index: int, address: str) -> str:
     return f"reader {index} ({address})"
+
+
+def _why(error: ReaderError) -> str:
+    """A reader's error without its leading name (`reader 1 (host:port) `)."""
+    return re.sub(r"^reader \d+ \([^)]*\):? ", "", str(error))
 
 
 def _flight_text(error: BaseException) -> str:
@@ -100,8 +110,7 @@ class ReaderDataset(ResumablePosition):
         self.takeovers: list[tuple[int, int]] = []   # (dead reader, reader that took over)
         sizes = set()
         blocks = set()
-        for index in self.readers:
-            info = self._describe(index)
+        for info in self._describe_own():
             sizes.add((info["batches_per_epoch"], info["num_epochs"]))
             blocks.add(info["block"])
         if len(sizes) != 1 or len(blocks) != 1:
@@ -112,18 +121,58 @@ class ReaderDataset(ResumablePosition):
         (self.block,) = blocks
         self._reset_position()
 
+    def _describe_own(self) -> list[dict[str, Any]]:
+        """This rank's readers' descriptions. One that does not answer (a reader that died
+        before this trainer started or restarted) is marked dead, so that another takes
+        over its share, as long as some reader of the list answers."""
+        infos, unreachable = [], []
+        for index in self.readers:
+            try:
+                infos.append(self._describe(index))
+            except ReaderUnreachable as error:
+                if len(self.addresses) == 1:
+                    raise
+                unreachable.append(error)
+                self.dead[index] = _why(error)
+        others = [i for i in range(len(self.addresses))
+                  if i not in self.readers and i not in self.dead]
+        for index in others if not infos else []:
+            try:
+                infos.append(self._describe(index, connect_timeout_s=min(
+                    self.connect_timeout_s, 5.0)))
+                break
+            except ReaderError as error:
+                self.dead[index] = _why(error)
+        if not infos:
+            raise unreachable[0]
+        return infos
+
     def _describe(self, index: int, connect_timeout_s: float | None = None) -> dict[str, Any]:
         """Connect to reader `index` (waiting for it to come up) and check who it is."""
         address = self.addresses[index]
         name = _name(index, address)
         wait = self.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         with self._lock:
-            client = self._clients.get(index)   # in use by a stream: keep it
+            client = self._clients.get(index)   # maybe in use by a stream: never closed here
+        created = client is None
         if client is None:
             try:
                 client = flight.connect(f"grpc://{address}")
             except (flight.FlightError, OSError, ValueError) as error:
                 raise ReaderError(f"{name}: cannot connect: {_flight_text(error)}") from None
+        try:
+            info = self._ask(index, client, wait)
+        except ReaderError:
+            if created:
+                client.close()
+            raise
+        with self._lock:
+            self._clients[index] = client
+        return info
+
+    def _ask(self, index: int, client: flight.FlightClient, wait: float) -> dict[str, Any]:
+        """Reader `index`'s answer to `describe`, checked against this trainer."""
+        name = _name(index, self.addresses[index])
         deadline = time.monotonic() + wait
         body = json.dumps({"rank": self.rank, "dataset": self.dataset}).encode()
         while True:
@@ -135,13 +184,11 @@ class ReaderDataset(ResumablePosition):
             except (flight.FlightUnavailableError, flight.FlightTimedOutError,
                     flight.FlightCancelledError) as error:
                 if time.monotonic() >= deadline:
-                    client.close()
-                    raise ReaderError(f"{name} did not answer within "
+                    raise ReaderUnreachable(f"{name} did not answer within "
                                       f"{wait:g} s (not started, or "
                                       f"unreachable): {_flight_text(error)}") from None
                 time.sleep(0.2)
             except (flight.FlightError, OSError) as error:
-                client.close()
                 raise ReaderError(f"{name}: {_flight_text(error)}") from None
         try:
             info = json.loads(results[0].body.to_pybytes())
@@ -159,11 +206,7 @@ class ReaderDataset(ResumablePosition):
                     "batches_per_epoch": int(rank_info["batches_per_epoch"]),
                     "num_epochs": int(rank_info["num_epochs"])}
         except (ValueError, KeyError, TypeError, IndexError):
-            client.close()
             raise ReaderError(f"{name}: its description is not valid") from None
-        finally:
-            with self._lock:
-                self._clients[index] = client
 
     def client(self, index: int) -> flight.FlightClient:
         with self._lock:
