@@ -16,10 +16,13 @@ has not received yet. Every reader can serve any share (`tml.readers.server`), a
 is the same wherever it is built, so the trainer's batches and their order do not change.
 A trainer whose list has no other live reader ends as before, naming the dead one.
 
+A reader that does not answer when the trainer starts (or restarts) is failed over the
+same way once `connect_timeout_s` has passed, if another reader of the list answers.
+
 Never a hang: connecting waits at most `connect_timeout_s` for a reader to answer, and
-each batch at most `batch_timeout_s`; a reader that is not up at the start, stalls,
-refuses or sends something that is not a batch of the expected class, or dies with no
-reader left to take over, ends the iteration with a `ReaderError` naming it
+each batch at most `batch_timeout_s`; a reader that stalls, refuses or sends something
+that is not a batch of the expected class, or is down or dies with no reader left to
+take over, ends the iteration with a `ReaderError` naming it
 (`reader 1 (127.0.0.1:4242) ...`), one line.
 """
 
