@@ -108,6 +108,14 @@ def test_dry_runs_start_the_readers_before_each_agent(tmp_path, capsys):
     assert '--rdzv_endpoint "$TML_RDZV_ENDPOINT"' in last
     assert subprocess.run(["bash", "-n"], input=node_script, text=True).returncode == 0
     assert not (tmp_path / "runs").exists()
+    main(["launch", str(path), "--backend", "kubernetes", "--dry-run", "--image", "reg/tml:1"])
+    job = yaml.safe_load(capsys.readouterr().out)
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        script = spec["template"]["spec"]["containers"][0]["command"][2]
+        last = script.strip().splitlines()[-1]
+        # The image's tml starts the pod's readers, then the agent.
+        assert last.startswith("exec python -m tml.launch.node_readers --readers 3 "), last
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     plain = _write(tmp_path)
     main(["launch", str(plain), "--dry-run"])
     assert "node_readers" not in capsys.readouterr().out
