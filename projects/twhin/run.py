@@ -79,6 +79,11 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
                               num_epochs=num_epochs)
 
     def validation_data(rank: int, world_size: int):  # noqa: ANN202
+        from .data.readers import reader_validation_dataset
+
+        dataset = reader_validation_dataset(all_config, rank, world_size)
+        if dataset is not None:
+            return dataset
         return create_dataset(validation, model_config, rank, world_size)
 
     # Every checkpoint records how this model scores (operators, tables), and one trained

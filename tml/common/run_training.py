@@ -430,7 +430,8 @@ def maybe_run_training(
         `readers.addresses`) and `readers.num_readers` (else `TML_NUM_READERS`, else the
         machines file's `num_dataset_workers`) is positive, the launcher starts that many
         readers beside the trainers, hands their addresses to the workers in
-        `TML_READERS`, and stops them at the end.
+        `TML_READERS`, and stops them at the end. On several nodes each node's launcher
+        starts that many for its own trainers.
       readers: the run's `ReadersConfig` (see reader_fn).
       **training_kwargs: passed to `train_fn`, forwarded to workers as `--key=value`.
 
@@ -519,17 +520,19 @@ def _maybe_local_readers(reader_fn: Callable[..., Any] | None, readers: ReadersC
     if not count:
         yield
         return
-    if node.num_nodes > 1:
-        raise TmlError(f"readers beside the trainers run on one node; with {node.num_nodes} "
-                       f"nodes start them on their own nodes and list them in "
-                       f"{roles.READERS_ENV}")
     world_size = node.num_nodes * nproc_per_node
     command = [sys.executable, *entrypoint, *script_args]
     child_env = {**os.environ, **env, "PYTHONPATH": ":".join(p for p in sys.path if p)}
     timeout = readers.start_timeout_s if readers is not None else 300.0
+    # On several nodes each node's launcher starts its own readers, which serve the
+    # trainers of that node (`node` scope).
+    per_node = node.num_nodes > 1
     with roles.local_readers(command, count, world_size, child_env, log_dir,
-                             start_timeout_s=timeout) as found:
+                             start_timeout_s=timeout,
+                             group_size=nproc_per_node if per_node else None) as found:
         env[roles.READERS_ENV] = ",".join(found)
+        if per_node:
+            env[roles.READER_SCOPE_ENV] = "node"
         yield
 
 

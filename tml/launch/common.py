@@ -68,6 +68,21 @@ def torchrun_args(workflow: Workflow, endpoint: str, rdzv_id: str, is_host: str)
             workflow.file, *workflow.args]
 
 
+def node_argv(workflow: Workflow, python: str, agent_args: list[str],
+              tml_root: str | None) -> list[str]:
+    """What each node runs: the torchrun agent (`python agent_args...`), or with
+    `readers.per_node` the node's readers first and then the agent
+    (`tml.launch.node_readers`; `tml_root` as there)."""
+    if not workflow.readers.per_node:
+        return [python, *agent_args]
+    from tml.launch.node_readers import node_command
+
+    return node_command(python, tml_root, workflow.readers.per_node,
+                        workflow.readers.start_timeout_s,
+                        workflow.nodes * workflow.nproc_per_node, workflow.nproc_per_node,
+                        [python, workflow.file, *workflow.args], [python, *agent_args])
+
+
 _CONFIG_FLAGS = ("--config_yaml_path", "--config")
 
 

@@ -15,7 +15,7 @@ import shlex
 
 import yaml
 
-from tml.launch.common import torchrun_args, workflow_environment
+from tml.launch.common import node_argv, torchrun_args, workflow_environment
 from tml.launch.workflow import Workflow, memory_mebibytes
 
 DEFAULT_IMAGE = "REPLACE-ME/tml:latest"
@@ -54,7 +54,9 @@ def _node_script(workflow: Workflow, name: str, python: str,
         python = f"{K8S_ENV}/bin/python"
     command = torchrun_args(workflow, "${MASTER_ADDR}:${MASTER_PORT}", name, "${is_host}")
     expand = {"${MASTER_ADDR}:${MASTER_PORT}", "is_host=${is_host}"}
-    quoted = [f'"{c}"' if c in expand else shlex.quote(c) for c in [python, *command]]
+    # tml is the image's own (tml_root None): the node's readers start from it.
+    quoted = [f'"{c}"' if c in expand else shlex.quote(c)
+              for c in node_argv(workflow, python, command, None)]
     if install_requirements and workflow.requirement_specs:
         lines.append(shlex.join([python, "-m", "pip", "install", *workflow.requirement_specs]))
     lines += list(workflow.before_run)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from tml.launch import run_env
 from tml.launch.artifacts import refused_error
-from tml.launch.common import base_environment, copy_artifacts, log_tail, torchrun_args
+from tml.launch.common import base_environment, copy_artifacts, log_tail, node_argv, torchrun_args
+from tml.launch.node_readers import tml_root
 from tml.launch.workflow import LaunchFailedError, Workflow
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ def plan(workflow: Workflow, run_id: str, port: int | None = None,
     python = python or sys.executable
     endpoint = f"127.0.0.1:{port or free_port()}"
     rdzv_id = f"{workflow.name}-{run_id}"
-    commands = [[python, *torchrun_args(workflow, endpoint, rdzv_id,
-                                                "1" if node == 0 else "0")]
+    root = tml_root()
+    commands = [node_argv(workflow, python, torchrun_args(workflow, endpoint, rdzv_id,
+                                                          "1" if node == 0 else "0"), root)
                 for node in range(workflow.nodes)]
     # The nodes share this machine's cores.
     cpus = max(1, (os.cpu_count() or 1) // workflow.nodes)

@@ -25,7 +25,13 @@ import time
 from collections.abc import Callable
 
 from tml.launch.artifacts import refused_error
-from tml.launch.common import _WORKER_VARIABLES, log_tail, torchrun_args, workflow_environment
+from tml.launch.common import (
+    _WORKER_VARIABLES,
+    log_tail,
+    node_argv,
+    torchrun_args,
+    workflow_environment,
+)
 from tml.launch.runs import RunStopped
 from tml.launch.workflow import LaunchError, LaunchFailedError, Workflow, memory_mebibytes
 
@@ -166,7 +172,8 @@ def render_scripts(workflow: Workflow, run_dir: str, partition: str | None = Non
     command = torchrun_args(workflow, "$TML_RDZV_ENDPOINT", "$TML_RDZV_ID", "$is_host")
     # The shell must expand these three: quote them with double quotes instead.
     expand = {"$TML_RDZV_ENDPOINT", "$TML_RDZV_ID", "is_host=$is_host"}
-    quoted = [f'"{c}"' if c in expand else q(c) for c in [python, *command]]
+    quoted = [f'"{c}"' if c in expand else q(c)
+              for c in node_argv(workflow, python, command, _tml_root())]
     node = ["#!/bin/bash", "# One node of the job: its before_run, then its torchrun agent.",
             "set -euo pipefail", f"cd {q(workflow.working_path())}"]
     node += [f"export {key}={q(value)}" for key, value in workflow_environment(workflow).items()]

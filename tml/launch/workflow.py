@@ -12,6 +12,7 @@ and `${VAR}` / `${CONFIG_DIR}` are substituted (a workflow can point at files be
     working_dir: ${CONFIG_DIR}/../../..
     artifacts: [runs/twhin]
     resources: {cpu: 2, memory: 8Gi, gpu: {count: 0}}
+    readers: {per_node: 2}     # reader processes beside each node's trainers (tml.readers)
 """
 
 from __future__ import annotations
@@ -178,6 +179,26 @@ class Resources(BaseConfig):
         return value
 
 
+class WorkflowReaders(BaseConfig):
+    """Reader processes (`tml.readers`, docs/readers.md) started on each node beside its
+    trainers, before its torchrun agent; they serve that node's trainers."""
+
+    per_node: pydantic.NonNegativeInt = Field(0, description="Reader processes on each node "
+                                              "(each runs the workflow's file with "
+                                              "TML_ROLE=reader); 0: the trainers read.")
+    start_timeout_s: pydantic.PositiveFloat = Field(
+        300.0, description="How long a node waits for its readers to serve before it fails.")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _count_alone(cls, value: object) -> object:
+        # `readers: 2` is `readers: {per_node: 2}`.
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a reader count or a mapping "
+                             "{per_node, start_timeout_s}")
+        return {"per_node": value} if isinstance(value, int) else value
+
+
 class Workflow(BaseConfig):
     """A torchrun workflow: one agent per node, `gpu.count` (or 1) workers per agent."""
 
@@ -210,6 +231,9 @@ class Workflow(BaseConfig):
     version: str | None = Field(None, description="Python major.minor the workflow needs; "
                                 "checked against the launching interpreter.")
     resources: Resources = Field(default_factory=Resources, description="Per-node resources.")
+    readers: WorkflowReaders = Field(default_factory=WorkflowReaders, description="Reader "
+                                     "processes beside each node's trainers: "
+                                     "{per_node: N} (or N).")
     max_restarts: pydantic.NonNegativeInt | None = Field(
         None, description="Restarts of the whole worker group after a failure (torchrun "
         "--max_restarts). Default: the training.max_restarts of the config the script is "

@@ -16,8 +16,9 @@ class ReadersConfig(BaseConfig):
     processes started by the launcher beside the trainers. See docs/readers.md."""
 
     num_readers: pydantic.NonNegativeInt = Field(
-        0, description="Readers the launcher starts beside the trainers (one node); 0: read "
-        "in the trainers, unless reader addresses are given.")
+        0, description="Readers the launcher starts beside the trainers (on several nodes: "
+        "on each node, serving that node's trainers); 0: read in the trainers, unless reader "
+        "addresses are given.")
     addresses: list[str] | None = Field(
         None, description="host:port of readers started on their own nodes, in reader order "
         "(start reader i with TML_ROLE=reader TML_READER_INDEX=i).")

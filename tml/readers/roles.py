@@ -14,6 +14,11 @@ job group 1 listing the reader nodes). Here:
   gives their addresses to the trainers in `TML_READERS`.
 * A reader learns the trainers' world size from `TML_TRAINER_WORLD_SIZE` (the launcher sets
   it), else the machines file (`(1 + num_workers) * chief.num_accelerators`).
+* Scope (`TML_READER_SCOPE`): `job` (default), the reader list serves every trainer; `node`,
+  the list holds the readers beside this node's trainers and serves those only (each node's
+  launcher starts its own, `tml launch` with `readers.per_node`, or `maybe_run_training` on
+  several nodes). A trainer then works out its shares from its place on the node
+  (`LOCAL_RANK` of `LOCAL_WORLD_SIZE`); its batches are still its rank's in-process batches.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ READER_BIND_ENV = "TML_READER_BIND"
 TRAINER_WORLD_SIZE_ENV = "TML_TRAINER_WORLD_SIZE"
 READER_PORT_FILE_ENV = "TML_READER_PORT_FILE"
 READER_ERROR_FILE_ENV = "TML_READER_ERROR_FILE"
+READER_SCOPE_ENV = "TML_READER_SCOPE"
+READER_GROUP_SIZE_ENV = "TML_READER_GROUP_SIZE"
+SCOPES = ("job", "node")
 SLURM_READER_NODES = "SLURM_JOB_NODELIST_HET_GROUP_1"
 DEFAULT_READER_PORT = 2222
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
@@ -105,6 +113,28 @@ def reader_addresses(config: ReadersConfig | None = None) -> list[str] | None:
     if config is not None and config.addresses:
         return [check_address(a, "readers.addresses") for a in config.addresses]
     return None
+
+
+def reader_scope() -> str:
+    """`job` or `node` (see the module docstring)."""
+    scope = os.environ.get(READER_SCOPE_ENV) or "job"
+    if scope not in SCOPES:
+        raise ConfigError(f"{READER_SCOPE_ENV}={scope!r} must be job or node")
+    return scope
+
+
+def reader_group(rank: int, world_size: int) -> tuple[int, int]:
+    """(first rank, number of trainers) this trainer's reader list serves: every trainer,
+    or in `node` scope the trainers of its node (torchrun numbers a node's workers
+    contiguously: its first rank is `rank - LOCAL_RANK`)."""
+    if reader_scope() == "job":
+        return 0, world_size
+    local_rank = _env_int("LOCAL_RANK")
+    local_size = _env_int("LOCAL_WORLD_SIZE", minimum=1)
+    if local_rank is None or local_size is None:
+        raise ConfigError(f"{READER_SCOPE_ENV}=node needs LOCAL_RANK and LOCAL_WORLD_SIZE "
+                          "(set by torchrun)")
+    return rank - local_rank, local_size
 
 
 def local_reader_count(config: ReadersConfig | None = None) -> int:
@@ -168,15 +198,25 @@ def reader_identity(config: ReadersConfig) -> tuple[int, int, str, int]:
     return index, num_readers, host, port
 
 
-def serve_reader(factory: Callable[[int, int], Any], config: ReadersConfig) -> None:
-    """Serve this reader's shares of `factory`'s datasets until stopped (a reader's main)."""
+def serve_reader(factory: Callable[[int, int], Any] | dict[str, Callable[[int, int], Any]],
+                 config: ReadersConfig) -> None:
+    """Serve `factory`'s datasets (one, or `{"train": ..., "validation": ...}`) until
+    stopped (a reader's main)."""
     from tml.readers.server import ReaderServer, serve
+    from tml.readers.shares import shares_of_reader
 
     index, num_readers, host, port = reader_identity(config)
     world_size = trainer_world_size()
+    ranks = None
+    if reader_scope() == "node":
+        # It serves its node's trainers, whose ranks the rendezvous assigns later: check
+        # the data of the ranks it would serve on the first node now, others on request.
+        group = _env_int(READER_GROUP_SIZE_ENV, minimum=1) or world_size
+        ranks = sorted({s.rank for s in shares_of_reader(index, min(group, world_size),
+                                                         num_readers)})
     try:
         server = ReaderServer(factory, index, num_readers, world_size, host=host, port=port,
-                              block=config.block_batches)
+                              block=config.block_batches, ranks=ranks)
     except (OSError, pa.ArrowException) as error:
         raise TmlError(f"reader {index}: cannot listen on {host}:{port} (address in use, or "
                        f"not an interface of this host?): {error_line(error, 120)}") from None
@@ -207,12 +247,14 @@ def run_reader(reader_fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def local_readers(command: list[str], count: int, world_size: int,
                   env: dict[str, str], work_dir: str,
-                  start_timeout_s: float = 60.0) -> Iterator[list[str]]:
+                  start_timeout_s: float = 60.0, cwd: str | None = None,
+                  group_size: int | None = None) -> Iterator[list[str]]:
     """Start `count` reader processes running `command`; yield their addresses; stop them.
 
     Each binds its configured `bind_host` (or `TML_READER_BIND`) on a port of its choosing
     and writes host:port to a file this waits for; a
     reader that exits first, or is not up within `start_timeout_s`, is a TmlError naming it.
+    `group_size`: the readers serve this node's `group_size` trainers (`node` scope).
     """
     processes: list[subprocess.Popen] = []
     files = []
@@ -224,9 +266,12 @@ def local_readers(command: list[str], count: int, world_size: int,
             child_env = {**env, ROLE_ENV: "reader", READER_INDEX_ENV: str(index),
                          NUM_READERS_ENV: str(count), TRAINER_WORLD_SIZE_ENV: str(world_size),
                          READER_PORT_FILE_ENV: port_file, READER_ERROR_FILE_ENV: error_file}
+            if group_size is not None:
+                child_env[READER_SCOPE_ENV] = "node"
+                child_env[READER_GROUP_SIZE_ENV] = str(group_size)
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", READERS_ENV):
                 child_env.pop(name, None)
-            processes.append(subprocess.Popen(command, env=child_env))
+            processes.append(subprocess.Popen(command, env=child_env, cwd=cwd))
         addresses = []
         deadline = time.monotonic() + start_timeout_s
         for index, (process, (port_file, error_file)) in enumerate(zip(processes, files)):

@@ -34,7 +34,11 @@ TABLES = {"user": 50, "tweet": 30}
 
 @pytest.fixture(scope="module")
 def edges(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edges")
+    return write_edges(tmp_path_factory.mktemp("edges"))
+
+
+def write_edges(root):
+    """301 edges of two relations in two parquet files under `root`; returns it (str)."""
     for part, (lo, hi) in enumerate(((0, 130), (130, 301))):
         i = np.arange(lo, hi)
         rel = i % 2
@@ -186,7 +190,9 @@ def test_fuzzed_tickets_parse_or_are_refused_in_one_line(raw):
      "start must be a non-negative integer"),
     (encode_ticket(0, 0, 1, 1, 0).replace(b'"start": 0', b'"start": true'),
      "start must be a non-negative integer"),
-    (encode_ticket(0, 3, 1, 1, 0), "rank 3 is not served by reader 0"),
+    (encode_ticket(0, 3, 1, 1, 0), "rank 3 is not one of the 1 trainers"),
+    (encode_ticket(0, 0, 1, 1, 0, part=1, parts=1), "part 1 of 1 is not a share of 1 reader"),
+    (encode_ticket(0, 0, 1, 1, 0, part=0, parts=2), "part 0 of 2 is not a share of 1 reader"),
     (encode_ticket(0, 0, 2, 1, 0), "world_size=2 but this reader has world_size=1"),
     (encode_ticket(1, 0, 1, 1, 0), "reader=1 but this reader has reader=0"),
     (encode_ticket(0, 0, 1, 1, 10**9), "past the end of the data"),

@@ -111,16 +111,25 @@ def test_reader_role_processes_serve_in_process_batches_and_faults_are_named(tmp
         assert_same(list(itertools.islice(iter(remote), 10)),
                     list(itertools.islice(iter(local), 10)))
 
-        # A killed reader ends the iteration naming it, in one line.
+        # A killed reader: the other one takes over its share, the batches do not change.
+        remote.load_state_dict({"epoch": 0, "batch": 0})
         batches = iter(remote)
-        next(batches)
+        got = [next(batches)]
         readers[1].kill()
         readers[1].wait()
+        got += list(batches)
+        local.load_state_dict({"epoch": 0, "batch": 0})
+        assert_same(got, list(local))
+        # With none left to take over, the iteration ends naming the reader, in one line.
+        batches = iter(remote)
+        next(batches)
+        readers[0].kill()
+        readers[0].wait()
         with pytest.raises(ReaderError) as killed:
             list(batches)
         message = str(killed.value)
-        assert message.startswith(f"reader 1 ({addresses[1]}) failed:") or \
-            message.startswith(f"reader 1 ({addresses[1]}) ended its stream"), message
+        assert re.match(r"reader [01] \(127\.0\.0\.1:\d+\) failed: .*no other reader could "
+                        "take over its share", message), message
         assert "\n" not in message
     finally:
         for process in readers:
@@ -129,8 +138,7 @@ def test_reader_role_processes_serve_in_process_batches_and_faults_are_named(tmp
                 process.terminate()
         for process in readers:
             process.wait(timeout=30)
-    # SIGTERM stops a reader cleanly (exit 0), as the launcher stops them.
-    assert readers[0].returncode == 0, readers[0].stderr.read()[-2000:]
+
 
 
 def _losses(log):
@@ -140,7 +148,9 @@ def _losses(log):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_training_fed_by_readers_matches_in_process_also_after_a_crash(tmp_path, graph):
-    common = {"num_train_steps": 30, "checkpoint_every_n": 10}
+    # Checkpoints written in the foreground: a background write of step 10 could still be
+    # in flight when the worker is killed at step 14, and the restart would begin at 0.
+    common = {"num_train_steps": 30, "checkpoint_every_n": 10, "async_checkpoint": False}
     plain = _config(tmp_path, graph, name="plain.yaml", **common)
     fed = _config(tmp_path, graph, name="fed.yaml", max_restarts=1,
                   readers={"num_readers": 2, "block_batches": 3}, **common)
