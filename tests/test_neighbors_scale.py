@@ -22,7 +22,8 @@ from projects.twhin.cli import dispatch
 from projects.twhin.config import TwhinConfig
 from projects.twhin.export import RELATIONS_KEY, TABLE_KEY, export_embeddings
 from projects.twhin.importer import import_triples
-from projects.twhin.models.models import operator_code, relation_query as torch_query
+from projects.twhin.models.models import operator_code
+from projects.twhin.models.models import relation_query as torch_query
 from projects.twhin.neighbor_index import IndexBuilder, check_index_file
 from projects.twhin.neighbors import Embeddings, KnownEdges, NeighborsError
 from projects.twhin.operators_np import OPERATORS, relation_query
