@@ -96,6 +96,17 @@ def test_bad_triples_are_refused_naming_the_input_and_row(tmp_path):
         fit(str(tmp_path / "missing.tsv"), save_dir=str(tmp_path / "d"))
 
 
+def test_no_test_split_to_evaluate_is_refused_before_training_and_leaves_no_temp_dir(
+        tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    table = _graph()
+    with pytest.raises(ConfigError, match="the import has no test split"):
+        fit(table.slice(0, 150), valid=table.slice(150, 50))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("twhin-fit-")]
+
+
 def test_a_users_directory_is_never_reused(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -31,6 +31,7 @@ from a notebook, a script or a REPL alike; gloo on CPU, one GPU each with CUDA.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,16 +160,45 @@ def fit(triples: Any, *, valid: Any = None, test: Any = None, save_dir: str | No
       DataError / ConfigError (one line naming the input, row or key) before any worker
       starts; TrainingFailedError naming the failing rank.
     """
-    from projects.twhin.importer import import_triples
-    from projects.twhin.preflight import prepare_training
-
     overrides = _dotted_overrides(config_overrides)
     if not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ConfigError(f"fit(): nproc_per_node must be a positive int, got {nproc_per_node!r}")
+    if split_to_evaluate not in ("train", "validation", "test"):
+        raise ConfigError(f"fit(): split_to_evaluate must be train, validation or test, got "
+                          f"{split_to_evaluate!r}")
+    temporary = save_dir is None
     save_dir = _fresh_save_dir(save_dir)
+    try:
+        config, effective = _import_and_check(triples, valid, test, save_dir, split, seed, dim,
+                                              overrides, nproc_per_node)
+        if getattr(config, f"{split_to_evaluate}_data") is None:
+            raise ConfigError(f"fit(): split_to_evaluate={split_to_evaluate!r}, but the import "
+                              f"has no {split_to_evaluate} split (give test= as well as valid=, "
+                              "or neither)")
+    except BaseException:
+        if temporary:   # nothing of use was made: leave no temporary directory behind
+            shutil.rmtree(save_dir, ignore_errors=True)
+        raise
+    ranks = _train(config, effective, save_dir, nproc_per_node)
+    evaluation = evaluate(config, save_dir, split_to_evaluate)
+    embeddings = export(config, save_dir, os.path.join(save_dir, EMBEDDINGS_DIR),
+                        vocab=os.path.join(save_dir, DATA_DIR, "vocab"), index=index)
+    from tml.core.run_records import read_records
+
+    return FitResult(config=config, save_dir=save_dir, metrics=read_records(save_dir),
+                     evaluation=evaluation, embeddings=embeddings, train=ranks)
+
+
+def _import_and_check(triples: Any, valid: Any, test: Any, save_dir: str, split: str,
+                      seed: int, dim: int, overrides: list[str],
+                      nproc_per_node: int) -> tuple[TwhinConfig, str]:
+    """`twhin import` into save_dir/data, then `twhin train`'s checks with the overrides;
+    (config, the effective config file written into save_dir)."""
+    from projects.twhin.importer import import_triples
+    from projects.twhin.preflight import prepare_training
+
     inputs = os.path.join(save_dir, INPUT_DIR)
-    named = {}
-    paths = {}
+    named, paths = {}, {}
     for name, value in (("triples", triples), ("valid", valid), ("test", test)):
         if value is not None:
             paths[name], named[name] = _triples_file(value, inputs, name)
@@ -183,14 +213,7 @@ def fit(triples: Any, *, valid: Any = None, test: Any = None, save_dir: str | No
         raise DataError(text) from None
     config, effective, _ = prepare_training(os.path.join(data, "config.yaml"), save_dir,
                                             overrides, nproc_per_node)
-    ranks = _train(config, effective, save_dir, nproc_per_node)
-    evaluation = evaluate(config, save_dir, split_to_evaluate)
-    embeddings = export(config, save_dir, os.path.join(save_dir, EMBEDDINGS_DIR),
-                        vocab=os.path.join(data, "vocab"), index=index)
-    from tml.core.run_records import read_records
-
-    return FitResult(config=config, save_dir=save_dir, metrics=read_records(save_dir),
-                     evaluation=evaluation, embeddings=embeddings, train=ranks)
+    return config, effective
 
 
 def _train(config: TwhinConfig, effective: str, save_dir: str,

@@ -267,9 +267,13 @@ class Embeddings:
             if not len(chosen):
                 continue
             width = int(wanted[chosen].max())
+            rows = None
             if use_index:
-                rows = index.search(queries[chosen], width)  # type: ignore[union-attr]
-            else:
+                try:
+                    rows = index.search(queries[chosen], width)  # type: ignore[union-attr]
+                except RuntimeError:   # hnswlib found fewer than `width` (ef too small)
+                    rows = None
+            if rows is None:
                 rows = exact_top_k(candidates, queries[chosen], width)
             for j, i in enumerate(chosen):
                 out[i] = rows[j]
