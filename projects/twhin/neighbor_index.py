@@ -22,6 +22,7 @@ export, or of an earlier export of the same table, is refused as a mismatch).
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -86,10 +87,13 @@ def check_index_file(path: str, rows: int, dim: int, vectors: np.ndarray | None 
                            "`twhin export --index`")
 
     try:
-        size = os.path.getsize(path)
-        data = np.memmap(path, np.uint8, "r") if size else np.zeros(0, np.uint8)
-    except OSError as error:
-        raise IndexError_(f"{path}: cannot read: {error.strerror or error}") from None
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            # A plain ndarray over a read-only mapping: slicing np.memmap costs far more.
+            data = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ),
+                                 np.uint8) if size else np.zeros(0, np.uint8)
+    except (OSError, ValueError) as error:
+        raise IndexError_(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}") from None
     if size < _HEADER.itemsize:
         raise refuse(f"{size} bytes, shorter than the header")
     head = data[:_HEADER.itemsize].view(_HEADER)[0]
@@ -137,31 +141,43 @@ def check_index_file(path: str, rows: int, dim: int, vectors: np.ndarray | None 
 
 def _check_upper_levels(data: np.ndarray, offset: int, size: int, rows: int, max_m: int,
                         max_level: int, refuse) -> None:  # noqa: ANN001 (the error factory)
+    """Each row's upper-level link lists: a u32 byte length, then that many bytes. The
+    lengths are read in one sequential pass (struct, no numpy per row); the lists are then
+    checked together."""
+    import struct
+
     per_level = 4 + 4 * max_m
-    top = -1
+    base = offset
+    buffer = data[base:size].tobytes()      # bytes: struct reads them fastest
+    unpack = struct.Struct("<I").unpack_from
+    starts, lengths = [], []
     for _ in range(rows):
         if offset + 4 > size:
             raise refuse("it ends inside the upper levels")
-        length = int(data[offset:offset + 4].view("<u4")[0])
+        (length,) = unpack(buffer, offset - base)
         offset += 4
-        if not length:
-            continue
-        if length % per_level or length // per_level > max_level or offset + length > size:
-            raise refuse(f"an upper-level link list of {length} bytes")
-        block = data[offset:offset + length].reshape(-1, per_level)
-        counts = block[:, :4].copy().view("<u2")
-        links = block[:, 4:].copy().view("<u4")
-        if (counts[:, 0] > max_m).any() or counts[:, 1].any():
-            raise refuse("an upper-level link count above maxM")
-        used = np.arange(max_m)[None, :] < counts[:, :1]
-        if (links[used] >= rows).any():
-            raise refuse("an upper-level neighbour id beyond the rows")
-        top = max(top, len(block))
-        offset += length
+        if length:
+            if length % per_level or length // per_level > max_level or offset + length > size:
+                raise refuse(f"an upper-level link list of {length} bytes")
+            starts.append(offset)
+            lengths.append(length)
+            offset += length
     if offset != size:
         raise refuse(f"{size - offset} bytes after the last link list")
-    if rows and top != max_level and not (top == -1 and max_level == 0):
-        raise refuse(f"header maxlevel {max_level}, but the highest level is {max(top, 0)}")
+    top = max(lengths) // per_level if lengths else 0
+    if rows and top != max_level:
+        raise refuse(f"header maxlevel {max_level}, but the highest level is {top}")
+    if not starts:
+        return
+    blocks = np.concatenate([data[a:a + n] for a, n in zip(starts, lengths)])
+    blocks = blocks.reshape(-1, per_level)
+    counts = blocks[:, :4].copy().view("<u2")
+    links = blocks[:, 4:].copy().view("<u4")
+    if (counts[:, 0] > max_m).any() or counts[:, 1].any():
+        raise refuse("an upper-level link count above maxM")
+    used = np.arange(max_m)[None, :] < counts[:, :1]
+    if (links[used] >= rows).any():
+        raise refuse("an upper-level neighbour id beyond the rows")
 
 
 class Index:
