@@ -1,8 +1,9 @@
 """The approximate nearest-neighbour index `twhin export --index` writes beside each table.
 
-Library: hnswlib (an HNSW graph, inner-product space), chosen over faiss by measurement on
-1,000,000 x 64 rows (benchmarks/neighbors.py, results in
-benchmarks/results/neighbors-cpu-2core.json, docs/twhin_cli.md): see the docs for figures.
+Library: hnswlib (an HNSW graph, inner-product space), chosen over faiss by measurement
+(benchmarks/neighbors.py, benchmarks/results/neighbors-cpu-2core.json, docs/twhin_cli.md):
+on 1,000,000 x 64 rows recall@10 0.997 at the default ef 128, 76 times the queries/s of
+exact search in the same process.
 The score TwHIN ranks by is dot(q, candidate) + b with b one constant per query
 (`operators_np.relation_query`), so an inner-product index orders candidates exactly as
 the model does; `neighbors` then re-scores the candidates the index returns with the
@@ -33,7 +34,7 @@ LIBRARY = "hnswlib"
 SPACE = "ip"
 M = 16                    # graph degree (hnswlib's default is 16)
 EF_CONSTRUCTION = 100     # build-time search width
-DEFAULT_EF = 128          # query-time search width (docs/twhin_cli.md: recall at 1M rows)
+DEFAULT_EF = 128          # query-time search width: recall@10 0.997 at 1M rows (ef 64: 0.995)
 SUFFIX = ".hnsw"
 
 # hnswlib 0.8 header: offsetLevel0, max_elements, cur_element_count, size_data_per_element,
