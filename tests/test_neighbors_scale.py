@@ -32,10 +32,11 @@ from tml.core.config import load_config_from_yaml
 from tml.errors import TmlError
 
 USERS, ITEMS, DIM = 3000, 400, 16
-# Measured on this graph (random clustered vectors, hnswlib M=16, efC=100, ef=128): recall@10
-# of the index against exact search was 1.0 for both queries below (300 users); the bound
-# leaves room for hnswlib's randomness across platforms, not for a broken index (a wrong
-# space or operator gives well under 0.5).
+# Measured on this graph (clustered random vectors, hnswlib M=16, efC=100, ef=128, 300 users):
+# recall@10 of the index against exact search 0.999 without a relation, 0.981 for
+# "follows", 0.997 for "buys". The bound leaves room for hnswlib's randomness across
+# platforms, not for a broken index (another space or a query without the operator ranks
+# other rows).
 MIN_RECALL = 0.95
 
 
