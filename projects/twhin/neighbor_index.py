@@ -1,9 +1,11 @@
 """The approximate nearest-neighbour index `twhin export --index` writes beside each table.
 
-Library: hnswlib (an HNSW graph, inner-product space), chosen over faiss by measurement
-(benchmarks/neighbors.py, benchmarks/results/neighbors-cpu-2core.json, docs/twhin_cli.md):
-on 1,000,000 x 64 rows recall@10 0.997 at the default ef 128, 76 times the queries/s of
-exact search in the same process.
+Library: hnswlib (an HNSW graph, inner-product space): on 1,000,000 x 64 rows recall@10
+0.997 at the default ef 128, 77 times the queries/s of exact search in the same process
+(benchmarks/neighbors.py, benchmarks/results/neighbors-cpu-2core.json). The same benchmark
+measured faiss IVFFlat better still (recall 0.9994 at the same queries/s, half the build
+time; docs/twhin_cli.md); hnswlib stays until faiss's file format has a checker as strict
+as `check_index_file` below.
 The score TwHIN ranks by is dot(q, candidate) + b with b one constant per query
 (`operators_np.relation_query`), so an inner-product index orders candidates exactly as
 the model does; `neighbors` then re-scores the candidates the index returns with the
