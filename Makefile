@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
-.PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality clean config-docs
+.PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality bench-neighbors clean config-docs
 
 venv: $(STAMP)
 
@@ -82,6 +82,14 @@ $(PBG_STAMP):
 
 bench-peers: $(STAMP) $(PBG_STAMP)
 	$(PY) -m benchmarks.peers --name peers-$(BENCH_NAME) $(PEER_ARGS)
+
+# Nearest-neighbour indexes for `twhin neighbors` (hnswlib against faiss-cpu) on 1M x 64
+# rows: build time, recall@10 against exact search, queries/s; writes
+# benchmarks/results/neighbors-$(BENCH_NAME).json. Not part of `make bench`: the HNSW builds
+# take minutes. faiss-cpu is installed for it only.
+bench-neighbors: $(STAMP)
+	$(PY) -m pip install --quiet faiss-cpu==1.15.1
+	$(PY) -m benchmarks.neighbors --name $(BENCH_NAME)
 
 # Link-prediction quality of `twhin import`'s config (issue 20): the generated check graphs
 # and Nations / UMLS / Kinships, the written config as is against PyKEEN's TransE / RotatE /

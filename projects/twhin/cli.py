@@ -5,6 +5,7 @@
     twhin evaluate --config data/mygraph/config.yaml --checkpoint runs/mygraph [--json]
     twhin export --config data/mygraph/config.yaml --checkpoint runs/mygraph --out emb/
     twhin neighbors --embeddings emb/ --entity user:alice [--relation follows] [--k 10]
+    twhin neighbors --embeddings emb/ --entities users.txt --out answers.parquet
 
 See docs/twhin_cli.md. User errors print one `error: ...` line and exit 2.
 """
@@ -16,8 +17,6 @@ import json
 import os
 import sys
 from typing import Any
-
-import yaml
 
 from tml.common.cli import StrictArgumentParser, run_cli
 from tml.core.config.overrides import apply_overrides  # noqa: F401  (re-exported)
@@ -75,50 +74,41 @@ def _parser() -> argparse.ArgumentParser:
                    "--config); without one, ids are row numbers.")
     p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
                    "best checkpoint (see evaluate --best) instead of the newest.")
+    p.add_argument("--index", action="store_true", help="Also write an approximate "
+                   "nearest-neighbour index (hnswlib) of every table, used by `twhin "
+                   "neighbors`.")
 
     p = commands.add_parser("neighbors", help="Best-scoring entities for an entity.")
     p.add_argument("--embeddings", required=True, help="Directory written by `twhin export`.")
-    p.add_argument("--entity", required=True, help="Entity id (as imported).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--entity", help="Entity id (as imported).")
+    which.add_argument("--entities", metavar="FILE", help="A file of entity ids, one per "
+                       "line: answers for all of them (see --out).")
+    p.add_argument("--out", help="With --entities: write query, rank, id, score to this "
+                   "file (.parquet, else TSV); default: TSV on standard output.")
     p.add_argument("--relation", help="Rank tails of (entity, relation, ?) by its operator.")
     p.add_argument("--table", help="The entity's table, when its id is in several.")
     p.add_argument("--k", type=int, default=10, help="How many.")
+    p.add_argument("--exclude-known", metavar="IMPORT_DIR", dest="exclude_known",
+                   help="With --relation: leave out the tails the entity already has in the "
+                   "training edges of that relation (IMPORT_DIR: what `twhin import` wrote).")
+    p.add_argument("--exact", action="store_true", help="Score every row even when the "
+                   "export has an index.")
+    p.add_argument("--ef", type=int, default=None, help="Index search width (default "
+                   "128; higher: better recall, slower).")
     return parser
 
 
 def _train(args: argparse.Namespace) -> None:
-    """Validate everything, then write `SAVE_DIR/twhin_config.yaml` and start the workers.
-
-    Nothing is written before the config (with --set), the data paths, the memory of a step
-    and the save_dir pass (`projects.twhin.preflight`): a rejected run leaves a previous
-    run's `twhin_config.yaml` as it was. The written config has every `${...}` resolved
-    (`${CONFIG_DIR}` is the directory of the user's file, not of the copy) and escaped, so
-    it reads back as the run used it.
-    """
-    from tml.core.config.config_load import escape_variables
-    from tml.core.config.overrides import load_config_with_overrides
+    """Validate everything, then write `SAVE_DIR/twhin_config.yaml` and start the workers
+    (`projects.twhin.preflight.prepare_training` says what is checked and written)."""
     from tml.trainer.launch import launch
 
-    from .config import TwhinConfig
-    from .preflight import preflight
+    from .preflight import prepare_training
     from .run import train_from_yaml
 
-    config, data, source = load_config_with_overrides(TwhinConfig, args.config, args.set)
-    save_dir = os.path.abspath(args.save_dir)
-    preflight(config, source, save_dir, workers_per_node=args.nproc_per_node or 1)
-
-    effective = os.path.join(save_dir, "twhin_config.yaml")
-    tmp = f"{effective}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as handle:
-            yaml.safe_dump(escape_variables(data), handle, sort_keys=False)
-        os.replace(tmp, effective)
-    except OSError as error:
-        raise ConfigError(f"cannot write {effective}: {error.strerror or error}") from None
-    # Export reads the importer's vocabularies beside the config: keep them reachable.
-    vocab = os.path.join(os.path.dirname(os.path.abspath(args.config)), "vocab")
-    link = os.path.join(save_dir, "vocab")
-    if os.path.isdir(vocab) and not os.path.lexists(link):
-        os.symlink(vocab, link)
+    config, effective, save_dir = prepare_training(args.config, args.save_dir, args.set,
+                                                   args.nproc_per_node or 1)
     # The workers import run.py under this package's name: projects.twhin in a checkout,
     # tml_projects.twhin in the wheel.
     launch(train_from_yaml, f"{__package__}.run", config.training,
@@ -194,9 +184,10 @@ def _export(args: argparse.Namespace) -> dict:
     config = load_config_from_yaml(TwhinConfig, args.config)
     _pick_best(args)
     result = export_embeddings(config, args.config, args.checkpoint, args.out, args.force,
-                               args.vocab)
+                               args.vocab, index=args.index)
+    indexed = " with an index per table" if result.get("indexes") else ""
     print(f"wrote {', '.join(f'{n} ({r} rows)' for n, r in result['tables'].items())} and "
-          f"relations to {result['out']}")
+          f"relations{indexed} to {result['out']}")
     return result
 
 
@@ -213,12 +204,40 @@ def _import(args: argparse.Namespace) -> dict:
     return result
 
 
-def _neighbors(args: argparse.Namespace) -> list:
-    from .neighbors import format_table, neighbors
+def _neighbors(args: argparse.Namespace) -> Any:
+    """One entity: an aligned table; --entities: a TSV or parquet file of every answer.
 
-    rows = neighbors(args.embeddings, args.entity, args.relation, args.k, args.table)
-    print(format_table(rows))
-    return rows
+    Imports numpy, pyarrow (and hnswlib with an index) only: no torch."""
+    from .neighbors import (
+        Embeddings,
+        KnownEdges,
+        NeighborsError,
+        format_table,
+        read_entities,
+        write_results,
+    )
+
+    if args.out and not args.entities:
+        raise NeighborsError("--out is for --entities (one entity prints a table)")
+    if args.ef is not None and args.ef < 1:
+        raise NeighborsError(f"--ef must be >= 1, got {args.ef}")
+    embeddings = Embeddings.load(args.embeddings, ef=args.ef)
+    known = KnownEdges(args.exclude_known, embeddings) if args.exclude_known else None
+    if args.entity is not None:
+        rows = embeddings.neighbors(args.entity, args.relation, args.k, args.table, known,
+                                    args.exact)
+        print(format_table(rows))
+        return rows
+    table = embeddings.neighbors_batch(read_entities(args.entities), args.relation, args.k,
+                                       args.table, known, args.exact)
+    if args.out:
+        write_results(table, args.out)
+        print(f"wrote {table.num_rows} rows to {args.out}")
+    else:
+        sys.stdout.write("query\trank\tid\tscore\n")
+        for q, r, i, s in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            sys.stdout.write(f"{q}\t{r}\t{i}\t{s:.6g}\n")
+    return table
 
 
 def dispatch(argv: list[str] | None = None) -> Any:

@@ -454,13 +454,14 @@ def load_shards(config: TwhinConfig, checkpoint: str, rank: int = 0, world: int 
     return tables, state[RELATIONS_KEY]
 
 
-def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
+def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: str = "test",
                         strict: bool = False, query_chunk: int = 1024,
                         candidate_chunk: int = 8192) -> dict:
     """Evaluate in this process; one of WORLD_SIZE workers when started by torch elastic.
 
-    With several workers each holds 1/WORLD_SIZE of every table (see module docstring);
-    every worker returns the same result.
+    `config_path`: the YAML's path, or a TwhinConfig already loaded. With several workers
+    each holds 1/WORLD_SIZE of every table (see module docstring); every worker returns
+    the same result.
     """
     import torch.distributed as dist
 
@@ -473,7 +474,8 @@ def evaluate_checkpoint(config_path: str, checkpoint: str, split: str = "test",
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    config = load_config_from_yaml(TwhinConfig, config_path)
+    config = config_path if isinstance(config_path, TwhinConfig) else \
+        load_config_from_yaml(TwhinConfig, config_path)
     path = resolve_checkpoint(checkpoint)
     tables, relation_vectors = load_shards(config, path, rank, world)
     edges, known, counts, train = prepare(config, split, strict)

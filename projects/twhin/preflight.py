@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+from collections.abc import Sequence
 
 from tml.errors import CheckpointError, ConfigError, DataError
 
@@ -134,3 +135,39 @@ def preflight(config: TwhinConfig, source: str, save_dir: str,
     check_data_paths(config, source)
     check_step_memory(config, source, workers_per_node)
     check_writable_dir(save_dir, "save_dir")
+
+
+def prepare_training(config_path: str, save_dir: str, overrides: Sequence[str] = (),
+                     workers_per_node: int = 1) -> tuple[TwhinConfig, str, str]:
+    """Check a run (`preflight`), then write `SAVE_DIR/twhin_config.yaml`; returns
+    (config, that file, absolute save_dir). What `twhin train` and `projects.twhin.fit` do
+    before starting workers.
+
+    Nothing is written before the config (with `overrides`, `a.b=c`), the data paths, the
+    memory of a step and the save_dir pass: a rejected run leaves a previous run's
+    `twhin_config.yaml` as it was. The written config has every `${...}` resolved
+    (`${CONFIG_DIR}` is the directory of the user's file, not of the copy) and escaped, so
+    it reads back as the run used it. The importer's `vocab/` beside the config is linked
+    into the save_dir, where `twhin export` finds it.
+    """
+    import yaml
+
+    from tml.core.config.config_load import escape_variables
+    from tml.core.config.overrides import load_config_with_overrides
+
+    config, data, source = load_config_with_overrides(TwhinConfig, config_path, overrides)
+    save_dir = os.path.abspath(save_dir)
+    preflight(config, source, save_dir, workers_per_node=workers_per_node)
+    effective = os.path.join(save_dir, "twhin_config.yaml")
+    tmp = f"{effective}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as handle:
+            yaml.safe_dump(escape_variables(data), handle, sort_keys=False)
+        os.replace(tmp, effective)
+    except OSError as error:
+        raise ConfigError(f"cannot write {effective}: {error.strerror or error}") from None
+    vocab = os.path.join(os.path.dirname(os.path.abspath(config_path)), "vocab")
+    link = os.path.join(save_dir, "vocab")
+    if os.path.isdir(vocab) and not os.path.lexists(link):
+        os.symlink(vocab, link)
+    return config, effective, save_dir

@@ -467,10 +467,7 @@ def maybe_run_training(
         if node.num_nodes > 1:
             raise TmlError("a notebook launches workers on its own machine only; run a script "
                            "on each node for several nodes")
-        bound = functools.update_wrapper(functools.partial(train_fn, **training_kwargs),
-                                         train_fn)  # elastic names the run after __name__
-        return launch_function(bound, nproc_per_node, start_method="fork",
-                               max_restarts=restarts)
+        return run_forked(train_fn, nproc_per_node, restarts, **training_kwargs)
 
     join_timeout = _rendezvous_timeout()
     if node.num_nodes > 1 and node.is_chief:
@@ -642,6 +639,25 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
         except ChildFailedError as error:
             raise training_failed_error(_failures_from_child_error(error)) from None
     return dict(sorted(results.items()))
+
+
+def run_forked(train_fn: Callable[..., Any], nproc_per_node: int | None = None,
+               max_restarts: int | None = None, **training_kwargs: Any) -> dict[int, Any]:
+    """`train_fn(**training_kwargs)` in `nproc_per_node` workers forked from this process;
+    `{rank: return value}`.
+
+    What a notebook cell and a library call (`projects.twhin.fit`) need: there is no script
+    to re-run, and the workers inherit this process's modules and `sys.path`, so
+    `train_fn` may be any function. `max_restarts` None: `TML_MAX_RESTARTS`, else 0;
+    `nproc_per_node` None: as `maybe_run_training`.
+    """
+    check_kwargs_fit(train_fn, training_kwargs)
+    if nproc_per_node is None:
+        nproc_per_node = default_nproc_per_node()
+    bound = functools.update_wrapper(functools.partial(train_fn, **training_kwargs),
+                                     train_fn)  # elastic names the run after __name__
+    return launch_function(bound, nproc_per_node, start_method="fork",
+                           max_restarts=_max_restarts(max_restarts))
 
 
 def _run_torchrun_in_process(args: list[str], env: dict[str, str], node: NodeSetup,

@@ -1,4 +1,5 @@
-"""The quickstart notebook, executed in a real Jupyter kernel (fork-launched workers)."""
+"""The quickstart notebook, executed in a real Jupyter kernel: `projects.twhin.fit` with
+workers forked from the kernel, its evaluation and neighbours printed."""
 
 import importlib.util
 import os
@@ -13,7 +14,7 @@ NOTEBOOK = os.path.join(REPO, "docs", "notebooks", "quickstart.ipynb")
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)   # the kernel allows 300 s per cell
-def test_quickstart_notebook_trains_and_returns_each_ranks_result(tmp_path, monkeypatch):
+def test_quickstart_notebook_fits_evaluates_and_queries_neighbours(tmp_path, monkeypatch):
     for module in ("nbformat", "nbclient", "ipykernel", "jupyter_client"):
         require(importlib.util.find_spec(module), f"the notebook test needs {module} "
                 "(requirements/dev.txt)")
@@ -32,6 +33,12 @@ def test_quickstart_notebook_trains_and_returns_each_ranks_result(tmp_path, monk
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
-    printed = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
-    assert "rank 0: step 60" in printed and "rank 1: step 60" in printed, printed
+    printed = ["".join(output.get("text", "") for output in cell.get("outputs", [])
+                       if output.get("name") != "stderr")
+               for cell in notebook.cells]
+    text = "\n".join(printed)
+    assert f"everything is in {tmp_path / 'save'}\nsteps: 60" in text, text
+    assert "popularity baseline" in text and "\nembeddings " in text
+    assert "buys [('item:i" in printed[-1] and "nearest [('user:u" in printed[-1], printed[-1]
     assert (tmp_path / "save" / "60").is_dir()
+    assert (tmp_path / "save" / "embeddings" / "user.parquet").is_file()

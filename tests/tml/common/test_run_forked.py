@@ -1,0 +1,53 @@
+"""Forked workers from a process with no script to re-run: `run_forked`, and
+`maybe_run_training` from an interactive `__main__` (what a notebook cell does; the
+quickstart notebook itself now calls `projects.twhin.fit`)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.twhin_setup import REPO
+
+SCRIPT = textwrap.dedent("""
+    import os
+    from tml.common.run_training import maybe_run_training, run_forked
+
+    def work(scale, tag):
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        value = torch.tensor([float(dist.get_rank() + 1) * scale])
+        dist.all_reduce(value)
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        return {"rank": rank, "sum": value.item(), "tag": tag, "pid": os.getpid()}
+
+    first = maybe_run_training(work, "__main__", nproc_per_node=2, scale=2.0, tag="x")
+    second = run_forked(work, 2, scale=1.0, tag="y")
+    print(sorted(first), [r["sum"] for r in first.values()], [r["tag"] for r in first.values()])
+    print(sorted(second), [r["sum"] for r in second.values()])
+    print(len({r["pid"] for r in first.values()} | {os.getpid()}))
+    try:
+        run_forked(work, 2, scale=1.0)
+    except Exception as error:
+        print(type(error).__name__, str(error).splitlines()[0][:80])
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interactive_main_and_run_forked_return_each_ranks_value():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO
+    done = subprocess.run([sys.executable, "-"], input=SCRIPT, text=True, env=env,
+                          capture_output=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[0, 1] [6.0, 6.0] ['x', 'x']"
+    assert lines[1] == "[0, 1] [3.0, 3.0]"
+    assert lines[2] == "3"        # two workers, each its own process besides the caller
+    assert lines[3].startswith("TmlError training kwargs do not fit work"), lines[3]
