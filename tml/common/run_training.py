@@ -610,6 +610,26 @@ def running_under_bazel() -> bool:
         "BUILD_WORKSPACE_DIRECTORY"))
 
 
+def _one_thread_when_forked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run with one intra-op thread, for workers forked from this process.
+
+    GNU OpenMP (torch's CPU thread pool on Linux) cannot run a parallel region in a process
+    forked after the parent's OpenMP threads started: the child waits forever for threads
+    that were not copied. A notebook or a test that ran torch ops before `run_forked` hung
+    this way in the first multi-threaded kernel of the step. With one thread torch never
+    enters a parallel region, so forked workers are safe; spawned workers (scripts,
+    torchrun) keep their thread count.
+    """
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        torch.set_num_threads(1)
+        return fn(*args, **kwargs)
+
+    return run
+
+
 def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
                     start_method: str = "spawn", max_restarts: int = 0) -> dict[int, Any]:
     """Run `fn(*args)` in `nproc_per_node` local worker processes; `{rank: return value}`.
@@ -635,7 +655,8 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
                               start_method=start_method, monitor_interval=0.1,
                               logs_specs=DefaultLogsSpecs(log_dir=log_dir))
         try:
-            results = elastic_launch(config, fn)(*args)
+            target = _one_thread_when_forked(fn) if start_method == "fork" else fn
+            results = elastic_launch(config, target)(*args)
         except ChildFailedError as error:
             raise training_failed_error(_failures_from_child_error(error)) from None
     return dict(sorted(results.items()))

@@ -51,3 +51,30 @@ def test_interactive_main_and_run_forked_return_each_ranks_value():
     assert lines[1] == "[0, 1] [3.0, 3.0]"
     assert lines[2] == "3"        # two workers, each its own process besides the caller
     assert lines[3].startswith("TmlError training kwargs do not fit work"), lines[3]
+
+
+AFTER_OPENMP = textwrap.dedent("""
+    import torch
+    from tml.common.run_training import run_forked
+
+    # The parent's OpenMP threads start (as after any torch work in a notebook or a test).
+    torch.set_num_threads(2)
+    for _ in range(3):
+        torch.nn.functional.logsigmoid(torch.randn(4_000_000)).sum()
+
+    def work():
+        # A multi-threaded kernel in the forked worker: GNU OpenMP hung here forever.
+        values = torch.nn.functional.logsigmoid(torch.randn(4_000_000))
+        return (torch.get_num_threads(), bool(values.sum() < 0))
+
+    print(run_forked(work, 2))
+""")
+
+
+@pytest.mark.slow
+def test_forked_workers_run_after_the_parent_used_openmp_threads():
+    done = subprocess.run([sys.executable, "-c", AFTER_OPENMP], cwd=REPO, capture_output=True,
+                          text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": REPO, "TML_MAX_RESTARTS": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "{0: (1, True), 1: (1, True)}"
