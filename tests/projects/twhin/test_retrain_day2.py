@@ -40,7 +40,9 @@ def test_day2_keeps_day1_rows_frozen_or_continuing(tmp_path):
     day1 = _edges(1, 20, 10, 120)
     new = _edges(2, 26, 14, 60) + [("user:u0", "likes", "item:i13")]   # new ids, relation
     done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "lifecycle_checks.py"), str(tmp_path),
+        # As a module: run by path, tests/ would come first on sys.path and its
+        # tests/projects/ would stand in for the projects package.
+        [sys.executable, "-m", "tests.lifecycle_checks", str(tmp_path),
          _tsv(tmp_path / "d1.tsv", day1), _tsv(tmp_path / "d2.tsv", day1 + new)],
         env=launcher_env(), capture_output=True, text=True, timeout=280, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
