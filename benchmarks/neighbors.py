@@ -65,9 +65,10 @@ def pad_queries(queries: np.ndarray) -> np.ndarray:
         [queries, np.zeros((len(queries), 1), np.float32)], axis=1))
 
 
-# Each method: build(vectors, path) -> None; load(path, dim) -> search(queries, k, setting).
-Method = tuple[Callable[[np.ndarray, str], None],
-               Callable[[str, int], Callable[[np.ndarray, int, int], np.ndarray]],
+# Each method: build(vectors, path) -> None; load(path, vectors) -> {variant: search}, where
+# search(queries, k, setting) -> (Q, k) rows.
+Search = Callable[[np.ndarray, int, int], np.ndarray]
+Method = tuple[Callable[[np.ndarray, str], None], Callable[[str, np.ndarray], dict[str, Search]],
                str, list[int]]
 
 
@@ -86,18 +87,19 @@ def _hnswlib_build(m: int, ef_construction: int, reduction: bool = False
 
 
 def _hnswlib_load(reduction: bool = False
-                  ) -> Callable[[str, int], Callable[[np.ndarray, int, int], np.ndarray]]:
-    def load(path: str, dim: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
+                  ) -> Callable[[str, np.ndarray], dict[str, Search]]:
+    def load(path: str, vectors: np.ndarray) -> dict[str, Search]:
         import hnswlib
 
-        index = hnswlib.Index(space="l2" if reduction else "ip", dim=dim + reduction)
+        index = hnswlib.Index(space="l2" if reduction else "ip",
+                              dim=vectors.shape[1] + reduction)
         index.load_index(path)
 
         def search(queries: np.ndarray, k: int, ef: int) -> np.ndarray:
             index.set_ef(max(ef, k))
             padded = pad_queries(queries) if reduction else queries
             return index.knn_query(padded, k=k)[0].astype(np.int64)
-        return search
+        return {"hnswlib": search}
     return load
 
 
@@ -112,7 +114,7 @@ def _faiss_hnsw_build(m: int, ef_construction: int) -> Callable[[np.ndarray, str
     return build
 
 
-def _faiss_hnsw_load(path: str, dim: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
+def _faiss_hnsw_load(path: str, vectors: np.ndarray) -> dict[str, Search]:
     import faiss
 
     index = faiss.read_index(path)
@@ -120,7 +122,7 @@ def _faiss_hnsw_load(path: str, dim: int) -> Callable[[np.ndarray, int, int], np
     def search(queries: np.ndarray, k: int, ef: int) -> np.ndarray:
         index.hnsw.efSearch = max(ef, k)
         return index.search(np.ascontiguousarray(queries), k)[1].astype(np.int64)
-    return search
+    return {"faiss": search}
 
 
 def _faiss_ivf_build(lists: int) -> Callable[[np.ndarray, str], None]:
@@ -139,29 +141,101 @@ def _faiss_ivf_build(lists: int) -> Callable[[np.ndarray, str], None]:
     return build
 
 
-def _faiss_ivf_load(path: str, dim: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
-    import faiss
-
-    index = faiss.read_index(path)
-
+def _faiss_ivf_search(index: object) -> Search:
     def search(queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        index.nprobe = nprobe
-        return index.search(np.ascontiguousarray(queries), k)[1].astype(np.int64)
+        index.nprobe = nprobe  # type: ignore[attr-defined]
+        return index.search(np.ascontiguousarray(queries), k)[1].astype(np.int64)  # type: ignore[attr-defined]
     return search
 
 
-def methods(rows: int, reduction: bool = False) -> dict[str, Method]:
+def _faiss_ivf_load(path: str, vectors: np.ndarray) -> dict[str, Search]:
+    import faiss
+
+    return {"faiss": _faiss_ivf_search(faiss.read_index(path))}
+
+
+def faiss_ivf_from_arrays(vectors: np.ndarray, centroids: np.ndarray, rows: np.ndarray,
+                          offsets: np.ndarray) -> object:
+    """A faiss IndexIVFFlat (inner product) holding the checked arrays of a tml IVF index:
+    the same lists, so the same candidates, searched by faiss's C++ scan."""
+    import faiss
+
+    dim, lists = vectors.shape[1], len(centroids)
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(np.ascontiguousarray(centroids, np.float32))
+    index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    grouped = np.ascontiguousarray(vectors[rows], np.float32).view(np.uint8)
+    ids = np.ascontiguousarray(rows, np.int64)
+    for j in range(lists):
+        a, b = int(offsets[j]), int(offsets[j + 1])
+        if b > a:
+            index.invlists.add_entries(j, b - a, faiss.swig_ptr(ids[a:b]),
+                                       faiss.swig_ptr(grouped[a:b]))
+    index.ntotal = len(vectors)
+    return index
+
+
+def _tml_ivf_build(use_faiss: bool) -> Callable[[np.ndarray, str], None]:
+    """The index `twhin export --index` writes (projects.twhin.neighbor_index), its
+    k-means by faiss or by numpy."""
+    def build(vectors: np.ndarray, path: str) -> None:
+        from projects.twhin.neighbor_index import IndexBuilder
+
+        builder = IndexBuilder(*vectors.shape)
+        builder.add(vectors)
+        entry = builder.save(os.path.dirname(path), "table", use_faiss=use_faiss)
+        with open(path, "w") as handle:
+            json.dump(entry, handle)
+    return build
+
+
+def _tml_ivf_load(with_faiss: bool) -> Callable[[str, np.ndarray], dict[str, Search]]:
+    """What `twhin neighbors` does: every file checked, the digest compared (timed as the
+    load), then numpy's search; with `with_faiss` also faiss's scan of the same lists."""
+    def load(path: str, vectors: np.ndarray) -> dict[str, Search]:
+        from projects.twhin.neighbor_index import Index, ivf_search
+
+        with open(path) as handle:
+            entry = json.load(handle)
+        index = Index(os.path.dirname(path), "table", entry, vectors)
+
+        def numpy_search(queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+            return ivf_search(vectors, index.centroids, index.rows, index.offsets, queries, k,
+                              nprobe)
+        found = {"numpy": numpy_search}
+        if with_faiss:
+            start = time.perf_counter()
+            rebuilt = faiss_ivf_from_arrays(vectors, index.centroids, index.rows,
+                                            index.offsets)
+            print(f"  faiss IndexIVFFlat from the checked arrays: "
+                  f"{time.perf_counter() - start:.2f} s", flush=True)
+            found["faiss from arrays"] = _faiss_ivf_search(rebuilt)
+        return found
+    return load
+
+
+def methods(rows: int, reduction: bool = False, everything: bool = False) -> dict[str, Method]:
     """name -> (build, load, the search knob, its settings). hnswlib's row uses the build
-    parameters of `twhin export --index` (projects.twhin.neighbor_index)."""
-    lists = int(max(16, min(4096, 4 * np.sqrt(rows))))
+    parameters `twhin export --index` used before the IVF index; the tml IVF rows are what
+    it writes now (k-means by faiss when installed, else numpy)."""
+    from projects.twhin.neighbor_index import list_count
+
+    lists = list_count(rows)
+    probes = [4, 8, 16, 32, 64]
     found: dict[str, Method] = {
         "hnswlib HNSW ip M=16 efC=100": (
             _hnswlib_build(16, 100), _hnswlib_load(), "ef", [16, 32, 64, 128, 256]),
-        "faiss HNSWFlat ip M=16 efC=100": (
-            _faiss_hnsw_build(16, 100), _faiss_hnsw_load, "efSearch", [16, 32, 64, 128, 256]),
-        f"faiss IVFFlat ip nlist={lists}": (
-            _faiss_ivf_build(lists), _faiss_ivf_load, "nprobe", [4, 16, 64]),
+        f"tml IVF arrays nlist={lists}, k-means faiss": (
+            _tml_ivf_build(True), _tml_ivf_load(True), "nprobe", probes),
+        f"tml IVF arrays nlist={lists}, k-means numpy": (
+            _tml_ivf_build(False), _tml_ivf_load(True), "nprobe", probes),
     }
+    if everything:
+        found[f"faiss IVFFlat ip nlist={lists}"] = (
+            _faiss_ivf_build(lists), _faiss_ivf_load, "nprobe", probes)
+        found["faiss HNSWFlat ip M=16 efC=100"] = (
+            _faiss_hnsw_build(16, 100), _faiss_hnsw_load, "efSearch", [16, 32, 64, 128, 256])
     if reduction:
         found["hnswlib HNSW l2-reduction M=16 efC=100"] = (
             _hnswlib_build(16, 100, True), _hnswlib_load(True), "ef", [32, 64, 128])
@@ -174,8 +248,11 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def measure(rows: int, dim: int, queries: int, k: int, only: list[str] | None = None,
-            reduction: bool = False) -> dict:
-    """Every method's build, load, recall and speed on one data set (module docstring)."""
+            reduction: bool = False, everything: bool = False, rounds: int = 3) -> dict:
+    """Every method's build, load, recall and speed on one data set (module docstring).
+    Builds run one after the other; then every loaded index stays in memory and the
+    queries run in `rounds` interleaved rounds (each method and setting once per round,
+    exact search included), reported as the median queries/s and every round's figure."""
     vectors = embeddings(rows, dim)
     rng = np.random.default_rng(1)
     picked = vectors[rng.choice(rows, queries, replace=False)]
@@ -183,39 +260,61 @@ def measure(rows: int, dim: int, queries: int, k: int, only: list[str] | None = 
              * np.abs(picked).mean()).astype(np.float32)
     from projects.twhin.neighbors import exact_top_k  # what `twhin neighbors --exact` runs
 
-    start = time.perf_counter()
     exact = exact_top_k(vectors, query, k, chunk=1 << 16)
-    exact_s = time.perf_counter() - start
-    report = {"rows": rows, "dim": dim, "queries": queries, "k": k,
-              "exact": {"seconds": round(exact_s, 3),
-                        "queries_per_s": round(queries / exact_s, 1)},
-              "methods": {}}
-    print(f"exact search: {queries / exact_s:.1f} queries/s", flush=True)
+    report: dict = {"rows": rows, "dim": dim, "queries": queries, "k": k, "rounds": rounds,
+                    "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
+                    "methods": {}}
+    loaded: dict[str, tuple[str, list[int], dict[str, Search]]] = {}
     with tempfile.TemporaryDirectory(prefix="neighbors-bench-") as work:
-        for name, (build, load, knob, settings) in methods(rows, reduction).items():
+        for number, (name, (build, load, knob, settings)) in enumerate(
+                methods(rows, reduction, everything).items()):
             if only and not any(word in name for word in only):
                 continue
-            path = os.path.join(work, "index.bin")
+            folder = os.path.join(work, str(number))
+            os.makedirs(folder)
+            path = os.path.join(folder, "index.bin")
             start = time.perf_counter()
             build(vectors, path)
             built_s = time.perf_counter() - start
             start = time.perf_counter()
-            search = load(path, dim)
+            searchers = load(path, vectors)
             load_s = time.perf_counter() - start
+            files = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
             row = {"build_s": round(built_s, 2), "load_s": round(load_s, 3),
-                   "file_bytes": os.path.getsize(path), "settings": []}
-            for setting in settings:
-                search(query[:10], k, setting)   # warm
-                start = time.perf_counter()
-                found = search(query, k, setting)
-                seconds = time.perf_counter() - start
-                row["settings"].append({knob: setting,
-                                        f"recall_at_{k}": round(recall(found, exact), 4),
-                                        "queries_per_s": round(queries / seconds, 1)})
+                   "file_bytes": files, "load_average_after_build":
+                   [round(x, 2) for x in os.getloadavg()], "search": {}}
+            for variant, search in searchers.items():
+                row["search"][variant] = []
+                for setting in settings:
+                    found = search(query, k, setting)
+                    row["search"][variant].append(
+                        {knob: setting, f"recall_at_{k}": round(recall(found, exact), 4),
+                         "queries_per_s_rounds": []})
             print(name, json.dumps(row), flush=True)
             report["methods"][name] = row
-            del search
-            os.remove(path)
+            loaded[name] = (knob, settings, searchers)
+        exact_rounds: list[float] = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            exact_top_k(vectors, query, k, chunk=1 << 16)
+            exact_rounds.append(round(queries / (time.perf_counter() - start), 1))
+            for name, (_, settings, searchers) in loaded.items():
+                for variant, search in searchers.items():
+                    for entry, setting in zip(report["methods"][name]["search"][variant],
+                                              settings):
+                        search(query[:10], k, setting)   # warm
+                        start = time.perf_counter()
+                        search(query, k, setting)
+                        seconds = time.perf_counter() - start
+                        entry["queries_per_s_rounds"].append(round(queries / seconds, 1))
+            print(f"round done, load {os.getloadavg()[0]:.2f}", flush=True)
+        report["exact"] = {"queries_per_s": float(np.median(exact_rounds)),
+                           "queries_per_s_rounds": exact_rounds}
+        for row in report["methods"].values():
+            for entries in row["search"].values():
+                for entry in entries:
+                    entry["queries_per_s"] = float(np.median(entry["queries_per_s_rounds"]))
+    report["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 
@@ -228,14 +327,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", nargs="*", help="Methods whose name holds one of these words.")
     parser.add_argument("--reduction", action="store_true", help="Also hnswlib with the "
                         "inner-product-to-L2 reduction.")
+    parser.add_argument("--all", action="store_true", help="Also faiss's own IVFFlat and "
+                        "HNSWFlat (their files are faiss's binary format).")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved query rounds.")
     parser.add_argument("--quick", action="store_true", help="20,000 rows (a smoke test).")
     parser.add_argument("--name", default=f"cpu-{os.cpu_count()}core")
     parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args(argv)
     rows = 20_000 if args.quick else args.rows
-    report = measure(rows, args.dim, args.queries, args.k, args.only, args.reduction)
-    report["host"] = {"cores": os.cpu_count(), "machine": platform.machine(),
-                      "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    report = measure(rows, args.dim, args.queries, args.k, args.only, args.reduction,
+                     args.all, args.rounds)
+    report["host"] = {"cores": os.cpu_count(), "machine": platform.machine()}
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, f"neighbors-{args.name}.json")
     if not args.quick:

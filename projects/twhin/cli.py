@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
                    "best checkpoint (see evaluate --best) instead of the newest.")
     p.add_argument("--index", action="store_true", help="Also write an approximate "
-                   "nearest-neighbour index (hnswlib) of every table, used by `twhin "
-                   "neighbors`.")
+                   "nearest-neighbour index (an inverted file of .npy arrays) of every "
+                   "table, used by `twhin neighbors`.")
 
     p = commands.add_parser("neighbors", help="Best-scoring entities for an entity.")
     p.add_argument("--embeddings", required=True, help="Directory written by `twhin export`.")
@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                    "training edges of that relation (IMPORT_DIR: what `twhin import` wrote).")
     p.add_argument("--exact", action="store_true", help="Score every row even when the "
                    "export has an index.")
-    p.add_argument("--ef", type=int, default=None, help="Index search width (default "
-                   "128; higher: better recall, slower).")
+    p.add_argument("--nprobe", type=int, default=None, help="Index lists scanned per "
+                   "query (default 16; higher: better recall, slower).")
+    p.add_argument("--ef", type=int, default=None, help=argparse.SUPPRESS)  # see _neighbors
     return parser
 
 
@@ -207,7 +208,7 @@ def _import(args: argparse.Namespace) -> dict:
 def _neighbors(args: argparse.Namespace) -> Any:
     """One entity: an aligned table; --entities: a TSV or parquet file of every answer.
 
-    Imports numpy, pyarrow (and hnswlib with an index) only: no torch."""
+    Imports numpy and pyarrow only: no torch."""
     from .neighbors import (
         Embeddings,
         KnownEdges,
@@ -219,9 +220,12 @@ def _neighbors(args: argparse.Namespace) -> Any:
 
     if args.out and not args.entities:
         raise NeighborsError("--out is for --entities (one entity prints a table)")
-    if args.ef is not None and args.ef < 1:
-        raise NeighborsError(f"--ef must be >= 1, got {args.ef}")
-    embeddings = Embeddings.load(args.embeddings, ef=args.ef)
+    if args.ef is not None:   # the option of the earlier HNSW index
+        raise NeighborsError("--ef was the HNSW index's search width; the index is now an "
+                             "inverted file: use --nprobe N (lists scanned, default 16)")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise NeighborsError(f"--nprobe must be >= 1, got {args.nprobe}")
+    embeddings = Embeddings.load(args.embeddings, nprobe=args.nprobe)
     known = KnownEdges(args.exclude_known, embeddings) if args.exclude_known else None
     if args.entity is not None:
         rows = embeddings.neighbors(args.entity, args.relation, args.k, args.table, known,

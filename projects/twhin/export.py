@@ -8,8 +8,9 @@ Output directory:
                           reciprocal relations also inverse_vector (head queries)
     metadata.json         format ("twhin-export"), format_version, embedding_dim, tables
                           (name -> rows), source checkpoint, indexes (with --index)
-    <table>.hnsw          with --index: the table's approximate nearest-neighbour index
-                          (`projects.twhin.neighbor_index`), built as the rows stream by
+    <table>.ivf-*.npy     with --index: the table's approximate nearest-neighbour index,
+                          three plain arrays (`projects.twhin.neighbor_index`), built from
+                          the rows as they stream by
 
 Why the index is optional (`--index`), measured on 2 cores: building it costs far more than
 the export itself (see docs/twhin_cli.md), and exact search, one matrix product per
@@ -59,7 +60,9 @@ CHUNK_BYTES = 256 << 20   # vectors per export chunk (float32 rows of D values)
 METADATA_FILE = "metadata.json"
 EXPORT_FORMAT = "twhin-export"
 EXPORT_FORMAT_VERSION = 1
-INDEX_SUFFIX = ".hnsw"   # projects.twhin.neighbor_index.SUFFIX (imported lazily: hnswlib)
+# Index files (projects.twhin.neighbor_index.index_files); ".hnsw": an earlier tml's, so
+# that --force still replaces such an export.
+INDEX_SUFFIXES = (".npy", ".hnsw")
 
 
 def is_previous_export(out: str) -> bool:
@@ -72,7 +75,7 @@ def is_previous_export(out: str) -> bool:
         return False
     if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
         return False
-    return all(name == METADATA_FILE or (name.endswith((".parquet", INDEX_SUFFIX))
+    return all(name == METADATA_FILE or (name.endswith((".parquet", *INDEX_SUFFIXES))
                                          and os.path.isfile(os.path.join(out, name)))
                for name in names)
 
@@ -206,7 +209,7 @@ def export_embeddings(config: TwhinConfig | str, config_path: str | None, checkp
                             builder.add(vectors.numpy())
                         del vectors
                 if builder is not None:
-                    indexes[name] = builder.save(os.path.join(tmp, f"{name}{INDEX_SUFFIX}"))
+                    indexes[name] = builder.save(tmp, name)
                     del builder
             relations = config.model.relations
             relation_vectors = load_rows(path, RELATIONS_KEY, 0, len(relations), torch.float32)

@@ -1,202 +1,334 @@
 """The approximate nearest-neighbour index `twhin export --index` writes beside each table.
 
-Library: hnswlib (an HNSW graph, inner-product space): on 1,000,000 x 64 rows recall@10
-0.997 at the default ef 128, 77 times the queries/s of exact search in the same process
-(benchmarks/neighbors.py, benchmarks/results/neighbors-cpu-2core.json). The same benchmark
-measured faiss IVFFlat better still (recall 0.9994 at the same queries/s, half the build
-time; docs/twhin_cli.md); hnswlib stays until faiss's file format has a checker as strict
-as `check_index_file` below.
+An inverted file (IVF): the rows are clustered into `lists` groups by k-means; a query scores
+the group centroids, scans the rows of its `nprobe` best groups exactly, and keeps the best.
+Chosen by measurement against hnswlib and faiss (benchmarks/neighbors.py, same data and
+process, benchmarks/results/neighbors-cpu-2core.json, docs/twhin_cli.md): on 1,000,000 x 64
+rows it finds more of the exact top 10 than hnswlib at its default ef, builds in a fraction
+of hnswlib's time, and needs no compiled library to query.
+
 The score TwHIN ranks by is dot(q, candidate) + b with b one constant per query
 (`operators_np.relation_query`), so an inner-product index orders candidates exactly as
-the model does; `neighbors` then re-scores the candidates the index returns with the
-exported vectors, so every score printed is exact.
+the model does: groups are formed and probed by inner product (as faiss's IndexIVFFlat
+with METRIC_INNER_PRODUCT does), and `neighbors` re-scores the candidates with the exported
+vectors, so every score printed is exact.
 
-The index file is data from someone else (an export can be copied from anywhere), so it is
-never handed to hnswlib unchecked. hnswlib's format is plain binary (no pickle, nothing is
-executed), but its loader trusts the header's sizes and the graph's neighbour ids, so a
-damaged or hostile file could make it allocate without bound or read outside its arrays.
-`check_index_file` therefore reads the whole file first with numpy (memory-mapped) and
-refuses, in one line, anything but the exact layout hnswlib 0.8 writes for this table:
-header fields consistent with the export's metadata (rows, dim) and with each other, the
-file size, every neighbour id and link count in range, labels 0..N-1 each once, levels
-consistent, and the stored vectors equal to the exported ones (so an index of another
-export, or of an earlier export of the same table, is refused as a mismatch).
+The index is three plain arrays in .npy files, never pickles and never a library's own
+binary format, because an export can be copied from anywhere and its files are data from
+someone else:
+
+    <table>.ivf-centroids.npy   float32 (lists, D)   the k-means centroids
+    <table>.ivf-rows.npy        int64 (N,)           the table's rows grouped by list
+    <table>.ivf-offsets.npy     int64 (lists + 1,)   list j is rows[offsets[j]:offsets[j+1]]
+
+`load_index` reads each file's header itself and refuses, in one line naming the file,
+anything but exactly that dtype, C order and a shape fitting the export's metadata, and a
+file size equal to header plus data (a truncated or padded file); then checks the values:
+finite centroids, offsets from 0 to N never decreasing, rows a permutation of 0..N-1. The
+export's metadata.json holds the SHA-256 of the table's vectors and the three arrays, so
+an index of another export, or of an earlier export of the same table, is refused as a
+mismatch rather than silently giving poor neighbours.
+
+Building: faiss's k-means (multi-threaded C++) when faiss is installed (an optional extra:
+`pip install faiss-cpu`), else the same algorithm in numpy; either way the result is the
+same three arrays, read the same way. Querying is numpy alone.
 """
 
 from __future__ import annotations
 
-import mmap
+import hashlib
 import os
 
 import numpy as np
 
 from tml.errors import TmlError
 
-LIBRARY = "hnswlib"
-SPACE = "ip"
-M = 16                    # graph degree (hnswlib's default is 16)
-EF_CONSTRUCTION = 100     # build-time search width
-DEFAULT_EF = 128          # query-time search width: recall@10 0.997 at 1M rows (ef 64: 0.995)
-SUFFIX = ".hnsw"
-
-# hnswlib 0.8 header: offsetLevel0, max_elements, cur_element_count, size_data_per_element,
-# label_offset, offsetData (size_t); maxlevel (int); enterpoint_node (uint32); maxM,
-# maxM0, M (size_t); mult (double); ef_construction (size_t).
-_HEADER = np.dtype([("offset_level0", "<u8"), ("max_elements", "<u8"), ("count", "<u8"),
-                    ("size_per_element", "<u8"), ("label_offset", "<u8"),
-                    ("offset_data", "<u8"), ("max_level", "<i4"), ("enter_point", "<u4"),
-                    ("max_m", "<u8"), ("max_m0", "<u8"), ("m", "<u8"), ("mult", "<f8"),
-                    ("ef_construction", "<u8")])
-_MAX_LEVEL = 64           # HNSW levels grow as log(N)/log(M): far below this
+FORMAT = "ivf"
+FORMAT_VERSION = 1
+DEFAULT_NPROBE = 16       # lists scanned per query: recall@10 0.999 at 1M rows (benchmark)
+NITER = 10                # k-means iterations (faiss's IndexIVF default)
+SAMPLE_PER_LIST = 64      # k-means trains on at most this many rows per list
+MIN_PER_LIST = 39         # faiss warns below 39 training rows per centroid
+PARTS = {"centroids": "<f4", "rows": "<i8", "offsets": "<i8"}
+SUFFIX = ".npy"
+_SCORE_BYTES = 64 << 20   # scores held at once while assigning rows to lists
+# Queries x rows x dim of one product in the search: OpenBLAS runs a product above 2^18
+# multiply-adds on all its threads, which for these small products costs 4-20 times the
+# single-threaded time on a busy host (measured: 91 queries x 250 rows x 64, 2 cores at
+# load 8: 378 us threaded, 92 us on one thread), so larger groups are split.
+_SMALL_PRODUCT = 1 << 18
 
 
 class IndexError_(TmlError):
     """An index file that does not belong to this export, or is not a valid index."""
 
 
-def index_file(table: str) -> str:
-    return f"{table}{SUFFIX}"
+def index_files(table: str) -> dict[str, str]:
+    """part -> file name of a table's index (see module docstring)."""
+    return {part: f"{table}.ivf-{part}{SUFFIX}" for part in PARTS}
+
+
+def list_count(rows: int) -> int:
+    """Lists for `rows` rows: 4 sqrt(N) (faiss's guideline for up to a few million rows),
+    at most N / 39 so each centroid trains on enough rows, at least 1."""
+    return int(max(1, min(4 * np.sqrt(rows), rows // MIN_PER_LIST)))
+
+
+def digest(vectors: np.ndarray, centroids: np.ndarray, rows: np.ndarray,
+           offsets: np.ndarray) -> str:
+    """SHA-256 of the table's vectors and the index arrays, little-endian."""
+    hasher = hashlib.sha256()
+    for array, dtype in ((vectors, "<f4"), (centroids, "<f4"), (rows, "<i8"),
+                         (offsets, "<i8")):
+        hasher.update(np.ascontiguousarray(array, dtype).data)
+    return hasher.hexdigest()
+
+
+# --- building ------------------------------------------------------------------------------
+
+def _assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each row's list: the centroid of largest inner product (first on ties)."""
+    out = np.empty(len(vectors), np.int64)
+    step = max(1, _SCORE_BYTES // (4 * len(centroids)))
+    for start in range(0, len(vectors), step):
+        out[start:start + step] = np.argmax(vectors[start:start + step] @ centroids.T, axis=1)
+    return out
+
+
+def _kmeans_numpy(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd's k-means assigning by inner product (as faiss's IVF training does): NITER
+    rounds; an empty list takes a random training row."""
+    centroids = sample[rng.choice(len(sample), lists, replace=False)].copy()
+    for _ in range(NITER):
+        assign = _assign(sample, centroids)
+        counts = np.bincount(assign, minlength=lists)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, sample)
+        full = counts > 0
+        centroids[full] = sums[full] / counts[full, None]
+        empty = np.nonzero(~full)[0]
+        if len(empty):
+            centroids[empty] = sample[rng.choice(len(sample), len(empty), replace=False)]
+    return centroids
+
+
+def _kmeans_faiss(sample: np.ndarray, lists: int, seed: int) -> np.ndarray:
+    import faiss
+
+    clustering = faiss.Clustering(sample.shape[1], lists)
+    clustering.niter, clustering.seed = NITER, seed
+    clustering.max_points_per_centroid = SAMPLE_PER_LIST
+    quantizer = faiss.IndexFlatIP(sample.shape[1])
+    clustering.train(sample, quantizer)
+    return faiss.vector_to_array(clustering.centroids).reshape(lists, sample.shape[1])
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(vectors: np.ndarray, seed: int = 0, use_faiss: bool | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids, rows, offsets) of the IVF index of `vectors` (module docstring).
+    `use_faiss`: None: faiss's k-means when installed, else numpy's."""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    count, dim = vectors.shape
+    lists = list_count(count)
+    if count == 0:
+        return (np.zeros((1, dim), np.float32), np.zeros(0, np.int64),
+                np.zeros(2, np.int64))
+    rng = np.random.default_rng(seed)
+    sample = vectors[np.sort(rng.choice(count, min(count, SAMPLE_PER_LIST * lists),
+                                        replace=False))]
+    if use_faiss is None:
+        use_faiss = _faiss_available()
+    if use_faiss:
+        centroids = _kmeans_faiss(sample, lists, seed)
+    else:
+        centroids = _kmeans_numpy(sample, lists, rng)
+    centroids = np.ascontiguousarray(centroids, np.float32)
+    assign = _assign(vectors, centroids)
+    rows = np.argsort(assign, kind="stable").astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=lists))])
+    return centroids, rows, offsets.astype(np.int64)
 
 
 class IndexBuilder:
-    """Adds a table's rows chunk by chunk (as the export streams them) and saves the index."""
+    """Takes a table's rows chunk by chunk (as the export streams them), then builds and
+    saves the index: k-means needs every row, so the rows are held until `save`."""
 
-    def __init__(self, rows: int, dim: int, threads: int = -1) -> None:
-        import hnswlib
-
-        self.rows, self.dim, self.threads, self.added = rows, dim, threads, 0
-        self.index = hnswlib.Index(space=SPACE, dim=dim)
-        self.index.init_index(max_elements=max(1, rows), M=M, ef_construction=EF_CONSTRUCTION,
-                              random_seed=0)
+    def __init__(self, rows: int, dim: int) -> None:
+        self.rows, self.dim, self.added = rows, dim, 0
+        self.vectors = np.empty((rows, dim), np.float32)
 
     def add(self, vectors: np.ndarray) -> None:
-        labels = np.arange(self.added, self.added + len(vectors))
-        self.index.add_items(np.ascontiguousarray(vectors, np.float32), labels,
-                             num_threads=self.threads)
+        if self.added + len(vectors) > self.rows:
+            raise TmlError(f"index of {self.rows} rows got more")
+        self.vectors[self.added:self.added + len(vectors)] = vectors
         self.added += len(vectors)
 
-    def save(self, path: str) -> dict:
+    def save(self, directory: str, table: str, use_faiss: bool | None = None) -> dict:
+        """Write the three files of `table` into `directory`; returns the metadata entry.
+        `use_faiss`: as for `build`."""
         if self.added != self.rows:
             raise TmlError(f"index of {self.rows} rows got {self.added}")
-        self.index.save_index(path)
-        return {"file": os.path.basename(path), "library": LIBRARY, "space": SPACE, "M": M,
-                "ef_construction": EF_CONSTRUCTION, "rows": self.rows, "dim": self.dim}
+        centroids, rows, offsets = build(self.vectors, use_faiss=use_faiss)
+        files = index_files(table)
+        for part, array in (("centroids", centroids), ("rows", rows), ("offsets", offsets)):
+            np.save(os.path.join(directory, files[part]),
+                    np.ascontiguousarray(array, PARTS[part]), allow_pickle=False)
+        entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "lists": len(centroids),
+                 "rows": self.rows, "dim": self.dim, "files": files,
+                 "sha256": digest(self.vectors, centroids, rows, offsets)}
+        self.vectors = np.empty((0, self.dim), np.float32)
+        return entry
 
 
-def check_index_file(path: str, rows: int, dim: int, vectors: np.ndarray | None = None) -> None:
-    """IndexError_ (one line) unless `path` is hnswlib's layout of exactly this table."""
-    def refuse(why: str) -> IndexError_:
-        return IndexError_(f"{path}: not the index of this export ({why}); rebuild it with "
-                           "`twhin export --index`")
+# --- reading -------------------------------------------------------------------------------
+
+def _refuse(path: str, why: str) -> IndexError_:
+    return IndexError_(f"{path}: not a valid index of this export ({why}); rebuild it with "
+                       "`twhin export --index`")
+
+
+def read_array(path: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """The array in the .npy file `path`, refused in one line unless it is exactly `dtype`,
+    C order, `shape` (None: any length) and the file holds nothing else. The header is
+    parsed by numpy's header reader (a literal, no pickle); the data is read as raw bytes."""
+    from numpy.lib import format as npy
 
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            # A plain ndarray over a read-only mapping: slicing np.memmap costs far more.
-            data = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ),
-                                 np.uint8) if size else np.zeros(0, np.uint8)
-    except (OSError, ValueError) as error:
-        raise IndexError_(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}") from None
-    if size < _HEADER.itemsize:
-        raise refuse(f"{size} bytes, shorter than the header")
-    head = data[:_HEADER.itemsize].view(_HEADER)[0]
-    max_m0, max_m = int(head["max_m0"]), int(head["max_m"])
-    level0_links = 4 + 4 * max_m0
-    per_element = level0_links + 4 * dim + 8
-    expected = {"count": rows, "max_elements": rows, "offset_level0": 0,
-                "offset_data": level0_links, "label_offset": level0_links + 4 * dim,
-                "size_per_element": per_element}
-    for name, want in expected.items():
-        if int(head[name]) != want:
-            raise refuse(f"header {name} is {int(head[name])}, expected {want} for {rows} "
-                         f"rows of dim {dim}")
-    if not (2 <= int(head["m"]) <= 1024 and max_m == int(head["m"]) and max_m0 == 2 * max_m):
-        raise refuse(f"header M={int(head['m'])}, maxM={max_m}, maxM0={max_m0} are "
-                     "inconsistent")
-    max_level = int(head["max_level"])
-    if not 0 <= max_level <= _MAX_LEVEL or (rows and int(head["enter_point"]) >= rows):
-        raise refuse(f"header maxlevel {max_level} or entry point "
-                     f"{int(head['enter_point'])} out of range")
-    start = _HEADER.itemsize
-    end = start + rows * per_element
-    if size < end:
-        raise refuse(f"{size} bytes, shorter than the {rows} rows it must hold")
-    level0 = data[start:end].reshape(rows, per_element)
-    header = level0[:, :4].copy().view("<u2")          # (count u16, flags u16) per row
-    counts, flags = header[:, 0], header[:, 1]
-    if (counts > max_m0).any() or flags.any():
-        raise refuse("a level-0 link count above maxM0 or a deleted mark")
-    links = level0[:, 4:level0_links].copy().view("<u4")
-    used = np.arange(max_m0)[None, :] < counts[:, None]
-    if rows and (links[used] >= rows).any():
-        raise refuse("a level-0 neighbour id beyond the rows")
-    labels = level0[:, per_element - 8:].copy().view("<u8").reshape(-1)
-    if not np.array_equal(np.sort(labels), np.arange(rows, dtype=np.uint64)):
-        raise refuse("labels are not the rows 0..N-1 each once")
-    if vectors is not None:
-        stored = level0[:, level0_links:level0_links + 4 * dim].copy().view("<f4")
-        order = np.argsort(labels)
-        if vectors.shape != (rows, dim) or not np.array_equal(stored[order], vectors):
-            raise refuse("its vectors differ from the exported ones: an index of another "
-                         "export")
-    _check_upper_levels(data, end, size, rows, max_m, max_level, refuse)
+            try:
+                version = npy.read_magic(handle)
+                if version == (1, 0):
+                    header = npy.read_array_header_1_0(handle)
+                elif version in ((2, 0), (3, 0)):
+                    header = npy.read_array_header_2_0(handle)
+                else:
+                    raise ValueError(f"format version {version}")
+            except (ValueError, SyntaxError, TypeError, EOFError) as error:
+                raise _refuse(path, f"not a .npy file: {str(error).splitlines()[0]}") from None
+            found_shape, fortran, found_dtype = header
+            if found_dtype.hasobject or found_dtype != np.dtype(dtype):
+                raise _refuse(path, f"dtype {found_dtype.str}, expected {dtype}")
+            if fortran:
+                raise _refuse(path, "Fortran order")
+            if len(found_shape) != len(shape) or any(
+                    want is not None and got != want for got, want in zip(found_shape, shape)):
+                want_text = "x".join("any" if w is None else str(w) for w in shape)
+                got_text = "x".join(str(s) for s in found_shape) or "scalar"
+                raise _refuse(path, f"shape {got_text}, expected {want_text}")
+            count = int(np.prod(found_shape, dtype=np.int64))
+            data_bytes = count * found_dtype.itemsize
+            if size != handle.tell() + data_bytes:
+                raise _refuse(path, f"{size} bytes, expected {handle.tell() + data_bytes} for "
+                                    f"its shape (truncated or padded)")
+            array = np.fromfile(handle, dtype=found_dtype, count=count)
+    except OSError as error:
+        raise IndexError_(f"{path}: cannot read: {error.strerror or error}") from None
+    if array.size != count:
+        raise _refuse(path, "truncated while reading")
+    return array.reshape(found_shape)
 
 
-def _check_upper_levels(data: np.ndarray, offset: int, size: int, rows: int, max_m: int,
-                        max_level: int, refuse) -> None:  # noqa: ANN001 (the error factory)
-    """Each row's upper-level link lists: a u32 byte length, then that many bytes. The
-    lengths are read in one sequential pass (struct, no numpy per row); the lists are then
-    checked together."""
-    import struct
-
-    per_level = 4 + 4 * max_m
-    base = offset
-    buffer = data[base:size].tobytes()      # bytes: struct reads them fastest
-    unpack = struct.Struct("<I").unpack_from
-    starts, lengths = [], []
-    for _ in range(rows):
-        if offset + 4 > size:
-            raise refuse("it ends inside the upper levels")
-        (length,) = unpack(buffer, offset - base)
-        offset += 4
-        if length:
-            if length % per_level or length // per_level > max_level or offset + length > size:
-                raise refuse(f"an upper-level link list of {length} bytes")
-            starts.append(offset)
-            lengths.append(length)
-            offset += length
-    if offset != size:
-        raise refuse(f"{size - offset} bytes after the last link list")
-    top = max(lengths) // per_level if lengths else 0
-    if rows and top != max_level:
-        raise refuse(f"header maxlevel {max_level}, but the highest level is {top}")
-    if not starts:
-        return
-    blocks = np.concatenate([data[a:a + n] for a, n in zip(starts, lengths)])
-    blocks = blocks.reshape(-1, per_level)
-    counts = blocks[:, :4].copy().view("<u2")
-    links = blocks[:, 4:].copy().view("<u4")
-    if (counts[:, 0] > max_m).any() or counts[:, 1].any():
-        raise refuse("an upper-level link count above maxM")
-    used = np.arange(max_m)[None, :] < counts[:, :1]
-    if (links[used] >= rows).any():
-        raise refuse("an upper-level neighbour id beyond the rows")
+def load_index(directory: str, table: str, entry: dict, vectors: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids, rows, offsets) of `table`, checked against its metadata `entry` and the
+    exported `vectors` (module docstring); IndexError_ in one line otherwise."""
+    count, dim = vectors.shape
+    files = index_files(table)
+    paths = {part: os.path.join(directory, name) for part, name in files.items()}
+    lists = entry.get("lists")
+    if (entry.get("format") != FORMAT or entry.get("format_version") != FORMAT_VERSION
+            or not isinstance(lists, int) or not 1 <= lists <= max(1, count)):
+        raise _refuse(paths["centroids"], "metadata.json's entry for it is not an IVF index "
+                                          f"of {count} rows (format {entry.get('format')!r})")
+    centroids = read_array(paths["centroids"], PARTS["centroids"], (lists, dim))
+    if not np.isfinite(centroids).all():
+        raise _refuse(paths["centroids"], "a centroid is not finite")
+    offsets = read_array(paths["offsets"], PARTS["offsets"], (lists + 1,))
+    if offsets[0] != 0 or offsets[-1] != count or (np.diff(offsets) < 0).any():
+        raise _refuse(paths["offsets"], f"offsets must rise from 0 to the {count} rows")
+    rows = read_array(paths["rows"], PARTS["rows"], (count,))
+    if count and (rows.min() < 0 or rows.max() >= count):
+        raise _refuse(paths["rows"], f"a row outside 0..{count - 1}")
+    if count and not (np.bincount(rows, minlength=count) == 1).all():
+        raise _refuse(paths["rows"], "not every row exactly once")
+    if entry.get("sha256") != digest(vectors, centroids, rows, offsets):
+        raise _refuse(paths["rows"], "its arrays and the exported vectors do not match the "
+                                     "digest in metadata.json: an index of another export")
+    return centroids, rows, offsets
 
 
 class Index:
-    """A checked index: `search(queries, k)` -> (Q, k) row numbers, best first (approximate)."""
+    """A checked IVF index: `search(queries, k)` -> (Q, k) rows, best first by inner product
+    among the rows of each query's `nprobe` best lists; -1 where those lists hold fewer than
+    k rows."""
 
-    def __init__(self, path: str, rows: int, dim: int, vectors: np.ndarray | None = None,
-                 ef: int = DEFAULT_EF) -> None:
-        import hnswlib
-
-        check_index_file(path, rows, dim, vectors)
-        self.rows, self.ef = rows, ef
-        self.index = hnswlib.Index(space=SPACE, dim=dim)
-        self.index.load_index(path, max_elements=rows)
+    def __init__(self, directory: str, table: str, entry: dict, vectors: np.ndarray,
+                 nprobe: int = DEFAULT_NPROBE) -> None:
+        self.centroids, self.rows, self.offsets = load_index(directory, table, entry, vectors)
+        self.vectors, self.nprobe = vectors, nprobe
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
-        k = min(k, self.rows)
-        self.index.set_ef(max(self.ef, k))
-        return self.index.knn_query(np.ascontiguousarray(queries, np.float32), k=k)[0].astype(
-            np.int64)
+        return ivf_search(self.vectors, self.centroids, self.rows, self.offsets,
+                          np.asarray(queries, np.float32), k, self.nprobe)
+
+
+def ivf_search(vectors: np.ndarray, centroids: np.ndarray, rows: np.ndarray,
+               offsets: np.ndarray, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+    """(Q, k) rows (see `Index`). Batched by list: every list probed by any query is scored
+    once against all the queries probing it (one matrix product per list), each query keeps
+    its best k per list, and the best k of those are its answer."""
+    count_q, lists = len(queries), len(centroids)
+    nprobe = min(nprobe, lists)
+    if count_q == 0:
+        return np.zeros((0, k), np.int64)
+    coarse = queries @ centroids.T
+    if nprobe < lists:
+        probe = np.argpartition(-coarse, nprobe - 1, axis=1)[:, :nprobe]
+    else:
+        probe = np.broadcast_to(np.arange(lists), (count_q, lists))
+    best_s = np.full((count_q, nprobe, k), -np.inf, np.float32)
+    best_i = np.full((count_q, nprobe, k), -1, np.int64)
+    flat = probe.ravel()
+    order = np.argsort(flat, kind="stable")
+    pair_list = flat[order]
+    pair_query, pair_slot = np.divmod(order, nprobe)
+    bounds = np.flatnonzero(np.diff(pair_list)) + 1
+    for group in np.split(np.arange(len(order)), bounds):
+        which = pair_list[group[0]]
+        start, end = offsets[which], offsets[which + 1]
+        if start == end:
+            continue
+        members = rows[start:end]
+        block = vectors[members]
+        step = max(1, _SMALL_PRODUCT // (block.size or 1))
+        for first in range(0, len(group), step):
+            part = group[first:first + step]
+            asking, slots = pair_query[part], pair_slot[part]
+            scores = queries[asking] @ block.T
+            if end - start > k:
+                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores = np.take_along_axis(scores, top, 1)
+            else:
+                top = np.broadcast_to(np.arange(end - start), scores.shape)
+            width = scores.shape[1]
+            best_s[asking, slots, :width] = scores
+            best_i[asking, slots, :width] = members[top]
+    best_s = best_s.reshape(count_q, -1)
+    best_i = best_i.reshape(count_q, -1)
+    keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k] if best_s.shape[1] > k \
+        else np.broadcast_to(np.arange(best_s.shape[1]), best_s.shape)
+    best_s = np.take_along_axis(best_s, keep, 1)
+    best_i = np.take_along_axis(best_i, keep, 1)
+    ranked = np.lexsort((best_i, -best_s), axis=1)
+    found = np.take_along_axis(best_i, ranked, 1)
+    found[np.take_along_axis(best_s, ranked, 1) == -np.inf] = -1
+    return found

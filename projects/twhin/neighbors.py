@@ -5,11 +5,12 @@ model's scoring, `operators_np.relation_query`, so the ranking is the one traini
 optimised). Without: the plain dot product with the other rows of ID's table (ID itself
 left out).
 
-Runs on numpy and pyarrow alone (plus hnswlib when the export has an index): no torch, no
-torchrec, so it works wherever the exported parquet files can be read.
+Runs on numpy and pyarrow alone, with or without an index: no torch, no torchrec, no
+compiled index library, so it works wherever the exported parquet files can be read.
 
 How candidates are found: with an index beside the target table (`twhin export --index`,
-`projects.twhin.neighbor_index`) the index proposes the best rows by inner product, which
+`projects.twhin.neighbor_index`, an inverted file of plain arrays) the index proposes the
+best rows by inner product among the rows of the `nprobe` lists nearest each query, which
 orders candidates exactly as the score does (the operator's constant b is the same for all
 candidates of a query); without one, or with `exact=True`, every row is scored in chunks
 of `_CHUNK_ROWS` rows with one matrix product each and only each chunk's top is kept, so
@@ -76,14 +77,16 @@ class Embeddings:
     metadata: dict
     relations: dict[str, Relation]
     table_names: list[str]
-    ef: int | None = None
+    nprobe: int | None = None
     _ids: dict[str, pa.Array] = field(default_factory=dict, repr=False)
     _vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _indexes: dict[str, object] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def load(cls, directory: str, ef: int | None = None) -> Embeddings:
-        """Open an export directory (see `projects.twhin.export`); tables load lazily."""
+    def load(cls, directory: str, nprobe: int | None = None) -> Embeddings:
+        """Open an export directory (see `projects.twhin.export`); tables load lazily.
+        `nprobe`: the index's lists scanned per query (default
+        `neighbor_index.DEFAULT_NPROBE`)."""
         if not os.path.isdir(directory):
             raise NeighborsError(f"{directory}: no such export directory")
         names = sorted(n[:-len(".parquet")] for n in os.listdir(directory)
@@ -109,7 +112,7 @@ class Embeddings:
                 relations[name] = Relation(name, table.column("operator")[i].as_py(),
                                            table.column("lhs")[i].as_py(),
                                            table.column("rhs")[i].as_py(), vectors[i])
-        return cls(os.path.abspath(directory), metadata, relations, names, ef)
+        return cls(os.path.abspath(directory), metadata, relations, names, nprobe)
 
     # --- tables ------------------------------------------------------------------------
 
@@ -143,8 +146,15 @@ class Embeddings:
         if entry is None:
             return None
         if table not in self._indexes:
-            from .neighbor_index import DEFAULT_EF, Index, index_file
+            from .neighbor_index import DEFAULT_NPROBE, FORMAT, Index
 
+            if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+                kind = entry.get("library") if isinstance(entry, dict) else None
+                raise NeighborsError(
+                    f"{self.directory}/{METADATA_FILE}: the index of '{table}' is "
+                    f"{kind or 'of an unknown kind'} (an earlier tml's), which `twhin "
+                    "neighbors` no longer reads: rebuild the export with `twhin export "
+                    "--index`, or pass --exact")
             rows = (self.metadata.get("tables") or {}).get(table)
             dim = self.metadata.get("embedding_dim")
             if not isinstance(rows, int) or not isinstance(dim, int):
@@ -155,8 +165,8 @@ class Embeddings:
                 raise NeighborsError(f"{self._path(table)}: {vectors.shape[0]} rows of dim "
                                      f"{vectors.shape[1]}, {METADATA_FILE} says {rows} of "
                                      f"{dim}")
-            self._indexes[table] = Index(os.path.join(self.directory, index_file(table)),
-                                         rows, dim, vectors, ef=self.ef or DEFAULT_EF)
+            self._indexes[table] = Index(self.directory, table, entry, vectors,
+                                         nprobe=self.nprobe or DEFAULT_NPROBE)
         return self._indexes[table]
 
     def find(self, entities: Sequence[str], tables: Sequence[str]) -> tuple[str, np.ndarray]:
@@ -268,13 +278,15 @@ class Embeddings:
             if not len(chosen):
                 continue
             width = int(wanted[chosen].max())
-            rows = None
             if use_index:
-                try:
-                    rows = index.search(queries[chosen], width)  # type: ignore[union-attr]
-                except RuntimeError:   # hnswlib found fewer than `width` (ef too small)
-                    rows = None
-            if rows is None:
+                rows = index.search(queries[chosen], width)  # type: ignore[union-attr]
+                # a query whose probed lists hold fewer than `width` rows: answered exactly
+                short = (rows < 0).any(axis=1)
+                if short.any():
+                    approximate[chosen[short]] = False
+                    chosen = chosen[~short]
+                    rows = rows[~short]
+            else:
                 rows = exact_top_k(candidates, queries[chosen], width)
             for j, i in enumerate(chosen):
                 out[i] = rows[j]
