@@ -154,28 +154,6 @@ def _faiss_ivf_load(path: str, vectors: np.ndarray) -> dict[str, Search]:
     return {"faiss": _faiss_ivf_search(faiss.read_index(path))}
 
 
-def faiss_ivf_from_arrays(vectors: np.ndarray, centroids: np.ndarray, rows: np.ndarray,
-                          offsets: np.ndarray) -> object:
-    """A faiss IndexIVFFlat (inner product) holding the checked arrays of a tml IVF index:
-    the same lists, so the same candidates, searched by faiss's C++ scan."""
-    import faiss
-
-    dim, lists = vectors.shape[1], len(centroids)
-    quantizer = faiss.IndexFlatIP(dim)
-    quantizer.add(np.ascontiguousarray(centroids, np.float32))
-    index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-    index.is_trained = True
-    grouped = np.ascontiguousarray(vectors[rows], np.float32).view(np.uint8)
-    ids = np.ascontiguousarray(rows, np.int64)
-    for j in range(lists):
-        a, b = int(offsets[j]), int(offsets[j + 1])
-        if b > a:
-            index.invlists.add_entries(j, b - a, faiss.swig_ptr(ids[a:b]),
-                                       faiss.swig_ptr(grouped[a:b]))
-    index.ntotal = len(vectors)
-    return index
-
-
 def _tml_ivf_build(use_faiss: bool) -> Callable[[np.ndarray, str], None]:
     """The index `twhin export --index` writes (projects.twhin.neighbor_index), its
     k-means by faiss or by numpy."""
@@ -194,11 +172,11 @@ def _tml_ivf_load(with_faiss: bool) -> Callable[[str, np.ndarray], dict[str, Sea
     """What `twhin neighbors` does: every file checked, the digest compared (timed as the
     load), then numpy's search; with `with_faiss` also faiss's scan of the same lists."""
     def load(path: str, vectors: np.ndarray) -> dict[str, Search]:
-        from projects.twhin.neighbor_index import Index, ivf_search
+        from projects.twhin.neighbor_index import Index, faiss_ivf_from_arrays, ivf_search
 
         with open(path) as handle:
             entry = json.load(handle)
-        index = Index(os.path.dirname(path), "table", entry, vectors)
+        index = Index(os.path.dirname(path), "table", entry, vectors, use_faiss=False)
 
         def numpy_search(queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
             return ivf_search(vectors, index.centroids, index.rows, index.offsets, queries, k,

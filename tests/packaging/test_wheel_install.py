@@ -10,7 +10,7 @@ only the wheel provides tml. Two environments:
   `cpu` extra and `--no-index`, so the metadata must resolve against what is there
   (nothing is downloaded). `twhin train` runs the shipped local.yaml for a few steps: the
   built-in graph is generated under TML_CACHE_DIR, not in site-packages; then `twhin
-  export`, and `twhin neighbors` of that export in the `bare` environment.
+  export --index`, and `twhin neighbors` of that export in the `bare` environment.
 - `bare`: the same without torchrec and fbgemm (a user who skipped the torchrec step):
   `twhin --help`, `tml --version` and `twhin import` work, `twhin train` is refused in
   one line naming the install command.
@@ -211,8 +211,10 @@ def test_the_wheel_installs_and_runs_outside_the_repository(tmp_path) -> None:
     assert not os.path.exists(os.path.join(REPO, "run"))
 
     _run([os.path.join(full, "twhin"), "export", "--config", config, "--checkpoint", "run",
-          "--out", "emb"], str(work), env)
-    # Neighbours need numpy and parquet only: the environment without torchrec answers.
+          "--out", "emb", "--index"], str(work), env)
+    assert (work / "emb" / "user.ivf-rows.npy").is_file()
+    # Neighbours need numpy and parquet only, index included: the environment without
+    # torchrec (and without any index library) answers.
     rows = _run([os.path.join(bare, "twhin"), "neighbors", "--embeddings", "emb",
                  "--entity", "0", "--table", "user", "--relation", "fav", "--k", "3"],
                 str(work), env).stdout
