@@ -1,13 +1,18 @@
-"""Approximate nearest-neighbour indexes for `twhin neighbors`: faiss against hnswlib.
+"""Approximate nearest-neighbour indexes for `twhin neighbors`: the IVF index of plain
+arrays that `twhin export --index` writes (k-means and scan by faiss or by numpy) against
+hnswlib's HNSW graph (and, with --all, faiss's own IVFFlat and HNSWFlat files).
 
 On N rows of D-dimensional float32 vectors (default 1,000,000 x 64) shaped like trained
 embeddings (clustered, with norms that vary by row, as popular entities get longer vectors),
 each candidate index is built, saved, loaded and queried with Q query vectors, and compared
 with exact search (one matrix product per chunk of rows, what `twhin neighbors` did before):
 
-* build seconds, index file bytes, load seconds;
+* build seconds, index file bytes, load seconds (for the IVF index: every check and the
+  digest `twhin neighbors` runs);
 * recall@k: the share of the exact top k (by dot product) the index returns in its top k;
-* queries/s: Q queries in one batch call, on every core the process may use.
+* queries/s: Q queries in one batch call, on every core the process may use; every index
+  stays loaded and the queries run in --rounds interleaved rounds (median reported), so
+  the methods meet the same load.
 
 The score is a dot product (plus a per-query constant, which does not change a query's
 order), so each index ranks by inner product: hnswlib's space "ip", faiss's
@@ -17,7 +22,8 @@ measured with `--reduction` and left out of the default set: on these 1M rows hn
 the reduction (M=16, efC=100) reached recall@10 0.087 / 0.107 / 0.137 at ef 32 / 64 / 128
 (built in 1154 s on a loaded 2-core host), as the extra coordinate dominates the distances.
 
-    python -m benchmarks.neighbors [--rows 1000000] [--dim 64] [--queries 1000] [--quick]
+    python -m benchmarks.neighbors [--rows 1000000] [--dim 64] [--queries 1000] [--rounds 3]
+                                   [--all] [--quick]
 
 Writes benchmarks/results/neighbors-<name>.json (default name cpu-<cores>core).
 """
