@@ -8,7 +8,7 @@ each candidate index is built, saved, loaded and queried with Q query vectors, a
 with exact search (one matrix product per chunk of rows, what `twhin neighbors` did before):
 
 * build seconds, index file bytes, load seconds (for the IVF index: every check and the
-  digest `twhin neighbors` runs);
+  digest `twhin neighbors` runs, plus faiss's in-memory index built from the arrays);
 * recall@k: the share of the exact top k (by dot product) the index returns in its top k;
 * queries/s: Q queries in one batch call, on every core the process may use; every index
   stays loaded and the queries run in --rounds interleaved rounds (median reported), so

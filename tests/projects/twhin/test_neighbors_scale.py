@@ -163,6 +163,18 @@ def test_batch_queries_from_a_file_to_parquet_and_tsv(graph, tmp_path, capsys):
     single = dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entity", "user:u2",
                        "--relation", "buys", "--k", "4"])
     assert answers["id"][4:8] == [i for i, _ in single]
+    # --nprobe: fewer lists scanned, still k answers with exact scores; every list: exact
+    narrow = dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entity", "user:u2",
+                       "--relation", "buys", "--k", "4", "--nprobe", "1"])
+    assert len(narrow) == 4 and all(s <= single[0][1] + 1e-6 for _, s in narrow)
+    wide = dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entity", "user:u2",
+                     "--relation", "buys", "--k", "4", "--nprobe", "1000"])
+    exact = dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entity", "user:u2",
+                      "--relation", "buys", "--k", "4", "--exact"])
+    assert [i for i, _ in wide] == [i for i, _ in exact]
+    with pytest.raises(TmlError, match="--nprobe must be >= 1"):
+        dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entity", "user:u2",
+                  "--nprobe", "0"])
     tsv = tmp_path / "answers.tsv"
     dispatch(["neighbors", "--embeddings", str(graph["emb"]), "--entities", str(entities),
               "--relation", "buys", "--k", "4", "--out", str(tsv)])
