@@ -3,15 +3,21 @@
 The lookups follow the original tml's order: each edge gives two lookups, lhs first then
 rhs, so a batch of B edges is 2B lookups. The KJT has one key per table and gives each table
 only its own ids: table t's n_t lookups are its first n_t bags (length 1, in lookup order),
-padded with empty bags to the KJT's stride N = max_t n_t. The pooled (SUM) output is then
-(N, T*D), and `EdgeBatch.slots` says where each lookup's vector is in it: lookup j (table
-t_j, the r_j-th lookup of its table) is row r_j * T + t_j of the output viewed as (N*T, D).
+padded with empty bags to the KJT's stride N (`lookup_stride`). The pooled (SUM) output is
+then (N, T*D), and `EdgeBatch.slots` says where each lookup's vector is in it: lookup j
+(table t_j, the r_j-th lookup of its table) is row r_j * T + t_j of the output viewed as
+(N*T, D).
+
+The stride is the most lookups a table can get in a batch of this config, not this batch's
+largest n_t: workers must agree on it without talking (TorchRec's row-wise reduce-scatter
+needs the same stride on every rank), and it stays the same from batch to batch. When every
+relation is user -> tweet, each table gets exactly half the lookups and no bag is empty.
 
 Why not one bag per lookup in every table (the original layout: length 1 under the lookup's
-table, 0 under the others, stride 2B): then T-1 of every T pooled rows are zeros. With two
-tables that is half of the forward's output, of the backward's gradient, and of what
-multi-worker runs send through the pooled all-to-all; with one user and one tweet per edge
-(every relation user -> tweet) this layout has no empty bags at all.
+table, 0 under the others, stride 2B): then T-1 of every T pooled rows are zeros, with two
+tables half of the forward's output, of the backward's gradient, and of what multi-worker
+runs send through the pooled all-to-all. When a table can be both sides of an edge (a
+user -> user relation) its bound is 2B again and the stride is the original one.
 
 Global negatives (`global_negatives = G > 0`) are more lookups appended after the 2B
 positive ones, edge by edge: G ids of the edge's lhs table, then G ids of its rhs table, so
@@ -63,6 +69,20 @@ def relation_tables(relations: list, table_names: list[str]) -> torch.Tensor:
                          for r in relations], dtype=torch.long).reshape(-1, 2)
 
 
+def lookup_stride(relation_tables_t: torch.Tensor, num_tables: int, num_edges: int,
+                  global_negatives: int = 0, shared_negatives: int = 0) -> int:
+    """The most lookups one table can get in a batch: the KJT's stride (bags per table).
+
+    An edge gives a table one lookup per side it is on (times 1 + G with global negatives):
+    at most 2 if some relation has the same table on both sides, else 1; the K shared
+    negatives add K. Depends on the config and the batch size only.
+    """
+    if not num_tables or not relation_tables_t.numel():
+        return shared_negatives
+    sides = 2 if bool((relation_tables_t[:, 0] == relation_tables_t[:, 1]).any()) else 1
+    return sides * num_edges * (1 + global_negatives) + shared_negatives
+
+
 def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
                  relation_tables_t: torch.Tensor, table_names: list[str],
                  negative_lhs: torch.Tensor | None = None,
@@ -101,7 +121,9 @@ def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
     order = torch.argsort(lookup_tables, stable=True)
     values = lookup_rows[order]
     counts = torch.bincount(lookup_tables, minlength=num_tables)         # (T,) n_t
-    stride = int(counts.max()) if lookup_tables.numel() else 0
+    stride = lookup_stride(relation_tables_t, num_tables, len(rel),
+                           negative_lhs.shape[1] if negative_lhs is not None else 0,
+                           shared.shape[1] if shared is not None and shared.numel() else 0)
     lengths = torch.arange(stride).unsqueeze(0) < counts.unsqueeze(1)   # (T, N)
     # The r-th lookup of table t is at sorted position start_t + r.
     starts = torch.cumsum(counts, 0) - counts
