@@ -24,7 +24,7 @@ from benchmarks import run as bench
 
 
 def profile(quick: bool = False, skip: int = 10, active: int = 50,
-            threads: int = 1) -> dict:
+            threads: int = 1, shapes: bool = False) -> dict:
     """Per-op self CPU time of `active` steps: {op: {"ms_per_step", "calls_per_step"}}."""
     from torch.profiler import ProfilerActivity, schedule
 
@@ -46,8 +46,8 @@ def profile(quick: bool = False, skip: int = 10, active: int = 50,
     captured: list = []
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU],
-        schedule=schedule(wait=0, warmup=skip, active=active, repeat=1),
-        on_trace_ready=lambda p: captured.append(p.key_averages()))
+        schedule=schedule(wait=0, warmup=skip, active=active, repeat=1), record_shapes=shapes,
+        on_trace_ready=lambda p: captured.append(p.key_averages(group_by_input_shape=shapes)))
     original = ctl.TrainPipelineSparseDist
     step_times: list[float] = []
 
@@ -72,7 +72,8 @@ def profile(quick: bool = False, skip: int = 10, active: int = 50,
             ctl.TrainPipelineSparseDist = original
     ops = {}
     for event in captured[0]:
-        ops[event.key] = {"ms_per_step": event.self_cpu_time_total / 1000 / active,
+        key = f"{event.key} {event.input_shapes}" if shapes else event.key
+        ops[key] = {"ms_per_step": event.self_cpu_time_total / 1000 / active,
                           "calls_per_step": event.count / active}
     ops = dict(sorted(ops.items(), key=lambda item: -item[1]["ms_per_step"]))
     total = sum(op["ms_per_step"] for op in ops.values())
@@ -99,9 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--active", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", action="store_true",
+                        help="one row per op and input shapes (which `cat` is the costly one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    report = profile(args.quick, args.skip, args.active, args.threads)
+    report = profile(args.quick, args.skip, args.active, args.threads, args.shapes)
     print(table(report))
     if args.out:
         with open(args.out, "w") as f:

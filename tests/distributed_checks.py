@@ -54,7 +54,8 @@ def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0):  # n
     shape = (BATCH, global_negatives)
     neg_lhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 0]].unsqueeze(1)).long()
     neg_rhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 1]].unsqueeze(1)).long()
-    batch = EdgeBatch(nodes=edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs),
+    nodes, slots = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs)
+    batch = EdgeBatch(nodes=nodes, slots=slots,
                       labels=torch.ones(BATCH), rels=rel, weights=torch.ones(BATCH))
     return lhs, rhs, rel, rt, batch, neg_lhs, neg_rhs
 

@@ -204,9 +204,9 @@ class EdgesDataset(ResumablePosition):
             sizes = np.array([self.table_sizes[t] for t in self.table_names], np.int64)
             shared = torch.from_numpy((rng.random((len(sizes), self.shared_negatives))
                                        * sizes[:, None]).astype(np.int64))
-        nodes = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables, self.table_names,
-                             negative_lhs, negative_rhs, shared)
-        return EdgeBatch(nodes=nodes, labels=torch.ones(len(lhs_t)), rels=rel_t,
+        nodes, slots = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables,
+                                    self.table_names, negative_lhs, negative_rhs, shared)
+        return EdgeBatch(nodes=nodes, slots=slots, labels=torch.ones(len(lhs_t)), rels=rel_t,
                          weights=torch.from_numpy(weight), shared=shared)
 
     def _read_batches(self, first_row: int, end_row: int) -> Iterator[tuple[np.ndarray, ...]]:

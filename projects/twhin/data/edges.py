@@ -1,10 +1,23 @@
 """An edge batch and the lookup KeyedJaggedTensor built from it.
 
-The lookup layout follows the original tml: each edge gives two lookups, lhs first then rhs,
-so a batch of B edges is 2B lookups. The KJT has one key per table; each lookup has length 1
-under the key of its table and 0 under the others; values are grouped by table, in lookup
-order within a table. Pooled (SUM) output is then (2B, T*D) with zeros in the T-1 tables a
-lookup does not use, and summing over tables gives each lookup's vector.
+The lookups follow the original tml's order: each edge gives two lookups, lhs first then
+rhs, so a batch of B edges is 2B lookups. The KJT has one key per table and gives each table
+only its own ids: table t's n_t lookups are its first n_t bags (length 1, in lookup order),
+padded with empty bags to the KJT's stride N (`lookup_stride`). The pooled (SUM) output is
+then (N, T*D), and `EdgeBatch.slots` says where each lookup's vector is in it: lookup j
+(table t_j, the r_j-th lookup of its table) is row r_j * T + t_j of the output viewed as
+(N*T, D).
+
+The stride is the most lookups a table can get in a batch of this config, not this batch's
+largest n_t: workers must agree on it without talking (TorchRec's row-wise reduce-scatter
+needs the same stride on every rank), and it stays the same from batch to batch. When every
+relation is user -> tweet, each table gets exactly half the lookups and no bag is empty.
+
+Why not one bag per lookup in every table (the original layout: length 1 under the lookup's
+table, 0 under the others, stride 2B): then T-1 of every T pooled rows are zeros, with two
+tables half of the forward's output, of the backward's gradient, and of what multi-worker
+runs send through the pooled all-to-all. When a table can be both sides of an edge (a
+user -> user relation) its bound is 2B again and the stride is the original one.
 
 Global negatives (`global_negatives = G > 0`) are more lookups appended after the 2B
 positive ones, edge by edge: G ids of the edge's lhs table, then G ids of its rhs table, so
@@ -32,6 +45,8 @@ class EdgeBatch(DataclassBatch):
     """B positive edges.
 
     nodes: lookup KJT (2B lookups, see module docstring).
+    slots: (2B,) int64 where each lookup's vector is in the pooled output viewed as
+      (N*T, D): row r * T + t for the r-th lookup of table t (tables in `nodes`' key order).
     labels: (B,) float, 1 for the positive edges read from data.
     rels: (B,) int64 relation index of each edge.
     weights: (B,) float edge weight (1 unless the data has a `weight` column).
@@ -40,6 +55,7 @@ class EdgeBatch(DataclassBatch):
     """
 
     nodes: KeyedJaggedTensor
+    slots: torch.Tensor
     labels: torch.Tensor
     rels: torch.Tensor
     weights: torch.Tensor
@@ -53,12 +69,27 @@ def relation_tables(relations: list, table_names: list[str]) -> torch.Tensor:
                          for r in relations], dtype=torch.long).reshape(-1, 2)
 
 
+def lookup_stride(relation_tables_t: torch.Tensor, num_tables: int, num_edges: int,
+                  global_negatives: int = 0, shared_negatives: int = 0) -> int:
+    """The most lookups one table can get in a batch: the KJT's stride (bags per table).
+
+    An edge gives a table one lookup per side it is on (times 1 + G with global negatives):
+    at most 2 if some relation has the same table on both sides, else 1; the K shared
+    negatives add K. Depends on the config and the batch size only.
+    """
+    if not num_tables or not relation_tables_t.numel():
+        return shared_negatives
+    sides = 2 if bool((relation_tables_t[:, 0] == relation_tables_t[:, 1]).any()) else 1
+    return sides * num_edges * (1 + global_negatives) + shared_negatives
+
+
 def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
                  relation_tables_t: torch.Tensor, table_names: list[str],
                  negative_lhs: torch.Tensor | None = None,
                  negative_rhs: torch.Tensor | None = None,
-                 shared: torch.Tensor | None = None) -> KeyedJaggedTensor:
-    """The lookup KJT of a batch of edges (vectorised; no Python loop over edges).
+                 shared: torch.Tensor | None = None
+                 ) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+    """The lookup KJT of a batch of edges and each lookup's slot (vectorised).
 
     Args:
       lhs, rhs: (B,) int64 row indices into the relation's lhs and rhs tables.
@@ -69,6 +100,7 @@ def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
         and rhs table, appended after the positives (see module docstring).
       shared: optional (T, K) shared negatives, row ids of each table (in `table_names`
         order), appended last.
+    Returns the KJT and the slots (`EdgeBatch.slots`).
     """
     lookup_tables = relation_tables_t[rel].reshape(-1)          # (2B,) lhs, rhs interleaved
     lookup_rows = torch.stack((lhs, rhs), dim=1).reshape(-1)    # (2B,)
@@ -85,9 +117,18 @@ def edges_to_kjt(lhs: torch.Tensor, rhs: torch.Tensor, rel: torch.Tensor,
         lookup_tables = torch.cat([lookup_tables, torch.arange(shared.shape[0]).repeat_interleave(
             num_shared)])
         lookup_rows = torch.cat([lookup_rows, shared.reshape(-1)])
+    num_tables = len(table_names)
     order = torch.argsort(lookup_tables, stable=True)
     values = lookup_rows[order]
-    num_tables = len(table_names)
-    lengths = torch.arange(num_tables).unsqueeze(1).eq(lookup_tables.unsqueeze(0))
-    return KeyedJaggedTensor(keys=list(table_names), values=values,
-                             lengths=lengths.reshape(-1).to(torch.int32))
+    counts = torch.bincount(lookup_tables, minlength=num_tables)         # (T,) n_t
+    stride = lookup_stride(relation_tables_t, num_tables, len(rel),
+                           negative_lhs.shape[1] if negative_lhs is not None else 0,
+                           shared.shape[1] if shared is not None and shared.numel() else 0)
+    lengths = torch.arange(stride).unsqueeze(0) < counts.unsqueeze(1)   # (T, N)
+    # The r-th lookup of table t is at sorted position start_t + r.
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel()) - starts[lookup_tables[order]]
+    kjt = KeyedJaggedTensor(keys=list(table_names), values=values,
+                            lengths=lengths.reshape(-1).to(torch.int32))
+    return kjt, ranks * num_tables + lookup_tables

@@ -57,18 +57,22 @@ def _dataset(root, **kwargs):
 
 
 def _decode(batch):
-    """(lhs, rhs, rel) of a batch, decoded from the KJT alone (lookups: lhs, rhs per edge)."""
+    """(lhs, rhs, rel) of a batch, decoded from the KJT and the slots (lookups: lhs, rhs per
+    edge; each table's ids in its first bags, in lookup order)."""
     kjt = batch.nodes
     num_lookups = 2 * len(batch.rels)
-    lengths = kjt.lengths().reshape(len(kjt.keys()), num_lookups)
-    assert lengths.sum(0).tolist() == [1] * num_lookups   # each lookup in exactly one table
-    lookup_values = torch.empty(num_lookups, dtype=torch.long)
-    lookup_table = torch.empty(num_lookups, dtype=torch.long)
+    num_tables = len(kjt.keys())
+    lengths = kjt.lengths().reshape(num_tables, -1)
+    counts = lengths.sum(1)
+    for table in range(num_tables):    # n_t ones, then empty bags
+        n = int(counts[table])
+        assert lengths[table].tolist() == [1] * n + [0] * (lengths.shape[1] - n)
+    assert lengths.shape[1] >= int(counts.max()) and int(counts.sum()) == num_lookups
+    assert batch.slots.unique().numel() == num_lookups
     per_key = kjt.to_dict()
-    for table, key in enumerate(kjt.keys()):
-        used = lengths[table].nonzero().flatten()
-        lookup_values[used] = per_key[key].values()
-        lookup_table[used] = table
+    lookup_table = batch.slots % num_tables
+    lookup_values = torch.stack([per_key[kjt.keys()[int(slot) % num_tables]].values()[
+        int(slot) // num_tables] for slot in batch.slots])
     # The lookups' tables are those of the relations' sides.
     expected = torch.tensor([[0, 1], [0, 0]])[batch.rels].flatten()   # user=0, tweet=1
     assert lookup_table.tolist() == expected.tolist()

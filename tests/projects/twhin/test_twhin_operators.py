@@ -120,8 +120,8 @@ def _batch(config, g, negatives=0, num_edges=8):
                                  * sizes[rt[rel, side]].view(-1, *[1] * (len(shape) - 1))).long()
     lhs, rhs = draw(0, num_edges), draw(1, num_edges)
     neg_lhs, neg_rhs = draw(0, num_edges, negatives), draw(1, num_edges, negatives)
-    kjt = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs)
-    batch = EdgeBatch(nodes=kjt, labels=torch.ones(num_edges), rels=rel,
+    kjt, slots = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs)
+    batch = EdgeBatch(nodes=kjt, slots=slots, labels=torch.ones(num_edges), rels=rel,
                       weights=torch.ones(num_edges))
     return batch, lhs, rhs, rel, neg_lhs, neg_rhs, rt
 

@@ -54,8 +54,8 @@ def _batch(config, seed=3, num_edges=8, shared=4, global_=0):
     neg = [(torch.rand(num_edges, global_, generator=g) * sizes[rt[rel, s]].unsqueeze(1)).long()
            for s in (0, 1)]
     shared_ids = (torch.rand(len(NAMES), shared, generator=g) * sizes.unsqueeze(1)).long()
-    kjt = edges_to_kjt(lhs, rhs, rel, rt, NAMES, neg[0], neg[1], shared_ids)
-    batch = EdgeBatch(nodes=kjt, labels=torch.ones(num_edges), rels=rel,
+    kjt, slots = edges_to_kjt(lhs, rhs, rel, rt, NAMES, neg[0], neg[1], shared_ids)
+    batch = EdgeBatch(nodes=kjt, slots=slots, labels=torch.ones(num_edges), rels=rel,
                       weights=torch.ones(num_edges), shared=shared_ids)
     return batch, lhs, rhs, rel, shared_ids, rt
 
@@ -124,7 +124,7 @@ def test_softmax_model_loss_uses_edge_weights_and_leaves_out_the_positive_itself
     wrapped = TwhinModelAndLoss(model)
     loss, out = wrapped(batch)
     offsets = out["negative_offsets"]
-    lhs_ids, rhs_ids = positive_ids(batch.nodes, 8)
+    lhs_ids, rhs_ids = positive_ids(batch.nodes, batch.slots, 8)
     rt = relation_tables(config.relations, NAMES)
     for i in range(8):
         tail_candidates = batch.shared[rt[batch.rels[i], 1]]
@@ -142,7 +142,7 @@ def test_softmax_model_loss_uses_edge_weights_and_leaves_out_the_positive_itself
 def test_positive_ids_read_the_rows_back_from_the_kjt():
     config = parse_config(TwhinModelConfig, _model_config())
     batch, lhs, rhs = _batch(config, shared=2, global_=3)[:3]
-    got_lhs, got_rhs = positive_ids(batch.nodes, 8)
+    got_lhs, got_rhs = positive_ids(batch.nodes, batch.slots, 8)
     assert torch.equal(got_lhs, lhs) and torch.equal(got_rhs, rhs)
 
 
@@ -167,7 +167,7 @@ def test_in_batch_negatives_get_their_log_q_in_the_softmax_offsets():
     assert out["tail_negatives"].shape == (12, 3)
     # Each candidate's offset is -log q of its entity, or -inf where it is the positive's
     # own entity: checked against the scores (a candidate scores like the row it copies).
-    lhs_ids, rhs_ids = positive_ids(batch.nodes, 12)
+    lhs_ids, rhs_ids = positive_ids(batch.nodes, batch.slots, 12)
     rhs_q = in_batch_log_q(lhs_ids, rhs_ids, batch.rels)[0]
     lhs, rhs = model.lookup(batch)
     relation_vectors = model.all_trans_embs[batch.rels]
