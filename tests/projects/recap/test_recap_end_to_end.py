@@ -87,13 +87,19 @@ def test_two_workers_learn_every_task_and_keep_a_frozen_export(tmp_path):
 
 
 
-def test_missing_data_is_one_line_before_any_worker(tmp_path):
+def test_missing_data_is_one_line_before_any_worker(tmp_path, capsys):
+    """main.py's entry point (`run_cli(main)`) in this process: the launcher's check, with
+    no interpreter to start (main.py as a script runs in the slow tests above)."""
+    from projects.home.recap.main import main
+    from tml.common.cli import run_cli
+
     schema = write_schema(str(tmp_path))
     path = write_config(str(tmp_path / "recap.yaml"),
                         config_dict(schema, str(tmp_path / "none" / "*.parquet")))
-    done = _run(f"--config_yaml_path={path}", f"--save_dir={tmp_path / 'run'}",
-                "--nproc_per_node=2", timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: main([f"--config_yaml_path={path}", f"--save_dir={tmp_path / 'run'}",
+                              "--nproc_per_node=2"]))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: inputs '{tmp_path}/none/*.parquet' matches no files")
     assert not (tmp_path / "run").exists()

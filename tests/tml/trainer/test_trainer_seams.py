@@ -23,11 +23,23 @@ from tml.errors import ConfigError
 
 
 def _run_hook(step: int, **env: str) -> int:
-    code = f"from tml.core.crash_hook import maybe_crash; maybe_crash({step}); print('alive')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120,
-                          env={**launcher_env(), "TML_TEST_CRASH_AT_STEP": "3", **env})
-    return done.returncode
+    """`maybe_crash(step)` in a forked child with `TML_TEST_CRASH_AT_STEP=3` and `env`; the
+    child's exit status (negative: the signal that ended it). A fork, not a new interpreter:
+    the hook reads the environment at the call, and the child needs no second torch import."""
+    from tml.core.crash_hook import maybe_crash
+
+    pid = os.fork()
+    if pid == 0:   # the child: never back into pytest
+        code = 1
+        try:
+            os.environ.pop("TORCHELASTIC_RESTART_COUNT", None)
+            os.environ.update({"TML_TEST_CRASH_AT_STEP": "3", **env})
+            maybe_crash(step)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def test_the_crash_hook_kills_at_its_step_on_the_first_attempt_only():
