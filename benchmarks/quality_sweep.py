@@ -21,14 +21,13 @@ import time
 import torch
 import yaml
 
-torch.set_num_threads(1)
-from projects.twhin import link_prediction as lp  # noqa: E402
-from projects.twhin.config import TwhinConfig  # noqa: E402
-from projects.twhin.data.data import create_dataset  # noqa: E402
-from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers  # noqa: E402
-from projects.twhin.optimizer import build_optimizer  # noqa: E402
-from tml.common.modules.embedding.embedding import LargeEmbeddings  # noqa: E402
-from tml.core.config.config_load import parse_config  # noqa: E402
+from projects.twhin import link_prediction as lp
+from projects.twhin.config import TwhinConfig
+from projects.twhin.data.data import create_dataset
+from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
+from projects.twhin.optimizer import build_optimizer
+from tml.common.modules.embedding.embedding import LargeEmbeddings
+from tml.core.config.config_load import parse_config
 
 
 def _set(d: dict, key: str, value: object) -> None:
@@ -102,6 +101,9 @@ def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0) ->
 
 
 if __name__ == "__main__":
+    # One thread, as the CLI runs compare at; set here, not at import, so that a test
+    # importing `train` leaves its process's thread count alone.
+    torch.set_num_threads(1)
     for spec in sys.argv[2:]:
         name, text = spec.split("=", 1)
         overrides = json.loads(text)
