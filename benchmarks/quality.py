@@ -202,10 +202,14 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
         _, train_s = run(twhin + ["train", "--config", config_path, "--save_dir", save,
                                   "--nproc_per_node", "1"] + flags, save + "_train.log")
         result = {}
+        # With early stopping (a validation split): its best checkpoint, as the written
+        # config's comment tells a user (`--best`).
+        best = ["--best"] if os.path.exists(os.path.join(save, "best.json")) else []
         for split in ("validation", "test"):
             out, _ = run(twhin + ["evaluate", "--config",
                                   os.path.join(save, "twhin_config.yaml"), "--checkpoint",
-                                  save, "--split", split, "--json"], save + f"_{split}.log")
+                                  save, "--split", split, "--json"] + best,
+                         save + f"_{split}.log")
             result[split] = json.loads(out)
         test, valid = result["test"], result["validation"]
         rows.append({"graph": spec, "candidate": name, "seed": seed,

@@ -41,7 +41,8 @@ relations per batch: the built-in graph ~335, the generated graphs of benchmarks
 per table shared by the whole batch, a softmax cross-entropy of each positive against them
 per side, N3 regularisation (weight N3_WEIGHT), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
-epochs, and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
+epochs (with a validation split: at most LARGE_MAX_EPOCHS, early stopping on the validation
+MRR, as for every config written with a validation split), and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
 MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
 the first round's 32 uniform global negatives with BCE stayed below the popularity
 baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
@@ -309,7 +310,7 @@ def _import(train: str, valid: str | None, test: str | None,
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
                                [len(ids) for t, ids in vocab.tables.items() if t in used], dim,
-                               dim_source)
+                               dim_source, validation=bool(counts["validation"]))
     config = default_config(vocab, counts, defaults.dim, defaults)
     with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
@@ -333,7 +334,15 @@ SHARED_NEGATIVES = 256             # per table and batch, uniform, shared by the
 N3_WEIGHT = 0.01
 LARGE_TABLE_LR = 1.0
 LARGE_RELATION_LR = 1.0            # Adagrad, as the tables (SGD 5 diverged with Adagrad 2)
-LARGE_EPOCHS = 40
+LARGE_EPOCHS = 40                  # without a validation split
+# With a validation split: early stopping on its filtered MRR (evaluated every EVAL_EPOCHS
+# epochs, `link_prediction.validation_evaluate`), stopping after PATIENCE evaluations
+# without a gain of more than MIN_DELTA, within LARGE_MAX_EPOCHS epochs (few relations per
+# batch; validation MRR still rose at 40) or the many-relation rule's epochs.
+LARGE_MAX_EPOCHS = 100
+EVAL_EPOCHS = 5
+PATIENCE = 2
+MIN_DELTA = 0.002
 # embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
 # at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
 # keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
@@ -369,6 +378,7 @@ class Defaults:
     same_relation: float
     reason: str
     dim: int = SMALL_DIM
+    early_stopping: bool = False
 
 
 def large_dim(table_rows: list[int]) -> int:
@@ -380,7 +390,8 @@ def large_dim(table_rows: list[int]) -> int:
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
-                    dim: int | None = None, dim_source: str = "--dim") -> Defaults:
+                    dim: int | None = None, dim_source: str = "--dim",
+                    validation: bool = False) -> Defaults:
     """The rule for the written config, from statistics seen while streaming the input.
 
     `relation_edges`: training edges per relation; `table_rows`: rows of every table a
@@ -403,6 +414,10 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
       Epochs: enough for MIN_STEPS steps, between 10 and 200. Without `dim`: SMALL_DIM.
 
     A given `dim` is kept (the reason says "--dim").
+
+    With `validation` (the import has a validation split): early stopping on the
+    validation MRR (`EVAL_EPOCHS`, `PATIENCE`, `MIN_DELTA`), and with few relations per
+    batch LARGE_MAX_EPOCHS epochs at most instead of LARGE_EPOCHS.
     """
     batch = max(1, min(MAX_BATCH, train_edges // BATCH_EDGES_FRACTION))
     total = max(1, sum(relation_edges))
@@ -419,8 +434,13 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                   f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
                   if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
+    stop_reason = (f"; early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, "
+                   f"after {PATIENCE} without a gain over {MIN_DELTA:g}; `--best` evaluates "
+                   f"and exports the best checkpoint)") if validation else ""
     if few_relations:
-        epochs = LARGE_EPOCHS
+        epochs = LARGE_MAX_EPOCHS if validation else LARGE_EPOCHS
+        epochs_reason = (f"at most {epochs} epochs" if validation else
+                         f"{epochs} epochs (validation MRR still rising at 40)")
         return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", N3_WEIGHT, LARGE_TABLE_LR,
                         LARGE_RELATION_LR, "adagrad", operator, epochs, same_relation,
                         f"{same_relation:.0f} edges of a relation per batch of {batch}: "
@@ -433,8 +453,8 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                         f"(translation with one table scores the query entity itself "
                         f"highest), Adagrad {LARGE_TABLE_LR:g} for the tables and "
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
-                        f"tables' they stay near zero; higher rates diverged), {epochs} epochs "
-                        f"(validation MRR still rising at 40)", dim)
+                        f"tables' they stay near zero; higher rates diverged), {epochs_reason}"
+                        f"{stop_reason}", dim, validation)
     epochs = min(200, max(10, -(-MIN_STEPS // steps_per_epoch)))
     return Defaults(batch, 0, negatives, 0, "bce", 0.0, 5.0, 50.0, "sgd", operator, epochs,
                     same_relation,
@@ -445,7 +465,7 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                     f"Adagrad 5 and SGD 50 (each relation vector gets ~1/R of a batch's "
                     f"gradient), operator {operator} (translation cannot tell many relations "
                     f"between the same entities apart), {epochs} epochs (>= {MIN_STEPS} "
-                    f"steps, at most 200)", dim)
+                    f"steps, at most 200){stop_reason}", dim, validation)
 
 
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
@@ -464,7 +484,7 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
         "training": {"num_train_steps": 1_000_000, "num_epochs": defaults.epochs,
                      "checkpoint_every_n": 10 * steps_per_epoch,
                      "train_log_every_n": max(1, steps_per_epoch // 2),
-                     "eval_log_every_n": 5 * steps_per_epoch, "num_eval_steps": 20},
+                     "eval_log_every_n": EVAL_EPOCHS * steps_per_epoch, "num_eval_steps": 20},
         "model": {
             "translation_optimizer": (
                 {"adagrad": {"lr": defaults.relation_lr, "eps": ADAGRAD_EPS}}
@@ -485,6 +505,9 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
     }
     if counts["validation"]:
         config["validation_data"] = data("validation")
+        if defaults.early_stopping:
+            config["training"]["early_stopping"] = {
+                "metric": "mrr", "mode": "max", "patience": PATIENCE, "min_delta": MIN_DELTA}
     if counts["test"]:
         config["test_data"] = data("test")
     return config
