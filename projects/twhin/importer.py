@@ -343,6 +343,7 @@ LARGE_MAX_EPOCHS = 100
 EVAL_EPOCHS = 5
 PATIENCE = 2
 MIN_DELTA = 0.002
+VALID_BATCHES = 16                 # validation batches at least (see default_config)
 # embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
 # at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
 # keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
@@ -505,6 +506,11 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
     }
     if counts["validation"]:
         config["validation_data"] = data("validation")
+        # Smaller batches than training's, so that every one of up to VALID_BATCHES
+        # workers gets at least one (a worker without a validation batch cannot evaluate:
+        # with early stopping the run would be refused).
+        config["validation_data"]["per_replica_batch_size"] = max(
+            1, min(batch, counts["validation"] // VALID_BATCHES))
         if defaults.early_stopping:
             config["training"]["early_stopping"] = {
                 "metric": "mrr", "mode": "max", "patience": PATIENCE, "min_delta": MIN_DELTA}

@@ -19,6 +19,7 @@ from projects.twhin.importer import (
     LARGE_MAX_EPOCHS,
     MIN_DELTA,
     PATIENCE,
+    VALID_BATCHES,
     choose_defaults,
     import_triples,
 )
@@ -68,6 +69,8 @@ def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_pa
     assert config["training"]["num_epochs"] == LARGE_MAX_EPOCHS
     steps_per_epoch = 1300 // config["train_data"]["per_replica_batch_size"]
     assert config["training"]["eval_log_every_n"] == EVAL_EPOCHS * steps_per_epoch
+    # every one of up to VALID_BATCHES workers gets a validation batch
+    assert config["validation_data"]["per_replica_batch_size"] == 20 // VALID_BATCHES
     comment = text.splitlines()[1]
     assert comment.startswith("# ") and "early stopping on the validation MRR" in comment
 
@@ -80,10 +83,13 @@ def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_training_stops_on_validation_mrr_and_keeps_the_checkpoint_evaluate_reports(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_stops_on_validation_mrr_and_keeps_the_checkpoint_evaluate_reports(
+        tmp_path, workers):
     """A real run with the written config, patience 1 and a min_delta no gain reaches: it
     must stop at its second evaluation, keep the first as best, and the MRR it logged
-    there must be what `twhin evaluate --best` computes from that checkpoint."""
+    there must be what `twhin evaluate --best` computes from that checkpoint (with 2
+    workers each holds part of the tables during training: gathered exactly)."""
     rows = _graph(2600)
     train, valid = rows[:2400], rows[2400:]
     data = tmp_path / "data"
@@ -96,7 +102,7 @@ def test_training_stops_on_validation_mrr_and_keeps_the_checkpoint_evaluate_repo
     twhin = [sys.executable, "-m", "projects.twhin"]
     done = subprocess.run(
         twhin + ["train", "--config", str(data / "config.yaml"), "--save_dir", str(save),
-                 "--nproc_per_node", "1", "--set", "training.early_stopping.patience=1",
+                 "--nproc_per_node", str(workers), "--set", "training.early_stopping.patience=1",
                  "--set", "training.early_stopping.min_delta=1.0"],
         env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
