@@ -50,12 +50,13 @@ def test_rule_stops_on_validation_mrr_only_with_a_validation_split():
     assert (f"early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, after "
             f"{PATIENCE} without a gain over {MIN_DELTA:g}") in with_valid.reason
     assert f"at most {LARGE_MAX_EPOCHS} epochs" in with_valid.reason
-    # Many relations per batch: the same epochs as without (early stopping can only end
-    # the run sooner), and the same reason about it.
+    # Many relations per batch: no early stopping (Nations' validation MRR is noisy and
+    # rises to the end), the same epochs as without a validation split, and it says so.
     nations = [1592 // 55] * 55
     many = choose_defaults(1592, nations, [14], 32, validation=True)
-    assert many.early_stopping and many.epochs == choose_defaults(1592, nations, [14], 32).epochs
-    assert "early stopping on the validation MRR" in many.reason
+    assert not many.early_stopping
+    assert many.epochs == choose_defaults(1592, nations, [14], 32).epochs
+    assert "no early stopping (validation MRR noisy" in many.reason
 
 
 def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_path):
