@@ -332,7 +332,7 @@ MAX_GLOBAL_NEGATIVES = 32
 # benchmarks/quality.py; docs/twhin_cli.md has the measurements).
 # Per table and batch, uniform, shared by the batch. 1024 since the fourth round: validation
 # MRR +0.036 and +0.018 over 256 on the two check graphs, +0.015 on a held-out one, for
-# ~1.8x the training time (docs/twhin_cli.md).
+# 1.8x to 2.5x the training time (docs/twhin_cli.md).
 SHARED_NEGATIVES = 1024
 N3_WEIGHT = 0.01
 LARGE_TABLE_LR = 1.0
