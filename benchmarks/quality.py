@@ -114,6 +114,16 @@ CANDIDATES.update({
     "n3_003": {"model.regularization": 0.003}, "n3_03": {"model.regularization": 0.03},
     "e80": {"training.num_epochs": 80},
 })
+# Fourth round: with early stopping on the validation MRR (the written config since then).
+_TLR = "model.embeddings.tables.*.optimizer.adagrad.lr"
+CANDIDATES.update({
+    "neg1024": {"train_data.shared_negatives": 1024},
+    "neg512": {"train_data.shared_negatives": 512},
+    "tlr2": {_TLR: 2.0},
+    "tlr05": {_TLR: 0.5},
+    "neg1024_dim256": {"train_data.shared_negatives": 1024, _DIM: 256},
+    "no_es": {"training.early_stopping": "null"},     # the written epochs, no stopping
+})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:
@@ -123,6 +133,13 @@ def run(cmd: list[str], log: str) -> tuple[str, float]:
 
 
 PYKEEN_MODELS = ("TransE", "RotatE", "ComplEx")
+# Other PyKEEN settings by name (`--pykeen-models`): PyKEEN's model and pipeline() kwargs.
+# ComplEx-lcwa: 1-N scoring of every tail with Adam 5e-2 (benchmarks/kg_compare.py's best
+# setting on Kinships), since ComplEx with the pipeline defaults (sLCWA, 1 negative, Adam
+# 1e-3) stayed at random ranks on the generated graphs.
+PYKEEN_SETTINGS: dict[str, tuple[str, dict]] = {
+    "ComplEx-lcwa": ("ComplEx", {"training_loop": "lcwa", "optimizer_kwargs": {"lr": 0.05}}),
+}
 
 
 def pykeen_rows(venv_python: str, spec: str, paths: dict[str, str], dim: int, epochs: int,
@@ -130,18 +147,20 @@ def pykeen_rows(venv_python: str, spec: str, paths: dict[str, str], dim: int, ep
     """PyKEEN's pipeline on the same split files; one row per model (see module doc)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     rows = []
-    for model in models:
+    for name in models:
+        model, kwargs = PYKEEN_SETTINGS.get(name, (name, {}))
         # RotatE's and ComplEx's embedding_dim counts complex numbers: dim/2 hold dim reals.
         model_dim = dim // 2 if model in ("ComplEx", "RotatE") else dim
         # batch 256: on CPU PyKEEN otherwise picks 32 (ComplEx: 895 s for 100 epochs on the
         # 3000-entity graph).
         job = {"paths": paths, "model": model, "dim": model_dim, "epochs": epochs, "seed": 0,
-               "kwargs": {}, "training_kwargs": {"batch_size": 256}}
+               "kwargs": kwargs, "training_kwargs": {"batch_size": 256}}
         out, _ = kg_compare.run([venv_python, "-c", kg_compare.PYKEEN_SCRIPT, json.dumps(job)],
-                                os.path.join(folder + f"_pykeen_{model}.log"), env)
+                                os.path.join(folder + f"_pykeen_{name}.log"), env)
+        model = name
         m = json.loads(out.split("RESULT ", 1)[1])
         rows.append({"graph": spec, "candidate": f"pykeen {model}", "seed": 0,
-                     "mrr": m["mrr"], "hits_at_10": m["hits_at_10"],
+                     "mrr": m["mrr"], "hits_at_10": m["hits_at_10"], "pykeen_kwargs": kwargs,
                      "train_seconds": round(m["train_seconds"], 1), "epochs": epochs})
         print(f"{spec} pykeen {model}: test MRR {m['mrr']:.3f}, H@10 {m['hits_at_10']:.3f}, "
               f"train {m['train_seconds']:.0f} s", flush=True)
@@ -202,10 +221,14 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
         _, train_s = run(twhin + ["train", "--config", config_path, "--save_dir", save,
                                   "--nproc_per_node", "1"] + flags, save + "_train.log")
         result = {}
+        # With early stopping (a validation split): its best checkpoint, as the written
+        # config's comment tells a user (`--best`).
+        best = ["--best"] if os.path.exists(os.path.join(save, "best.json")) else []
         for split in ("validation", "test"):
             out, _ = run(twhin + ["evaluate", "--config",
                                   os.path.join(save, "twhin_config.yaml"), "--checkpoint",
-                                  save, "--split", split, "--json"], save + f"_{split}.log")
+                                  save, "--split", split, "--json"] + best,
+                         save + f"_{split}.log")
             result[split] = json.loads(out)
         test, valid = result["test"], result["validation"]
         rows.append({"graph": spec, "candidate": name, "seed": seed,

@@ -37,11 +37,12 @@ settings for large graphs with few relations and those for small, many-relation 
 `same_relation` = B * sum_r (n_r / N)^2, the expected number of edges of a positive's own
 relation in its batch of B = N / 20 edges (at most 1000). At 50 or more (graphs with few
 relations per batch: the built-in graph ~335, the generated graphs of benchmarks/quality.py
-100 to 377): the softmax recipe of Lacroix et al. 2018 -- SHARED_NEGATIVES uniform negatives
+100 to 377): the softmax recipe of Lacroix et al. 2018 -- SHARED_NEGATIVES (1024) uniform negatives
 per table shared by the whole batch, a softmax cross-entropy of each positive against them
 per side, N3 regularisation (weight N3_WEIGHT), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
-epochs, and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
+epochs (with a validation split: at most LARGE_MAX_EPOCHS, early stopping on the validation
+MRR), and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
 MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
 the first round's 32 uniform global negatives with BCE stayed below the popularity
 baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
@@ -309,7 +310,7 @@ def _import(train: str, valid: str | None, test: str | None,
     used = {t for pair in vocab.relation_tables for t in pair}
     defaults = choose_defaults(counts["train"], per_relation,
                                [len(ids) for t, ids in vocab.tables.items() if t in used], dim,
-                               dim_source)
+                               dim_source, validation=bool(counts["validation"]))
     config = default_config(vocab, counts, defaults.dim, defaults)
     with open(_destination(tmp, CONFIG_FILE), "w") as handle:
         handle.write("# Written by `twhin import`; paths are relative to this file.\n"
@@ -329,11 +330,23 @@ MIN_STEPS = 4000                   # many relations: epochs for this many steps 
 MAX_GLOBAL_NEGATIVES = 32
 # Few relations per batch (same_relation >= 50): chosen on generated graphs (issue 20,
 # benchmarks/quality.py; docs/twhin_cli.md has the measurements).
-SHARED_NEGATIVES = 256             # per table and batch, uniform, shared by the batch
+# Per table and batch, uniform, shared by the batch. 1024 since the fourth round: validation
+# MRR +0.036 and +0.018 over 256 on the two check graphs, +0.015 on a held-out one, for
+# 1.8x to 2.5x the training time (docs/twhin_cli.md).
+SHARED_NEGATIVES = 1024
 N3_WEIGHT = 0.01
 LARGE_TABLE_LR = 1.0
 LARGE_RELATION_LR = 1.0            # Adagrad, as the tables (SGD 5 diverged with Adagrad 2)
-LARGE_EPOCHS = 40
+LARGE_EPOCHS = 40                  # without a validation split
+# With a validation split: early stopping on its filtered MRR (evaluated every EVAL_EPOCHS
+# epochs, `link_prediction.validation_evaluate`), stopping after PATIENCE evaluations
+# without a gain of more than MIN_DELTA, within LARGE_MAX_EPOCHS epochs (few relations per
+# batch; validation MRR still rose at 40) or the many-relation rule's epochs.
+LARGE_MAX_EPOCHS = 100
+EVAL_EPOCHS = 5
+PATIENCE = 2
+MIN_DELTA = 0.002
+VALID_BATCHES = 16                 # validation batches at least (see default_config)
 # embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
 # at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
 # keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
@@ -369,6 +382,7 @@ class Defaults:
     same_relation: float
     reason: str
     dim: int = SMALL_DIM
+    early_stopping: bool = False
 
 
 def large_dim(table_rows: list[int]) -> int:
@@ -380,7 +394,8 @@ def large_dim(table_rows: list[int]) -> int:
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
-                    dim: int | None = None, dim_source: str = "--dim") -> Defaults:
+                    dim: int | None = None, dim_source: str = "--dim",
+                    validation: bool = False) -> Defaults:
     """The rule for the written config, from statistics seen while streaming the input.
 
     `relation_edges`: training edges per relation; `table_rows`: rows of every table a
@@ -403,6 +418,11 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
       Epochs: enough for MIN_STEPS steps, between 10 and 200. Without `dim`: SMALL_DIM.
 
     A given `dim` is kept (the reason says "--dim").
+
+    With `validation` (the import has a validation split) and few relations per batch:
+    early stopping on the validation MRR (`EVAL_EPOCHS`, `PATIENCE`, `MIN_DELTA`) within
+    LARGE_MAX_EPOCHS epochs instead of LARGE_EPOCHS. Not with many relations per batch:
+    there the validation MRR is noisy and still rising at the rule's epochs.
     """
     batch = max(1, min(MAX_BATCH, train_edges // BATCH_EDGES_FRACTION))
     total = max(1, sum(relation_edges))
@@ -419,23 +439,34 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                   f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
                   if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
+    stop_reason = (f"; early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, "
+                   f"after {PATIENCE} without a gain over {MIN_DELTA:g}; `--best` evaluates "
+                   f"and exports the best checkpoint)") if validation else ""
     if few_relations:
-        epochs = LARGE_EPOCHS
+        epochs = LARGE_MAX_EPOCHS if validation else LARGE_EPOCHS
+        epochs_reason = (f"at most {epochs} epochs" if validation else
+                         f"{epochs} epochs (validation MRR still rising at 40)")
         return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", N3_WEIGHT, LARGE_TABLE_LR,
                         LARGE_RELATION_LR, "adagrad", operator, epochs, same_relation,
                         f"{same_relation:.0f} edges of a relation per batch of {batch}: "
                         f"{dim_reason}, "
                         f"{SHARED_NEGATIVES} uniform negatives per table shared by the batch "
-                        f"(many negatives per positive for few lookups; in-batch ones are "
+                        f"(many negatives per positive for few lookups: validation MRR rose "
+                        f"from 256 to 1024 on generated graphs; in-batch ones are "
                         f"drawn by popularity), loss softmax (each positive against its "
                         f"negatives: learns more per step than BCE), N3 regularisation "
                         f"{N3_WEIGHT:g} (without it the model overfits), operator {operator} "
                         f"(translation with one table scores the query entity itself "
                         f"highest), Adagrad {LARGE_TABLE_LR:g} for the tables and "
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
-                        f"tables' they stay near zero; higher rates diverged), {epochs} epochs "
-                        f"(validation MRR still rising at 40)", dim)
+                        f"tables' they stay near zero; higher rates diverged), {epochs_reason}"
+                        f"{stop_reason}", dim, validation)
     epochs = min(200, max(10, -(-MIN_STEPS // steps_per_epoch)))
+    # No early stopping here: the validation MRR of these small graphs is noisy and rises
+    # until the end (Nations: stopping after 2 flat evaluations kept 0.54 instead of 0.67).
+    stop_reason = (", no early stopping (validation MRR noisy, rising to the end)"
+                   if validation else "")
+    validation = False
     return Defaults(batch, 0, negatives, 0, "bce", 0.0, 5.0, 50.0, "sgd", operator, epochs,
                     same_relation,
                     f"only {same_relation:.1f} edges of a relation per batch of {batch} "
@@ -445,7 +476,7 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                     f"Adagrad 5 and SGD 50 (each relation vector gets ~1/R of a batch's "
                     f"gradient), operator {operator} (translation cannot tell many relations "
                     f"between the same entities apart), {epochs} epochs (>= {MIN_STEPS} "
-                    f"steps, at most 200)", dim)
+                    f"steps, at most 200){stop_reason}", dim, validation)
 
 
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
@@ -464,7 +495,7 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
         "training": {"num_train_steps": 1_000_000, "num_epochs": defaults.epochs,
                      "checkpoint_every_n": 10 * steps_per_epoch,
                      "train_log_every_n": max(1, steps_per_epoch // 2),
-                     "eval_log_every_n": 5 * steps_per_epoch, "num_eval_steps": 20},
+                     "eval_log_every_n": EVAL_EPOCHS * steps_per_epoch, "num_eval_steps": 20},
         "model": {
             "translation_optimizer": (
                 {"adagrad": {"lr": defaults.relation_lr, "eps": ADAGRAD_EPS}}
@@ -485,6 +516,14 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
     }
     if counts["validation"]:
         config["validation_data"] = data("validation")
+        # Smaller batches than training's, so that every one of up to VALID_BATCHES
+        # workers gets at least one (a worker without a validation batch cannot evaluate:
+        # with early stopping the run would be refused).
+        config["validation_data"]["per_replica_batch_size"] = max(
+            1, min(batch, counts["validation"] // VALID_BATCHES))
+        if defaults.early_stopping:
+            config["training"]["early_stopping"] = {
+                "metric": "mrr", "mode": "max", "patience": PATIENCE, "min_delta": MIN_DELTA}
     if counts["test"]:
         config["test_data"] = data("test")
     return config

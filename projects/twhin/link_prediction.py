@@ -499,3 +499,93 @@ def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: 
     result["checkpoint"] = os.path.abspath(path)
     result["workers"] = world
     return result
+
+
+# --- link prediction during training (early stopping on validation MRR) -------------------
+TABLE_SUFFIX = "large_embeddings.ebc.embedding_bags.{}.weight"
+RELATIONS_SUFFIX = "all_trans_embs"
+
+
+def _whole(tensor: object) -> torch.Tensor:
+    """A (possibly sharded) weight of the live model as one fp32 tensor, on every worker.
+
+    A sharded table (DTensor over torchrec's LocalShardsWrapper, or ShardedTensor; any
+    sharding: rows, columns, whole tables): each worker writes its local shards into zeros
+    at their offsets and the buffers are summed over the workers (adding zeros is exact, so
+    every worker holds the same bits); another DTensor: `full_tensor`; a plain tensor
+    (replicated dense parameters) as it is. Collective: every worker calls it in the
+    same order.
+    """
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local()
+        if hasattr(local, "local_shards"):   # torchrec's LocalShardsWrapper (sharded tables)
+            shards = list(zip(local.local_offsets(), local.local_shards()))
+        else:
+            return tensor.full_tensor().detach().float()
+    elif isinstance(tensor, ShardedTensor):
+        shards = [(s.metadata.shard_offsets, s.tensor) for s in tensor.local_shards()]
+    else:
+        return tensor.detach().float()  # type: ignore[union-attr]
+    out = torch.zeros(tuple(tensor.size()), dtype=torch.float32)
+    for (r0, c0), shard in shards:
+        out[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]] = shard.detach().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def _find(state: Mapping[str, object], suffix: str) -> object:
+    for key, value in state.items():
+        if key == suffix or key.endswith("." + suffix):
+            return value
+    raise KeyError(f"the model has no parameter '*{suffix}'")
+
+
+def live_weights(model: torch.nn.Module, config: TwhinConfig
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every table (whole, fp32) and the relation vectors of the model being trained."""
+    state = model.state_dict()
+    tables = {t.name: _whole(_find(state, TABLE_SUFFIX.format(t.name)))
+              for t in sorted(config.model.embeddings.tables, key=lambda t: t.name)}
+    return tables, _whole(_find(state, RELATIONS_SUFFIX))
+
+
+def validation_evaluate(config: TwhinConfig, max_edges: int, seed: int = 0
+                        ) -> Callable[..., dict[str, float]]:
+    """The trainer's `evaluate` for TwHIN: the default metrics (AUC, RCE, loss) plus the
+    filtered MRR and Hits@10 (`mrr`, `hits_at_10`) of the validation split.
+
+    So `training.early_stopping.metric: mrr` stops on what `twhin evaluate` reports: the
+    same ranks (`rank_sums`: filtered over train + validation + test, ties at the mean,
+    both sides), computed from the live weights (`live_weights`: every worker holds every
+    table for the length of the evaluation). At most `max_edges` validation edges (a fixed
+    random subset, the same at every evaluation, so values are comparable) bound its cost:
+    2 * max_edges queries, each scored against a whole table.
+    """
+    from tml.metrics.evaluation import evaluate as default_evaluate
+
+    cache: dict[str, object] = {}
+
+    def evaluate(model: torch.nn.Module, batches: object, device: torch.device,
+                 num_steps: int) -> dict[str, float]:
+        metrics = default_evaluate(model, batches, device, num_steps)  # type: ignore[arg-type]
+        if "edges" not in cache:
+            edges, known, _, _ = prepare(config, "validation")
+            if len(edges[0]) > max_edges:
+                chosen = np.sort(np.random.default_rng(seed).choice(
+                    len(edges[0]), max_edges, replace=False))
+                edges = tuple(e[chosen] for e in edges)  # type: ignore[assignment]
+            cache["edges"], cache["known"] = edges, known
+        tables, relation_vectors = live_weights(model, config)
+        sums = rank_sums(tables, relation_vectors, config.model.relations,
+                         cache["edges"], cache["known"])  # type: ignore[arg-type]
+        ranked = _metrics(sums)
+        if ranked.get("count"):
+            metrics["mrr"], metrics["hits_at_10"] = ranked["mrr"], ranked["hits_at_10"]
+        return metrics
+
+    return evaluate

@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Validation metrics of `link_prediction.validation_evaluate` (filtered ranks of the
+# validation edges), computed during training when training.early_stopping watches one.
+RANK_METRICS = ("mrr", "hits_at_10")
+
 
 def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     """What the trainer needs from TwHIN: its model, data and tables."""
@@ -94,6 +98,18 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
     def verify_warm_start(path: str) -> None:
         check_checkpoint_matches(all_config, path, grown=True)
 
+    # Link-prediction metrics only when early stopping watches one: ranking against whole
+    # tables costs far more than the default metrics on large graphs.
+    evaluate = None
+    stopping = all_config.training.early_stopping
+    if validation is not None and stopping is not None and stopping.metric in RANK_METRICS:
+        from .link_prediction import validation_evaluate
+
+        steps = all_config.training.num_eval_steps
+        evaluate = validation_evaluate(
+            all_config, steps * validation.per_replica_batch_size if steps >= 0 else 1 << 62,
+            all_config.training.seed)
+
     return ProjectParts(
         model=lambda: TwhinModelAndLoss(TwhinModel(model_config, all_config.train_data)),
         tables=model_config.embeddings.tables,
@@ -102,6 +118,7 @@ def twhin_parts(all_config: TwhinConfig) -> ProjectParts:
         train_data=train_data,
         batch_size=all_config.train_data.per_replica_batch_size,
         validation_data=validation_data if validation is not None else None,
+        evaluate=evaluate,
         checkpoint_extra=checkpoint_extra(all_config),
         verify_checkpoint=verify_checkpoint,
         verify_warm_start=verify_warm_start,

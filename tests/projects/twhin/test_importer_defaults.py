@@ -12,6 +12,7 @@ import yaml
 
 from projects.twhin.importer import (
     LARGE_EPOCHS,
+    LARGE_MAX_EPOCHS,
     LARGE_RELATION_LR,
     LARGE_TABLE_LR,
     MAX_GLOBAL_NEGATIVES,
@@ -120,4 +121,4 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
     assert config["model"]["relations"][0]["operator"] == "complex_diagonal"
     assert config["model"]["translation_optimizer"] == {
         "adagrad": {"lr": LARGE_RELATION_LR, "eps": 1e-8}}
-    assert config["training"]["num_epochs"] == LARGE_EPOCHS
+    assert config["training"]["num_epochs"] == LARGE_MAX_EPOCHS   # with a validation split
