@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO
-from tml.common.run_training import launch_function
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_sharded_step_equals_unsharded():
     try:
         from tests.recap_distributed_checks import recap_sharded_matches_unsharded
 
-        results = launch_function(recap_sharded_matches_unsharded, 2)
+        results = launch_checks(recap_sharded_matches_unsharded, 2)
     finally:
         if previous is None:
             del os.environ["PYTHONPATH"]

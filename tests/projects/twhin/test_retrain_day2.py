@@ -87,8 +87,8 @@ def test_grown_tables_load_bit_for_bit_on_two_workers_for_every_sharding_type(tm
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tests.launch_checks import launch_checks
     from tests.lifecycle_checks import grown_sharded
-    from tml.common.run_training import launch_function
 
     saved_rows, vector_rows = 9, 11
     torch.manual_seed(3)
@@ -106,7 +106,7 @@ def test_grown_tables_load_bit_for_bit_on_two_workers_for_every_sharding_type(tm
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = REPO + os.pathsep + (previous or "")
     try:
-        results = launch_function(grown_sharded, 2, checkpoint, str(tmp_path / "user.parquet"))
+        results = launch_checks(grown_sharded, 2, checkpoint, str(tmp_path / "user.parquet"))
     finally:
         if previous is None:
             del os.environ["PYTHONPATH"]

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from tests.distributed_checks import OPERATOR_TYPES, PLAIN_TYPES
+from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO
-from tml.common.run_training import launch_function
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def sharded_results() -> dict:
     try:
         from tests.distributed_checks import all_sharded_checks
 
-        return launch_function(all_sharded_checks, 2)
+        return launch_checks(all_sharded_checks, 2)
     finally:
         if previous is None:
             del os.environ["PYTHONPATH"]

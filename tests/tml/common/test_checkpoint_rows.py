@@ -114,8 +114,8 @@ def write_sharded_and_evaluate(full: str, out: str, config: str) -> dict:
 def test_two_worker_checkpoint_rows_sharded_evaluation_and_export(tmp_path, monkeypatch):
     from projects.twhin.cli import dispatch
     from projects.twhin.link_prediction import evaluate_checkpoint
+    from tests.launch_checks import launch_checks
     from tests.projects.twhin.test_twhin_cli import _fake_checkpoint, _triples, _write_tsv
-    from tml.common.run_training import launch_function
 
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     tsv = _write_tsv(tmp_path / "edges.tsv", _triples(), header=True)
@@ -125,7 +125,7 @@ def test_two_worker_checkpoint_rows_sharded_evaluation_and_export(tmp_path, monk
     _, state = _fake_checkpoint(data, tmp_path / "one")
     full, two = str(tmp_path / "one" / "7"), str(tmp_path / "two" / "7")
 
-    results = launch_function(write_sharded_and_evaluate, 2, full, two, config)
+    results = launch_checks(write_sharded_and_evaluate, 2, full, two, config)
 
     # (a) any row range of the 2-worker checkpoint equals the tensor written by one process
     for key, tensor in state.items():

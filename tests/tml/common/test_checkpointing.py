@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.common.checkpointing import (
     TMP_PREFIX,
@@ -20,7 +21,6 @@ from tml.common.checkpointing import (
     latest_checkpoint,
     save_checkpoint,
 )
-from tml.common.run_training import launch_function
 from tml.core.loop_state import SchedulerState, TrainState
 
 RUN = os.path.join(REPO, "projects", "twhin", "run.py")
@@ -65,7 +65,7 @@ def test_small_states_are_tensors_and_round_trip():
 def test_two_workers_async_atomic_reshard_retention_and_bad_input(tmp_path):
     from tests.checkpoint_checks import load_into_world, save_load_reshard_and_failures
 
-    results = launch_function(save_load_reshard_and_failures, 2, str(tmp_path))
+    results = launch_checks(save_load_reshard_and_failures, 2, str(tmp_path))
     for rank, out in results.items():
         assert out["steps_kept"] == [3, 4], out  # retention keeps the newest 2
         assert out["async_snapshot_diff"] == 0.0, out  # the state of step 3, not later
@@ -106,9 +106,9 @@ def test_two_workers_async_atomic_reshard_retention_and_bad_input(tmp_path):
         assert out["warm_weights_diff"] == 0.0, (rank, out)
 
     saved = str(tmp_path / "save" / "4")
-    one = launch_function(load_into_world, 1, saved, "table_wise")
+    one = launch_checks(load_into_world, 1, saved, "table_wise")
     assert one[0] == {"world_size": 1, "diff": 0.0}
-    four = launch_function(load_into_world, 4, saved, "row_wise")
+    four = launch_checks(load_into_world, 4, saved, "row_wise")
     assert sorted(four) == [0, 1, 2, 3]
     assert all(r == {"world_size": 4, "diff": 0.0} for r in four.values()), four
 

@@ -14,8 +14,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig as TorchrecTab
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from tests.conftest import REPO
+from tests.launch_checks import launch_checks
 from tml.common.modules.embedding.config import EmbeddingBagConfig
-from tml.common.run_training import launch_function
 from tml.common.sharding import _constraints
 from tml.errors import ConfigError
 
@@ -75,7 +75,7 @@ def test_unified_memory_kernels_are_refused_on_cpu_in_one_line(kernel: str) -> N
 def test_a_table_sharded_with_the_chosen_kernel_trains_on_cpu() -> None:
     from tests.kernel_checks import planned_kernels
 
-    result = launch_function(planned_kernels, 1, "fused")[0]
+    result = launch_checks(planned_kernels, 1, "fused")[0]
     assert result["kernels"] == {"user": "fused", "tweet": "fused"}
     assert result["moved"] > 1e-4
 

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
+from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO
-from tml.common.run_training import launch_function
 
 
 def one_worker_checks() -> dict:
@@ -39,7 +39,7 @@ def one_worker_checks() -> dict:
 @pytest.mark.slow
 def test_one_worker_has_no_ddp_and_its_step_equals_the_reference(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    results = launch_function(one_worker_checks, 1)
+    results = launch_checks(one_worker_checks, 1)
     assert list(results) == [0]
     assert results[0]["ddp"] == []
     for sharding_type, diffs in results[0]["diffs"].items():

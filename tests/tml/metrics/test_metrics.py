@@ -83,10 +83,10 @@ def test_metrics_and_the_logged_loss_are_global_over_two_gloo_workers():
     """Each of 2 real gloo workers holds part of the data (15 and 22 rows): AUROC, RCE,
     NRCE, the stable mean and the ranking metrics equal one process's values on all of it; `global_mean` (the
     loss in the training log) is the mean over workers, not rank 0's value."""
-    from tml.common.run_training import launch_function
+    from tests.launch_checks import launch_checks
 
     whole = all_metrics(*example_data())
-    results = launch_function(_two_workers, 2)
+    results = launch_checks(_two_workers, 2)
     for rank in (0, 1):
         for name, value in whole.items():
             assert math.isclose(results[rank][name], value, rel_tol=1e-6), (rank, name)
