@@ -61,7 +61,7 @@ _SCORE_BYTES = 64 << 20   # scores held at once while assigning rows to lists
 _SMALL_PRODUCT = 1 << 18
 
 
-class IndexError_(TmlError):
+class BadIndexError(TmlError):
     """An index file that does not belong to this export, or is not a valid index."""
 
 
@@ -192,8 +192,8 @@ class IndexBuilder:
 
 # --- reading -------------------------------------------------------------------------------
 
-def _refuse(path: str, why: str) -> IndexError_:
-    return IndexError_(f"{path}: not a valid index of this export ({why}); rebuild it with "
+def _refuse(path: str, why: str) -> BadIndexError:
+    return BadIndexError(f"{path}: not a valid index of this export ({why}); rebuild it with "
                        "`twhin export --index`")
 
 
@@ -233,7 +233,7 @@ def read_array(path: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarr
                                     f"its shape (truncated or padded)")
             array = np.fromfile(handle, dtype=found_dtype, count=count)
     except OSError as error:
-        raise IndexError_(f"{path}: cannot read: {error.strerror or error}") from None
+        raise BadIndexError(f"{path}: cannot read: {error.strerror or error}") from None
     if array.size != count:
         raise _refuse(path, "truncated while reading")
     return array.reshape(found_shape)
@@ -242,7 +242,7 @@ def read_array(path: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarr
 def load_index(directory: str, table: str, entry: dict, vectors: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids, rows, offsets) of `table`, checked against its metadata `entry` and the
-    exported `vectors` (module docstring); IndexError_ in one line otherwise."""
+    exported `vectors` (module docstring); BadIndexError in one line otherwise."""
     count, dim = vectors.shape
     files = index_files(table)
     paths = {part: os.path.join(directory, name) for part, name in files.items()}
