@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from tml.common.modules.embedding.vectors import table_weight, whole_table
 from tml.errors import DataError
 
 from .config import TwhinConfig
@@ -502,56 +503,23 @@ def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: 
 
 
 # --- link prediction during training (early stopping on validation MRR) -------------------
-TABLE_SUFFIX = "large_embeddings.ebc.embedding_bags.{}.weight"
 RELATIONS_SUFFIX = "all_trans_embs"
-
-
-def _whole(tensor: object) -> torch.Tensor:
-    """A (possibly sharded) weight of the live model as one fp32 tensor, on every worker.
-
-    A sharded table (DTensor over torchrec's LocalShardsWrapper, or ShardedTensor; any
-    sharding: rows, columns, whole tables): each worker writes its local shards into zeros
-    at their offsets and the buffers are summed over the workers (adding zeros is exact, so
-    every worker holds the same bits); another DTensor: `full_tensor`; a plain tensor
-    (replicated dense parameters) as it is. Collective: every worker calls it in the
-    same order.
-    """
-    import torch.distributed as dist
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
-        local = tensor.to_local()
-        if hasattr(local, "local_shards"):   # torchrec's LocalShardsWrapper (sharded tables)
-            shards = list(zip(local.local_offsets(), local.local_shards()))
-        else:
-            return tensor.full_tensor().detach().float()
-    elif isinstance(tensor, ShardedTensor):
-        shards = [(s.metadata.shard_offsets, s.tensor) for s in tensor.local_shards()]
-    else:
-        return tensor.detach().float()  # type: ignore[union-attr]
-    out = torch.zeros(tuple(tensor.size()), dtype=torch.float32)
-    for (r0, c0), shard in shards:
-        out[r0:r0 + shard.shape[0], c0:c0 + shard.shape[1]] = shard.detach().float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def _find(state: Mapping[str, object], suffix: str) -> object:
-    for key, value in state.items():
-        if key == suffix or key.endswith("." + suffix):
-            return value
-    raise KeyError(f"the model has no parameter '*{suffix}'")
 
 
 def live_weights(model: torch.nn.Module, config: TwhinConfig
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every table (whole, fp32) and the relation vectors of the model being trained."""
-    state = model.state_dict()
-    tables = {t.name: _whole(_find(state, TABLE_SUFFIX.format(t.name)))
+    """Every table (whole, fp32) and the relation vectors of the model being trained.
+
+    Collective (`whole_table`): every worker calls it, in the same order.
+    """
+    tables = {t.name: whole_table(table_weight(model, t.name, f"table '{t.name}'"))
               for t in sorted(config.model.embeddings.tables, key=lambda t: t.name)}
-    return tables, _whole(_find(state, RELATIONS_SUFFIX))
+    state = model.state_dict(keep_vars=True)
+    relations = [v for k, v in state.items()
+                 if k == RELATIONS_SUFFIX or k.endswith("." + RELATIONS_SUFFIX)]
+    if len(relations) != 1:
+        raise KeyError(f"the model has no single parameter '*{RELATIONS_SUFFIX}'")
+    return tables, whole_table(relations[0])
 
 
 def validation_evaluate(config: TwhinConfig, max_edges: int, seed: int = 0

@@ -136,6 +136,33 @@ def local_shards(value: object) -> Iterator[tuple[torch.Tensor, tuple[int, int]]
         yield value, (0, 0)
 
 
+@torch.no_grad()
+def whole_table(value: object) -> torch.Tensor:
+    """A (possibly sharded) weight as one fp32 tensor, the same bits on every worker.
+
+    Why: whatever reads a live model whole (evaluation during training, a metric over all
+    rows) must not care how the planner sharded it. Sharded (DTensor over TorchRec's
+    LocalShardsWrapper, or ShardedTensor; rows, columns or whole tables): each worker
+    writes its shards into zeros at their offsets and the buffers are summed over the
+    workers (adding zeros is exact). Another DTensor: `full_tensor`. A plain tensor
+    (a replicated dense parameter): as it is. Collective for sharded values: every worker
+    calls it in the same order.
+    """
+    import torch.distributed as dist
+
+    if hasattr(value, "to_local") and not hasattr(value.to_local(), "local_shards"):
+        return value.full_tensor().float()  # type: ignore[attr-defined]
+    if isinstance(value, torch.Tensor) and not hasattr(value, "to_local") \
+            and not hasattr(value, "local_shards"):
+        return value.detach().float()
+    out = torch.zeros(tuple(value.size()), dtype=torch.float32)  # type: ignore[attr-defined]
+    for shard, (row, column) in local_shards(value):
+        out[row:row + shard.shape[0], column:column + shard.shape[1]] = shard.float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def table_weight(model: nn.Module, table: str, what: str) -> object:
     """The (possibly sharded) weight of table `table` in `model`'s state dict."""
     state = model.state_dict(keep_vars=True)
