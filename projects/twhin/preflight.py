@@ -20,19 +20,6 @@ from .config import TwhinConfig
 _GLOB_CHARS = ("*", "?", "[")
 
 
-def require_save_dir(save_dir: str | None, config: TwhinConfig, source: str) -> str:
-    """`--save_dir`, else `training.save_dir`, as an absolute path; no shared default.
-
-    Without one the run is refused: a default directory (the original `/tmp/model`) is
-    shared by every run on the machine, and a run there resumes whatever another left.
-    """
-    chosen = save_dir or config.training.save_dir
-    if not chosen:
-        raise ConfigError(f"{source}: no save_dir: pass --save_dir or set training.save_dir "
-                          "(there is no default, so that two runs never share one)")
-    return os.path.abspath(chosen)
-
-
 def check_writable_dir(path: str, what: str, error: type[Exception] = CheckpointError) -> None:
     """Create `path` (and parents) if needed and prove a file can be written in it.
 

@@ -20,8 +20,6 @@ evaluates every new complete checkpoint once (held-out AUC) and writes the metri
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -45,8 +43,8 @@ if not __package__:
     __package__ = ".".join(_names)
 
 import tml  # noqa: F401  (logging set-up before torchrec is imported)
-from tml.common.cli import StrictArgumentParser, run_cli, split_dotted_overrides
-from tml.core.config.overrides import load_config_with_overrides
+from tml.common.cli import run_cli
+from tml.trainer.entry import load_worker_config, read_run_request, require_save_dir, run_summary
 
 from .config import TwhinConfig
 
@@ -136,9 +134,7 @@ def run(all_config: TwhinConfig, save_dir: str | None = None, only_evaluate: boo
     # starts them, and skipping torchrec and fbgemm there saves seconds on every launch.
     from tml.trainer import train
 
-    from .preflight import require_save_dir
-
-    save_dir = require_save_dir(save_dir, all_config, "the config")
+    save_dir = require_save_dir(save_dir, all_config.training.save_dir, "the config")
     return train(twhin_parts(all_config), all_config.training, all_config.runtime, save_dir,
                  only_evaluate=only_evaluate, evaluate_until_step=evaluate_until_step)
 
@@ -150,12 +146,10 @@ def train_from_yaml(config_yaml_path: str, save_dir: str | None = None,
     evaluate); a summary of the run."""
     from tml.trainer.launch import finish_workers
 
-    config = load_config_with_overrides(TwhinConfig, config_yaml_path, overrides or ())[0]
-    result = run(config, save_dir=save_dir, only_evaluate=only_evaluate,
-                 evaluate_until_step=evaluate_until_step)
+    result = run(load_worker_config(TwhinConfig, config_yaml_path, overrides), save_dir=save_dir,
+                 only_evaluate=only_evaluate, evaluate_until_step=evaluate_until_step)
     finish_workers()
-    return {"final_step": result.final_step, "checkpoint": result.checkpoint,
-            **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+    return run_summary(result)
 
 
 def serve_from_yaml(config_yaml_path: str, save_dir: str | None = None,
@@ -168,32 +162,7 @@ def serve_from_yaml(config_yaml_path: str, save_dir: str | None = None,
     from .data.readers import serve_train_data
 
     del save_dir, only_evaluate, evaluate_until_step
-    serve_train_data(load_config_with_overrides(TwhinConfig, config_yaml_path,
-                                                overrides or ())[0])
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags; an unknown or misspelt one is a one-line error naming it (never ignored)."""
-    parser = StrictArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_yaml_path", required=True, help="TwHIN YAML config.")
-    parser.add_argument("--save_dir", default=None, help="Checkpoint directory (overrides "
-                        "training.save_dir; one of the two is required).")
-    parser.add_argument("--nproc_per_node", type=int, default=None,
-                        help="Workers to start when not launched by torchrun.")
-    # nargs="?": the self-launched workers receive it back as --only_evaluate=true.
-    parser.add_argument("--only_evaluate", nargs="?", const=True, default=False,
-                        type=lambda text: text.lower() in ("1", "true", "yes"),
-                        help="Evaluate each new complete checkpoint in save_dir once, beside "
-                        "a training job, instead of training.")
-    parser.add_argument("--evaluate_until_step", type=int, default=None,
-                        help="With --only_evaluate: stop after evaluating a checkpoint at "
-                        "this step or later (default: the run's final step).")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Override a config value, e.g. training.num_epochs=3 "
-                        "(repeatable); --training.num_epochs=3 is the same.")
-    # The launcher forwards the overrides to the workers it starts as one JSON list.
-    parser.add_argument("--overrides", type=json.loads, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    serve_train_data(load_worker_config(TwhinConfig, config_yaml_path, overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,34 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     Everything a user can get wrong fails here, once, before a worker starts (and in each
     torchrun-started worker before it builds a model), as one line.
     """
-    import sys
-
+    from tml.readers.roles import is_reader
     from tml.trainer.launch import launch
 
-    from .preflight import preflight, require_save_dir
+    from .preflight import preflight
 
-    argv, dotted = split_dotted_overrides(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    overrides = [*(args.overrides or []), *args.set, *dotted]
-    config, _, source = load_config_with_overrides(TwhinConfig, args.config_yaml_path,
-                                                   overrides)
-    save_dir = require_save_dir(args.save_dir, config, source)
-    from tml.readers.roles import is_reader
-
-    if not args.only_evaluate and not is_reader():   # a reader checks its data itself
-        workers = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc_per_node or 1))
-        preflight(config, source, save_dir, workers_per_node=workers)
-    kwargs: dict[str, object] = {"config_yaml_path": args.config_yaml_path,
-                                 "save_dir": save_dir}
-    if overrides:
-        kwargs["overrides"] = overrides
-    if args.only_evaluate:
-        kwargs["only_evaluate"] = True
-        if args.evaluate_until_step is not None:
-            kwargs["evaluate_until_step"] = args.evaluate_until_step
-    launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
-           reader_fn=None if args.only_evaluate else serve_from_yaml, readers=config.readers,
-           **kwargs)
+    request = read_run_request(TwhinConfig, argv, prog="run.py",
+                               description=__doc__.split("\n\n")[0])
+    config = request.config
+    if not request.only_evaluate and not is_reader():   # a reader checks its data itself
+        workers = int(os.environ.get("LOCAL_WORLD_SIZE", request.nproc_per_node or 1))
+        preflight(config, request.source, request.save_dir, workers_per_node=workers)
+    launch(train_from_yaml, __name__, config.training, nproc_per_node=request.nproc_per_node,
+           reader_fn=None if request.only_evaluate else serve_from_yaml,
+           readers=config.readers, **request.worker_kwargs())
 
 
 if __name__ == "__main__":

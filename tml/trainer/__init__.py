@@ -10,7 +10,8 @@ and every entry point (a script, `twhin train`, `tml launch`, a notebook):
 Modules, one job each: `project` (what a project hands over), `runtime` (device, process
 group, TF32, seeds), `fused_tables` (table optimizers fused into backward, parameter to
 table mapping), `trainer` (sharding, optimizers, the loop, evaluation, only-evaluate),
-`launch` (starting the workers with the config's `max_restarts`, leaving together).
+`launch` (starting the workers with the config's `max_restarts`, leaving together),
+`entry` (a training script's flags, config and save_dir, read the same way for every project).
 
 Names are imported on first use: a launcher that only imports `tml.trainer.launch` does
 not pay for torchrec and fbgemm.

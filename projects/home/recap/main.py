@@ -17,7 +17,6 @@ beside a training job and evaluates each new checkpoint once (`<checkpoint>/eval
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -41,9 +40,9 @@ if not __package__:
     __package__ = ".".join(_names)
 
 import tml  # noqa: E402,F401  (logging set-up before torchrec is imported)
-from tml.common.cli import StrictArgumentParser, run_cli  # noqa: E402
-from tml.core.config.overrides import load_config_with_overrides  # noqa: E402
+from tml.common.cli import run_cli  # noqa: E402
 from tml.errors import ConfigError  # noqa: E402
+from tml.trainer.entry import load_worker_config, read_run_request, run_summary  # noqa: E402
 
 from .config import RecapConfig  # noqa: E402
 
@@ -119,14 +118,6 @@ def write_json(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def require_save_dir(save_dir: str | None, config: RecapConfig, source: str) -> str:
-    """--save_dir, else training.save_dir; neither is a one-line error."""
-    chosen = save_dir or config.training.save_dir
-    if not chosen:
-        raise ConfigError(f"{source}: no save_dir (pass --save_dir or set training.save_dir)")
-    return chosen
-
-
 def run(config: RecapConfig, save_dir: str, only_evaluate: bool = False,
         evaluate_until_step: int | None = None) -> ctl.TrainResult:
     """Train (or evaluate) with `config` in this worker; what it did."""
@@ -145,7 +136,7 @@ def train_from_yaml(config_yaml_path: str, save_dir: str, only_evaluate: bool = 
 
     from tml.trainer.launch import finish_workers
 
-    config, _, _ = load_config_with_overrides(RecapConfig, config_yaml_path, overrides or [])
+    config = load_worker_config(RecapConfig, config_yaml_path, overrides)
     result = run(config, save_dir, only_evaluate, evaluate_until_step)
     if not only_evaluate and result.eval_metrics and dist.get_rank() == 0:
         # The run's record: the last evaluation, per task (AUROC, RCE), as JSON.
@@ -153,40 +144,7 @@ def train_from_yaml(config_yaml_path: str, save_dir: str, only_evaluate: bool = 
                    {"step": result.final_step, "checkpoint": result.checkpoint,
                     "metrics": result.eval_metrics})
     finish_workers()
-    return {"final_step": result.final_step, "checkpoint": result.checkpoint,
-            **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = StrictArgumentParser(prog="main.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_yaml_path", required=True, help="Recap YAML config.")
-    parser.add_argument("--save_dir", default=None, help="Checkpoint directory (overrides "
-                        "training.save_dir).")
-    parser.add_argument("--nproc_per_node", type=int, default=None,
-                        help="Workers to start when not launched by torchrun.")
-    parser.add_argument("--only_evaluate", nargs="?", const=True, default=False,
-                        type=lambda text: text.lower() in ("1", "true", "yes"),
-                        help="Evaluate each new complete checkpoint in save_dir once.")
-    parser.add_argument("--evaluate_until_step", type=int, default=None,
-                        help="With --only_evaluate: stop after this step's checkpoint.")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Override a config value (dotted.key=value); repeatable.")
-    # How self-launched workers receive the --set items: the launcher forwards the
-    # `overrides` kwarg as --overrides=<JSON list>.
-    parser.add_argument("--overrides", type=_json_list, default=[], help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def _json_list(text: str) -> list[str]:
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"--overrides must be a JSON list of KEY=VALUE strings, not {text!r}")
-    return value
+    return run_summary(result)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,26 +153,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data.dataset import RecapDataset
 
-    args = parse_args(argv)
-    source = args.config_yaml_path
-    overrides = [*args.overrides, *args.set]
-    config, _, _ = load_config_with_overrides(RecapConfig, source, overrides)
-    save_dir = require_save_dir(args.save_dir, config, source)
-    workers = int(os.environ.get("WORLD_SIZE", args.nproc_per_node or 1))
+    request = read_run_request(RecapConfig, argv, prog="main.py",
+                               description=__doc__.split("\n\n")[0])
+    config = request.config
+    workers = int(os.environ.get("WORLD_SIZE", request.nproc_per_node or 1))
     # Bad data fails here, once, as one line, before any worker starts.
     RecapDataset(config.train_data, config.model, 0, workers)
     for name, data in config.validation_data.items():
         RecapDataset(data, config.model, 0, workers, repeat=False,
                      source=f"validation_data.{name}")
-    kwargs: dict[str, object] = {"config_yaml_path": source, "save_dir": save_dir}
-    if overrides:
-        kwargs["overrides"] = overrides
-    if args.only_evaluate:
-        kwargs["only_evaluate"] = True
-        if args.evaluate_until_step is not None:
-            kwargs["evaluate_until_step"] = args.evaluate_until_step
-    launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
-           **kwargs)
+    launch(train_from_yaml, __name__, config.training, nproc_per_node=request.nproc_per_node,
+           **request.worker_kwargs())
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@
 
 from __future__ import annotations
 
-import argparse
-
 from tests.data.tiny_project.config import TinyConfig
-from tml.common.cli import StrictArgumentParser, run_cli
-from tml.core.config import load_config_from_yaml
+from tml.common.cli import run_cli
 from tml.trainer import ProjectParts, train
+from tml.trainer.entry import load_worker_config, read_run_request, run_summary
 from tml.trainer.launch import finish_workers, launch
 
 
@@ -32,26 +30,22 @@ def tiny_parts(config: TinyConfig) -> ProjectParts:
     )
 
 
-def train_from_yaml(config_yaml_path: str, save_dir: str) -> dict:   # in each worker
-    config = load_config_from_yaml(TinyConfig, config_yaml_path)
-    result = train(tiny_parts(config), config.training, config.runtime, save_dir)
+def train_from_yaml(config_yaml_path: str, save_dir: str,       # in each worker
+                    overrides: list[str] | None = None, only_evaluate: bool = False,
+                    evaluate_until_step: int | None = None) -> dict:
+    config = load_worker_config(TinyConfig, config_yaml_path, overrides)
+    result = train(tiny_parts(config), config.training, config.runtime, save_dir,
+                   only_evaluate=only_evaluate, evaluate_until_step=evaluate_until_step)
     finish_workers()
-    return {"final_step": result.final_step}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = StrictArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_yaml_path", required=True)
-    parser.add_argument("--save_dir", required=True)
-    parser.add_argument("--nproc_per_node", type=int, default=None)
-    return parser.parse_args(argv)
+    return run_summary(result)
 
 
 def main(argv: list[str] | None = None) -> None:                     # in the launcher
-    args = parse_args(argv)   # unknown flags refused
-    config = load_config_from_yaml(TinyConfig, args.config_yaml_path)   # fail once, here
-    launch(train_from_yaml, __name__, config.training, nproc_per_node=args.nproc_per_node,
-           config_yaml_path=args.config_yaml_path, save_dir=args.save_dir)
+    # The flags every training script takes (unknown ones refused), the config read with
+    # its overrides and the save_dir found: each mistake fails once, here, as one line.
+    request = read_run_request(TinyConfig, argv, description=__doc__.split("\n\n")[0])
+    launch(train_from_yaml, __name__, request.config.training,
+           nproc_per_node=request.nproc_per_node, **request.worker_kwargs())
 
 
 if __name__ == "__main__":
