@@ -92,9 +92,10 @@ def _env() -> dict:
     return env
 
 
-def _run_tml(config: str, nproc: int, work: str) -> dict:
+def _run_tml(config: str, nproc: int, work: str, prefix: tuple[str, ...] = ()) -> dict:
+    """tml with `nproc` workers on `config`; `prefix` goes before the command (`taskset`)."""
     out = tempfile.mkdtemp(dir=work)
-    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "twhin_tml.py"),
+    subprocess.run([*prefix, sys.executable, os.path.join(REPO, "benchmarks", "twhin_tml.py"),
                     f"--config={config}", f"--save_dir={out}/save", f"--out_dir={out}",
                     f"--nproc={nproc}"], env=_env(), check=True, capture_output=True)
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(nproc)]

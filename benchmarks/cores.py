@@ -1,0 +1,99 @@
+"""Does tml train faster with more cores? One worker on 1 core against 1 and 2 workers on 2.
+
+Issue 13 asks that going from 1 to 2 cores speed training up, and how the default uses the
+cores it has. Each setting is `make bench`'s tml run (`benchmarks/twhin_tml.py`: end to end,
+data reading included) pinned with `taskset` to its cores, the settings interleaved round
+by round so that a noisy machine slows all of them alike; the report gives medians and the
+ratio of each to one worker on one core, with the load average at the start and end.
+
+    python -m benchmarks.cores [--rounds 3] [--steps 300] [--quick] [--out FILE.json]
+
+Needs `taskset` (util-linux) and at least 2 cores. The default thread count of a worker
+(`OMP_NUM_THREADS`) follows the cores this process may use (`tml.common.run_training`), so
+a pinned run gets what the default would give it on a machine of that many cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+
+from benchmarks import run as bench
+
+# (label, cores pinned, workers)
+SETTINGS = (("1 worker, 1 core", "0", 1), ("1 worker, 2 cores", "0,1", 1),
+            ("2 workers, 2 cores", "0,1", 2))
+
+
+def measure(rounds: int, steps: int, quick: bool) -> dict:
+    """Interleaved rounds of every setting; medians and ratios to one worker on one core."""
+    if shutil.which("taskset") is None:
+        raise SystemExit("benchmarks.cores needs taskset (util-linux)")
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("benchmarks.cores needs at least 2 cores")
+    sizes = dict(bench.QUICK if quick else bench.FULL)
+    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if quick else "full")
+    bench.generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
+                         num_edges=sizes["num_edges"],
+                         num_communities=sizes["num_communities"], seed=0,
+                         validation_fraction=0.02)
+    report: dict = {"sizes": sizes, "steps": steps, "rounds": rounds,
+                    "load_start": os.getloadavg(), "runs": {label: [] for label, _, _ in SETTINGS}}
+    with tempfile.TemporaryDirectory(prefix="tml-cores-") as work:
+        configs = {n: bench._config(graph, sizes, os.path.join(work, f"w{n}.yaml"),
+                                    steps=steps, workers=n) for n in (1, 2)}
+        for _ in range(rounds):
+            for label, cpus, workers in SETTINGS:
+                row = bench._run_tml(configs[workers], workers, work,
+                                     prefix=("taskset", "-c", cpus))
+                row["load"] = os.getloadavg()[0]
+                report["runs"][label].append(row)
+    report["load_end"] = os.getloadavg()
+    base = statistics.median(r["edges_per_s"] for r in report["runs"][SETTINGS[0][0]])
+    report["median_edges_per_s"] = {
+        label: statistics.median(r["edges_per_s"] for r in runs)
+        for label, runs in report["runs"].items()}
+    report["ratio_to_1_core"] = {label: rate / base
+                                 for label, rate in report["median_edges_per_s"].items()}
+    return report
+
+
+def table(report: dict) -> str:
+    lines = ["| setting | edges/s (median) | vs 1 worker on 1 core | threads per worker | "
+             "held-out AUC |", "|---|---|---|---|---|"]
+    for label, runs in report["runs"].items():
+        lines.append(f"| {label} | {report['median_edges_per_s'][label]:,.0f} | "
+                     f"{report['ratio_to_1_core'][label]:.2f}x | "
+                     f"{runs[0]['threads_per_worker']} | {runs[-1]['auc']:.3f} |")
+    lines.append(f"\n{report['rounds']} interleaved rounds of {report['steps']} steps; load "
+                 f"average {report['load_start'][0]:.1f} at the start, "
+                 f"{report['load_end'][0]:.1f} at the end.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="tiny graph (smoke test)")
+    parser.add_argument("--out", default=None, help="write the report as JSON here "
+                        "(and the table beside it as .md)")
+    args = parser.parse_args(argv)
+    report = measure(args.rounds, args.steps, args.quick)
+    report["table"] = table(report)
+    print(report["table"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(report["table"] + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
