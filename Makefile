@@ -15,11 +15,16 @@ NPROC ?= 2
 # More flags for projects/twhin/run.py, e.g. TRAIN_ARGS="--set training.num_train_steps=300".
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
-# pytest-xdist processes for `make test` / `make test-fast` (TEST_WORKERS=2, or auto on a
-# machine with more cores); 0, the default, runs the tests in this one process. On a loaded
-# 2-core machine 2 processes were slower than one (README), so CI keeps one. With several, a
-# file's tests stay in one process and the SLURM tests share one (tests/conftest.py).
-TEST_WORKERS ?= 0
+# pytest-xdist processes for `make test` / `make test-fast`: by default 2 where the machine
+# has 2 cores or more, else 0 (this one process); TEST_WORKERS=0 forces one process,
+# TEST_WORKERS=N or auto more. Capped at 2 by default because a multi-process test starts 2-4
+# worker processes of its own: 2 test processes already keep 2 cores busy (one process left
+# ~0.9 of 2 cores idle while it waited on its workers' start-up), and more would overload a
+# small machine and stretch the gloo timeouts. Measured on 2 cores (README, 2026-12-02):
+# 2 processes 11 min 22 s against 15 min 35 s - 16 min 30 s for one (idle box); 31 min 12 s
+# at load ~8 from other jobs. A file's tests stay in one process, the SLURM tests share one,
+# and so do the big-memory tests (tests/conftest.py).
+TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: venv data train test test-fast test-bazel lint bench bench-peers bench-quality bench-neighbors clean config-docs

@@ -129,15 +129,16 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: str, work: str, train_steps: int = 60) -> dict:
-    """The reader rows for `config` (the training rows stop at `train_steps`)."""
+def run(config: str, work: str, train_steps: int = 60, seconds: float = 4.0) -> dict:
+    """The reader rows for `config` (the training rows stop at `train_steps`; each serving
+    rate is measured over `seconds`)."""
     data = yaml.safe_load(open(config))
     data["training"]["num_train_steps"] = train_steps
     data["training"]["train_log_every_n"] = train_steps
     short = os.path.join(work, "readers-train.yaml")
     with open(short, "w") as f:
         yaml.safe_dump(data, f)
-    report = measure(config, short, work)
+    report = measure(config, short, work, seconds)
     report["table"] = table(report)
     return report
 

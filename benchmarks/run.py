@@ -215,10 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
             _config(graph, sizes, os.path.join(work, "bench-fp16.yaml"), data_type="fp16"),
             1, work)
         report["plain_pytorch_tuned_malloc"] = _run_plain(config, work, tuned_malloc=True)
-        report["reader"] = _reader_rate(config)
+        # --quick is a smoke test of every row: a 1 s window still counts hundreds of
+        # batches (the full run keeps 5 s windows for steady rates).
+        window = 1.0 if args.quick else 5.0
+        report["reader"] = _reader_rate(config, window)
         report["launch"] = _launch_overhead(one_step, work)
         # Reader processes (issue 17): their rows and table come from benchmarks/readers.py.
-        report["readers"] = readers_bench.run(config, work)
+        report["readers"] = readers_bench.run(config, work, seconds=window)
     report["table"] = _table(report) + "\n\n" + report["readers"].pop("table")
     with open(os.path.join(args.results, f"{args.name}.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -9,9 +9,11 @@
   kernel). Locally a missing one skips the test; under CI (`CI=true`) it fails it, so no
   feature goes silently untested.
 - `@pytest.mark.gpu` tests are skipped on hosts without an NVIDIA GPU.
-- Under pytest-xdist (`make test TEST_WORKERS=2`: `-n 2 --dist loadgroup`): the tests of one file stay
-  on one worker (their module fixtures, a SLURM cluster or a trained run, are made once),
-  the SLURM tests of every file share one worker (one cluster, one apt-get at a time), the
+- Under pytest-xdist (`make test`: `-n 2 --dist loadgroup` on 2 cores or more): the tests of one
+  file stay on one worker (their module fixtures, a SLURM cluster or a trained run, are made
+  once), the SLURM tests of every file share one worker (one cluster, one apt-get at a time),
+  so do the tests marked `one_process(name)` with the same name (the big-memory tests: two
+  1.5 GB tables never side by side, whatever files they are in), the
   files with multi-process tests are handed out first (no long test left for the end), and
   `small_trained_twhin` is trained once for all workers.
 """
@@ -88,9 +90,14 @@ SLURM_GROUP = "slurm"
 
 
 def xdist_group_of(item: pytest.Item) -> str:
-    """The xdist group a test runs in: `slurm` for the SLURM tests, else its file."""
+    """The xdist group a test runs in: `slurm` for the SLURM tests, the name given by
+    `@pytest.mark.one_process(name)` (tests that must not overlap, such as the big-memory
+    tests), else its file."""
     if item.get_closest_marker("slurm"):
         return SLURM_GROUP
+    shared = item.get_closest_marker("one_process")
+    if shared is not None:
+        return str(shared.args[0])
     return item.nodeid.split("::", 1)[0]
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 
+@pytest.mark.one_process("big-memory")   # a 1.5 GB table: never two such tests side by side
 @pytest.mark.slow
 @pytest.mark.timeout(600)   # about 45 s alone; 128 s measured on a loaded 2-core host
 @pytest.mark.parametrize("data_type,rows", [("fp32", 12_000_000), ("fp16", 24_000_000)])

@@ -80,17 +80,24 @@ def test_a_shared_fixture_is_made_once_for_all_xdist_workers(tmp_path: Path) -> 
     assert (tmp_path / "shared" / "result").read_text() == "made"
 
 
-def test_xdist_groups_keep_a_file_together_and_the_slurm_tests_in_one() -> None:
+def test_xdist_groups_keep_a_file_together_and_the_slurm_and_one_process_tests_in_one() -> None:
     from tests.conftest import SLURM_GROUP, xdist_group_of
 
     class Item:   # the two things xdist_group_of reads of a pytest.Item
-        def __init__(self, nodeid: str, slurm: bool) -> None:
-            self.nodeid, self.slurm = nodeid, slurm
+        def __init__(self, nodeid: str, slurm: bool, one_process: str | None = None) -> None:
+            self.nodeid, self.slurm, self.one_process = nodeid, slurm, one_process
 
         def get_closest_marker(self, name: str) -> object:
-            return object() if name == "slurm" and self.slurm else None
+            if name == "slurm" and self.slurm:
+                return pytest.mark.slurm.mark
+            if name == "one_process" and self.one_process:
+                return pytest.mark.one_process(self.one_process).mark
+            return None
 
     assert xdist_group_of(Item("tests/a/test_x.py::test_one[1]", False)) == \
         xdist_group_of(Item("tests/a/test_x.py::test_two", False)) == "tests/a/test_x.py"
     assert xdist_group_of(Item("tests/a/test_x.py::test_s", True)) == \
         xdist_group_of(Item("tests/b/test_y.py::test_t", True)) == SLURM_GROUP
+    # Two big-memory tests in different files never run side by side.
+    assert xdist_group_of(Item("tests/a/test_x.py::test_big", False, "big-memory")) == \
+        xdist_group_of(Item("tests/b/test_y.py::test_big", False, "big-memory")) == "big-memory"

@@ -292,8 +292,10 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)   # 49 s alone; 205 s measured on a loaded 2-core host
-def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path):
-    """docs/twhin_cli.md, for real: sharded training on 2 workers, evaluation on 2."""
+def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path, capsys):
+    """docs/twhin_cli.md, for real: sharded training on 2 workers, evaluation on 2. The
+    commands that start workers run as `python -m projects.twhin`; the others run the same
+    entry point (`main`) in this process, sparing an interpreter and its torch import each."""
     tsv = _write_tsv(tmp_path / "edges.tsv", _triples(n_users=40, n_items=20, seed=1))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = REPO
@@ -304,8 +306,15 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
+    def twhin_here(*args):
+        from projects.twhin.cli import main
+
+        capsys.readouterr()
+        main(list(args))   # exits non-zero on an error (run_cli)
+        return capsys.readouterr().out
+
     data, save, emb = tmp_path / "data", tmp_path / "save", tmp_path / "emb"
-    twhin("import", "--triples", tsv, "--out", str(data), "--dim", "8")
+    twhin_here("import", "--triples", tsv, "--out", str(data), "--dim", "8")
     twhin("train", "--config", str(data / "config.yaml"), "--save_dir", str(save),
           "--nproc_per_node", "2", "--set", "training.num_epochs=2",
           "--set", "train_data.per_replica_batch_size=8", "--set", "train_data.global_negatives=2",
@@ -320,8 +329,8 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
     # The effective config (with the --set operator) is the one to evaluate with.
     two = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
                            "--checkpoint", str(save), "--json", "--nproc_per_node", "2"))
-    one = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
-                           "--checkpoint", str(save), "--json"))
+    one = json.loads(twhin_here("evaluate", "--config", str(save / "twhin_config.yaml"),
+                                "--checkpoint", str(save), "--json"))
     assert two["workers"] == 2 and one["workers"] == 1
     # Sharded evaluation (each worker holds half of every table) gives the same ranks.
     for key in ("hits_at_1", "hits_at_10", "mean_rank", "count", "auc"):
@@ -342,10 +351,10 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
     assert fitted["count"] == chance["count"] > 200
     assert fitted["mrr"] > chance["mrr"] + 0.02, (fitted, chance)
     assert fitted["auc"] > chance["auc"] + 0.03, (fitted, chance)
-    twhin("export", "--config", str(save / "twhin_config.yaml"), "--checkpoint", str(save),
-          "--out", str(emb))
-    out = twhin("neighbors", "--embeddings", str(emb), "--entity", "user:u1", "--relation",
-                "buys", "--k", "5")
+    twhin_here("export", "--config", str(save / "twhin_config.yaml"), "--checkpoint",
+               str(save), "--out", str(emb))
+    out = twhin_here("neighbors", "--embeddings", str(emb), "--entity", "user:u1",
+                     "--relation", "buys", "--k", "5")
     assert len(out.strip().splitlines()) == 6 and "item:" in out
     assert yaml.safe_load((save / "twhin_config.yaml").read_text())["model"]["relations"][1][
         "operator"] == "diagonal"
