@@ -81,7 +81,7 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
 
     def source(iterable, depth: int = 2):  # noqa: ANN001, ANN202
         if batches == "memory":
-            items = list(itertools.islice(iterable, steps + 3))
+            items = list(itertools.islice(iterable, skip + steps + 3))
             inner = iter(items)
         else:
             inner = original_prefetch(iterable, depth=0 if batches == "inline" else depth)
