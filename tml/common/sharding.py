@@ -10,6 +10,12 @@ The sharding type of each table is chosen by the caller (table_wise by default).
 stock `EmbeddingBagCollectionSharder` offers row_wise only on CUDA, so on CPU the planner
 fails for it; `AllShardingTypesSharder` lists table_wise, row_wise and column_wise on every
 device (the CPU kernels run them correctly: the sharded-equals-unsharded tests check it).
+
+With one worker, table-wise tables skip TorchRec's exchanges with itself (a gloo all-to-all
+of the ids' splits, one of the ids, and one of the pooled rows forward and backward), each a
+round trip through gloo's worker thread: `OneWorkerEmbeddingBagCollection` keeps TorchRec's
+lookups, kernels and state and makes those dists local (`NoWait`). Same numbers, bit for bit
+(tests/tml/common/test_one_worker.py).
 """
 
 from __future__ import annotations
@@ -23,12 +29,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_sharding import USE_ONE_TBE_PER_TABLE
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import (
+    Awaitable,
+    CacheParams,
+    NoWait,
+    ParameterSharding,
+    ShardingEnv,
+    ShardingPlan,
+    ShardingType,
+)
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tml.common.topology import create_topology, host_memory_bytes
 from tml.errors import ConfigError
@@ -49,11 +67,71 @@ COMPUTE_KERNELS = {
 DEFAULT_KERNELS = {"cpu": ("fused",), "cuda": ("fused", "fused_uvm_caching")}
 
 
+class LocalFeaturesDist(nn.Module):
+    """The input dist of table-wise tables when there is one worker: the ids stay as they are.
+
+    TorchRec sends them through a gloo all-to-all of the splits and one of the tensors even
+    to a world of one; each is a round trip through gloo's worker thread that the main thread
+    waits for (measured in docs/performance.md). TorchRec's pipeline takes an input dist
+    that returns `NoWait` as a local one (`FusedKJTListSplitsAwaitable`).
+    """
+
+    def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+        return NoWait(NoWait(features))
+
+
+class LocalPooledEmbeddingDist(nn.Module):
+    """The output dist of table-wise tables when there is one worker: the pooled rows stay
+    where they are (a one-rank all-to-all, forward and backward, otherwise)."""
+
+    def forward(self, local_embs: torch.Tensor,
+                sharding_ctx: object = None) -> Awaitable[torch.Tensor]:
+        return NoWait(local_embs)
+
+
+class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    """TorchRec's sharded EBC, its table-wise input and output dists local (one worker).
+
+    Same lookups, kernels, parameters and state dict as `ShardedEmbeddingBagCollection`;
+    only the one-rank exchanges are skipped, so a step gives the same numbers.
+    """
+
+    def _create_input_dist(self, input_feature_names: list[str]) -> None:
+        super()._create_input_dist(input_feature_names)
+        self._input_dists = [
+            LocalFeaturesDist() if kind == ShardingType.TABLE_WISE.value else input_dist
+            for input_dist, kind in zip(self._input_dists, self._sharding_types)]
+
+    def _create_output_dist(self) -> None:
+        super()._create_output_dist()
+        self._output_dists = [
+            LocalPooledEmbeddingDist() if kind == ShardingType.TABLE_WISE.value else output
+            for output, kind in zip(self._output_dists, self._sharding_types)]
+
+
 class AllShardingTypesSharder(EmbeddingBagCollectionSharder):
-    """EBC sharder offering table_wise, row_wise and column_wise on CPU as well as CUDA."""
+    """EBC sharder offering table_wise, row_wise and column_wise on CPU as well as CUDA.
+
+    With `local_dists` and a world of one it shards into `OneWorkerEmbeddingBagCollection`.
+    """
+
+    def __init__(self, *args: object, local_dists: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.local_dists = local_dists
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         return list(SUPPORTED_SHARDING_TYPES)
+
+    def shard(self, module: EmbeddingBagCollection, params: dict[str, ParameterSharding],
+              env: ShardingEnv, device: torch.device | None = None,
+              module_fqn: str | None = None) -> ShardedEmbeddingBagCollection:
+        if not (self.local_dists and env.world_size == 1):
+            return super().shard(module, params, env, device, module_fqn)
+        return OneWorkerEmbeddingBagCollection(
+            module=module, table_name_to_parameter_sharding=params, env=env,
+            fused_params=self.fused_params, device=device,
+            qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn,
+            sharded_module_order_overwrite=self._sharded_module_order_overwrite)
 
 
 class NoDataParallel(DataParallelWrapper):
@@ -187,6 +265,7 @@ def shard_model(model: nn.Module, device: torch.device,
                 output_dtensor: bool = False,
                 compute_kernels: Mapping[str, str] | None = None,
                 cache_load_factors: Mapping[str, float] | None = None,
+                local_dists: bool | None = None,
                 ) -> DistributedModelParallel:
     """Wrap `model` in DistributedModelParallel with a plan for its embedding tables.
 
@@ -201,8 +280,11 @@ def shard_model(model: nn.Module, device: torch.device,
         says which run on this device; a table without one gets `DEFAULT_KERNELS`).
       cache_load_factors: table name -> fraction of rows cached in GPU memory
         (fused_uvm_caching tables).
+      local_dists: skip TorchRec's one-rank exchanges of table-wise tables
+        (`OneWorkerEmbeddingBagCollection`); default: when there is one worker.
 
-    With one worker the dense part is not wrapped in DDP (`NoDataParallel`). The default
+    With one worker the dense part is not wrapped in DDP (`NoDataParallel`), and table-wise
+    tables skip TorchRec's one-rank all-to-alls of ids and pooled rows. The default
     process group must be initialised. The plan is made collectively (every
     rank must call this) and logged on rank 0.
     """
@@ -213,7 +295,8 @@ def shard_model(model: nn.Module, device: torch.device,
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     sharder = AllShardingTypesSharder(
-        fused_params={USE_ONE_TBE_PER_TABLE: one_kernel_per_table(model)})
+        fused_params={USE_ONE_TBE_PER_TABLE: one_kernel_per_table(model)},
+        local_dists=world_size == 1 if local_dists is None else local_dists)
     planner = EmbeddingShardingPlanner(
         topology=create_topology(world_size, local_world_size, device),
         constraints=_constraints(model, sharding_types or {}, world_size, device.type,
