@@ -46,28 +46,14 @@ def _workflow(directory: Path, graph: Path, nodes: int, readers: int | None) -> 
     return path
 
 
-def _launch(*workflows: Path, runs: Path) -> list[str]:
-    """Run the workflows on the local backend, side by side (independent runs: their own
-    directories and ports; most of a small run's time is its processes starting, which
-    overlap); each one's node logs, concatenated."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tml.launch", str(workflow),
-                               "--runs-dir", str(runs)], env=launcher_env(), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for workflow in workflows]
-    try:
-        outputs = [proc.communicate(timeout=420) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    logs = []
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-4000:]
-        run_dir = Path(out.strip().splitlines()[-1])
-        logs.append("".join(log.read_text()
-                            for log in sorted((run_dir / "logs").glob("node-*.log"))))
-    return logs
+def _launch(workflow: Path, runs: Path) -> str:
+    """Run the workflow on the local backend; every node's log, concatenated."""
+    result = subprocess.run([sys.executable, "-m", "tml.launch", str(workflow),
+                             "--runs-dir", str(runs)], env=launcher_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    return "".join(log.read_text() for log in sorted((run_dir / "logs").glob("node-*.log")))
 
 
 def _losses(log: str) -> list[tuple[str, str]]:
@@ -78,8 +64,8 @@ def _losses(log: str) -> list[tuple[str, str]]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)])
 def test_workflow_readers_train_as_in_process_reading(tmp_path, graph, nodes, per_node):
-    plain, fed = _launch(_workflow(tmp_path / "plain", graph, nodes, None),
-                         _workflow(tmp_path / "fed", graph, nodes, per_node), runs=tmp_path / "runs")
+    plain = _launch(_workflow(tmp_path / "plain", graph, nodes, None), tmp_path / "runs")
+    fed = _launch(_workflow(tmp_path / "fed", graph, nodes, per_node), tmp_path / "runs")
     assert fed.count(f"started {per_node} reader(s) beside the trainers: 127.0.0.1:") == nodes
     # Each node's trainer is served by its own node's readers (node scope).
     for rank in range(nodes):
@@ -150,51 +136,34 @@ def test_bad_reader_fields_are_one_line(tmp_path, capsys, readers, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def _two_nodes(*runs: tuple[str, Path]) -> list[str]:
-    """For each (config, save_dir): `run.py --nproc_per_node=2` on two nodes of this host
-    (TML_NUM_NODES=2, the chief first); the runs side by side (their own ports and
-    directories); each run's two launchers' output."""
+def _two_nodes(config: str, save_dir: Path) -> str:
+    """`run.py --nproc_per_node=2` on two nodes of this host (TML_NUM_NODES=2, the chief
+    first); both launchers' output."""
     import socket
     import time
 
-    procs: list[list[subprocess.Popen]] = []
-    try:
-        for config, save_dir in runs:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            common = {"TML_NUM_NODES": "2", "TML_RDZV_ENDPOINT": f"127.0.0.1:{port}",
-                      "TML_RUN_ID": save_dir.name, "TML_RDZV_TIMEOUT": "300"}
-            cmd = [sys.executable, str(RUN), f"--config_yaml_path={config}",
-                   f"--save_dir={save_dir}", "--nproc_per_node=2"]
-            pair = [subprocess.Popen(cmd, env=launcher_env(**common, TML_IS_CHIEF="1"),
-                                     cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)]
-            procs.append(pair)
-            deadline = time.monotonic() + 240
-            while True:   # the chief's rendezvous store first
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                assert pair[0].poll() is None and time.monotonic() < deadline, \
-                    pair[0].communicate()[0][-3000:]
-                time.sleep(0.2)
-            pair.append(subprocess.Popen(cmd, env=launcher_env(**common), cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True))
-        results = []
-        for pair in procs:
-            outputs = [p.communicate(timeout=600)[0] for p in pair]
-            assert [p.returncode for p in pair] == [0, 0], \
-                outputs[0][-3000:] + outputs[1][-3000:]
-            results.append("".join(outputs))
-        return results
-    finally:
-        for pair in procs:
-            for p in pair:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {"TML_NUM_NODES": "2", "TML_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+              "TML_RUN_ID": save_dir.name, "TML_RDZV_TIMEOUT": "300"}
+    cmd = [sys.executable, str(RUN), f"--config_yaml_path={config}", f"--save_dir={save_dir}",
+           "--nproc_per_node=2"]
+    procs = [subprocess.Popen(cmd, env=launcher_env(**common, TML_IS_CHIEF="1"), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    deadline = time.monotonic() + 240
+    while True:   # the chief's rendezvous store first
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert procs[0].poll() is None and time.monotonic() < deadline, \
+            procs[0].communicate()[0][-3000:]
+        time.sleep(0.2)
+    procs.append(subprocess.Popen(cmd, env=launcher_env(**common), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return "".join(outputs)
 
 
 @pytest.mark.slow
@@ -211,8 +180,8 @@ def test_each_nodes_launcher_starts_readers_for_its_own_trainers(tmp_path, graph
             data["readers"] = {"num_readers": readers}
             yaml.safe_dump(data, open(path, "w"))
         return path
-    plain, fed = _two_nodes((config("plain.yaml", 0), tmp_path / "plain"),
-                            (config("fed.yaml", 1), tmp_path / "fed"))
+    plain = _two_nodes(config("plain.yaml", 0), tmp_path / "plain")
+    fed = _two_nodes(config("fed.yaml", 1), tmp_path / "fed")
     assert fed.count("started 1 reader(s) beside the trainers: 127.0.0.1:") == 2
     # One reader per node serves both of its node's ranks (ranks 0-1 on one, 2-3 on the other).
     assert len(set(re.findall(r"serving rank (\d) \(part 0 of 1\) from batch 0", fed))) == 4
