@@ -271,6 +271,7 @@ def test_dataset_draws_shared_negatives_per_table(tmp_path):
     assert not torch.equal(batches[0].shared, batches[1].shared)  # a new draw per batch
 
 
+@pytest.mark.slow           # one process, but 1000 training steps: scheduled with the long tests
 @pytest.mark.timeout(600)   # 26 s alone; 135 s at load 8 on 2 cores (2026-12-02)
 def test_imported_defaults_beat_popularity_on_a_small_generated_graph(tmp_path):
     """End to end in one process: generate, `twhin import`, train the written config as is
