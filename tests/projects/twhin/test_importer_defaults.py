@@ -18,6 +18,7 @@ from projects.twhin.importer import (
     MAX_GLOBAL_NEGATIVES,
     N3_WEIGHT,
     SHARED_NEGATIVES,
+    VALID_SHARED_NEGATIVES,
     choose_defaults,
     import_triples,
 )
@@ -116,7 +117,10 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
     assert config["train_data"]["per_replica_batch_size"] == 65
     assert (config["train_data"]["in_batch_negatives"], config["train_data"]["global_negatives"],
             config["train_data"]["shared_negatives"]) == (0, 0, SHARED_NEGATIVES)
-    assert config["validation_data"]["shared_negatives"] == SHARED_NEGATIVES
+    # Validation batches only feed the logged held-out AUC and loss (early stopping ranks
+    # against every entity): a few shared negatives keep each evaluation cheap.
+    assert config["validation_data"]["shared_negatives"] == VALID_SHARED_NEGATIVES
+    assert f"{VALID_SHARED_NEGATIVES} shared negatives in validation batches" in text
     assert (config["model"]["loss"], config["model"]["regularization"]) == ("softmax", N3_WEIGHT)
     assert config["model"]["relations"][0]["operator"] == "complex_diagonal"
     assert config["model"]["translation_optimizer"] == {
