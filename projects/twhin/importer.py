@@ -43,8 +43,8 @@ per side, N3 regularisation (weight N3_WEIGHT; SPARSE_N3_WEIGHT below SPARSE_END
 training edge ends per entity), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
 epochs (with a validation split: at most LARGE_MAX_EPOCHS, early stopping on the validation
-MRR), and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
-MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
+MRR), and without `--dim` embedding dim LARGE_DIM (SPARSE_DIM for sparse graphs; halved
+while the tables' weights pass MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
 the first round's 32 uniform global negatives with BCE stayed below the popularity
 baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
 UMLS 16.5, Kinships 25.9; the first round's rule, not re-measured with the softmax
@@ -367,7 +367,14 @@ VALID_SHARED_NEGATIVES = 32
 # keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
 # (issue 20, third round; docs/twhin_cli.md); 128 keeps training time well under
 # PyKEEN's. Many relations per batch: SMALL_DIM, the dim those settings were chosen at.
+# Sparse graphs (see SPARSE_ENDS_PER_ROW) start from SPARSE_DIM: fifth round, generated
+# long-tail graph (seed 5), with N3 0.03 validation MRR 0.161 at dim 128, 0.169 at 256 (for
+# ~1.5x the time per step; with N3 0.01: 0.149 and 0.159). At 128 the long-tail check graph
+# stayed level with PyKEEN's RotatE (0.156 against 0.157, same run). Dense graphs gain from
+# 256 too (third and fourth rounds), but there tml already ranks twice as well as PyKEEN's
+# best and 256 would double a training time that is only level with RotatE's.
 LARGE_DIM = 128
+SPARSE_DIM = 256
 SMALL_DIM = 32
 MAX_TABLE_BYTES = 4 << 30
 # Adagrad's eps, written explicitly (it is also the config default now). With eps 0 a row
@@ -400,9 +407,9 @@ class Defaults:
     early_stopping: bool = False
 
 
-def large_dim(table_rows: list[int]) -> int:
-    """LARGE_DIM, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
-    dim, rows = LARGE_DIM, sum(table_rows)
+def large_dim(table_rows: list[int], start: int = LARGE_DIM) -> int:
+    """`start`, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
+    dim, rows = start, sum(table_rows)
     while dim > SMALL_DIM and rows * dim * 4 > MAX_TABLE_BYTES:
         dim //= 2
     return dim
@@ -455,11 +462,19 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
     negatives = max(1, min(MAX_GLOBAL_NEGATIVES, smallest - 1))
     few_relations = same_relation >= MIN_SAME_RELATION
     given = dim is not None
+    n3, ends = n3_weight(train_edges, table_rows)
+    sparse = n3 == SPARSE_N3_WEIGHT
     if dim is None:
-        dim = large_dim(table_rows) if few_relations else SMALL_DIM
+        dim = (large_dim(table_rows, SPARSE_DIM if sparse else LARGE_DIM) if few_relations
+               else SMALL_DIM)
     dim_reason = (f"dim {dim} ({dim_source})" if given else
+                  f"dim {dim} (a sparse graph: with N3 {SPARSE_N3_WEIGHT:g} validation MRR "
+                  f"rose from dim 128 to 256 on a generated long-tail graph; at most "
+                  f"{MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  if few_relations and sparse else
                   f"dim {dim} (validation MRR rose with the dim up to 256 on generated "
-                  f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  f"graphs; 128 keeps the time of dense ones below PyKEEN's; at most "
+                  f"{MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
                   if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
     stop_reason = (f"; early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, "
@@ -468,7 +483,6 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                    f"negatives in validation batches: they only feed the logged held-out "
                    f"AUC and loss)") if validation else ""
     if few_relations:
-        n3, ends = n3_weight(train_edges, table_rows)
         n3_reason = (f"{ends:.1f} training edge ends per entity, below "
                      f"{SPARSE_ENDS_PER_ROW:g}: sparse graphs overfit sooner; 0.03 raised "
                      f"validation MRR on a generated long-tail graph"
