@@ -11,8 +11,12 @@ Checked against the CLI: the same settings gave test MRR 0.0673 both ways.
 
 DATA_DIR is a `twhin import` output. Keys: dotted config paths; `OPS` sets every relation's
 operator, `.*.` every table, `DATA.x` every split's data section, `EVAL_EVERY` N records the
-validation MRR every N epochs (`curve`).
+validation MRR every N epochs (`curve`: epoch, validation MRR, training seconds so far),
+`STOP` [patience, min_delta] with `EVAL_EVERY` stops as the CLI's early stopping on the
+validation MRR does (`tml.core.early_stopping`) and reports the best evaluation's weights
+(`best_epoch`, `stop_epoch`; `secs` is then the training time until the stop).
 """
+import copy
 import json
 import os
 import sys
@@ -28,6 +32,8 @@ from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_op
 from projects.twhin.optimizer import build_optimizer
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
+from tml.core.config.training import EarlyStoppingConfig
+from tml.core.early_stopping import EarlyStopping
 
 
 def _set(d: dict, key: str, value: object) -> None:
@@ -57,19 +63,29 @@ def load(data_dir: str, overrides: dict) -> TwhinConfig:
     return parse_config(TwhinConfig, raw)
 
 
-def mrr(config: TwhinConfig, model: TwhinModel, split: str) -> tuple[dict, dict]:
+_PREPARED: dict[tuple[str, str], tuple] = {}
+
+
+def mrr(config: TwhinConfig, model: TwhinModel, split: str,
+        popularity: bool = True) -> tuple[dict, dict]:
     """(model metrics, popularity metrics) of `split`, as `twhin evaluate` computes them."""
     tables = {n: model.large_embeddings.ebc.embedding_bags[n].weight.detach()
               for n in model.table_names}
-    edges, known, _, train = lp.prepare(config, split)
+    key = (config.train_data.data_root, split)
+    if key not in _PREPARED:
+        _PREPARED[key] = lp.prepare(config, split)
+    edges, known, _, train = _PREPARED[key]
     sums = lp.rank_sums(tables, model.all_trans_embs.detach(), config.model.relations, edges,
                         known)
+    if not popularity:
+        return lp._metrics(sums), {}
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
     pop = lp.popularity_rank_sums(train, config.model.relations, sizes, edges, known)
     return lp._metrics(sums), lp._metrics(pop)
 
 
-def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0) -> dict:
+def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0,
+          stop: tuple[int, float] | None = None) -> dict:
     """Train with the imported config plus `overrides`; test / validation MRR, seconds."""
     config = load(data_dir, overrides)
     torch.manual_seed(seed)
@@ -81,7 +97,11 @@ def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0) ->
     optimizer, scheduler = build_optimizer(model_and_loss, config.model)
     dataset = create_dataset(config.train_data, config.model,
                              num_epochs=config.training.num_epochs)
-    start, step, curve = time.time(), 0, []
+    rule = EarlyStopping(EarlyStoppingConfig(metric="mrr", mode="max", patience=stop[0],
+                                             min_delta=stop[1])) if stop else None
+    best_state, best_epoch, stop_epoch = None, None, None
+    step, curve, seconds = 0, [], 0.0
+    start = time.time()
     for batch in dataset:
         optimizer.zero_grad()
         loss, _ = model_and_loss(batch)
@@ -90,14 +110,27 @@ def train(data_dir: str, overrides: dict, seed: int = 0, eval_every: int = 0) ->
         scheduler.step()
         step += 1
         if eval_every and step % (eval_every * len(dataset)) == 0:
-            curve.append((step // len(dataset),
-                          round(mrr(config, model, "validation")[0]["mrr"], 4)))
-    seconds = time.time() - start
+            seconds += time.time() - start
+            epoch = step // len(dataset)
+            value = mrr(config, model, "validation", popularity=False)[0]["mrr"]
+            curve.append((epoch, round(value, 4), round(seconds, 1)))
+            if rule is not None:
+                improved, done = rule.update(step, {"mrr": value})
+                if improved:
+                    best_state, best_epoch = copy.deepcopy(model.state_dict()), epoch
+                if done:
+                    stop_epoch = epoch
+                    break
+            start = time.time()
+    else:
+        seconds += time.time() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
     valid, _ = mrr(config, model, "validation")
     test, popularity = mrr(config, model, "test")
     return {"valid_mrr": valid["mrr"], "mrr": test["mrr"], "h10": test["hits_at_10"],
             "pop": popularity["mrr"], "secs": round(seconds, 1), "steps": step,
-            "curve": curve}
+            "best_epoch": best_epoch, "stop_epoch": stop_epoch, "curve": curve}
 
 
 if __name__ == "__main__":
@@ -108,6 +141,8 @@ if __name__ == "__main__":
         name, text = spec.split("=", 1)
         overrides = json.loads(text)
         every = overrides.pop("EVAL_EVERY", 0)
-        result = train(sys.argv[1], overrides, eval_every=every)
+        stop = overrides.pop("STOP", None)
+        result = train(sys.argv[1], overrides, eval_every=every,
+                       stop=tuple(stop) if stop else None)
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                 for k, v in result.items()}), flush=True)

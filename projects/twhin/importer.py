@@ -39,11 +39,12 @@ relation in its batch of B = N / 20 edges (at most 1000). At 50 or more (graphs 
 relations per batch: the built-in graph ~335, the generated graphs of benchmarks/quality.py
 100 to 377): the softmax recipe of Lacroix et al. 2018 -- SHARED_NEGATIVES (1024) uniform negatives
 per table shared by the whole batch, a softmax cross-entropy of each positive against them
-per side, N3 regularisation (weight N3_WEIGHT), operator complex_diagonal, Adagrad
+per side, N3 regularisation (weight N3_WEIGHT; SPARSE_N3_WEIGHT below SPARSE_ENDS_PER_ROW
+training edge ends per entity), operator complex_diagonal, Adagrad
 LARGE_TABLE_LR for the tables, Adagrad LARGE_RELATION_LR for the relation vectors, LARGE_EPOCHS
 epochs (with a validation split: at most LARGE_MAX_EPOCHS, early stopping on the validation
-MRR), and without `--dim` embedding dim LARGE_DIM (halved while the tables' weights pass
-MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
+MRR), and without `--dim` embedding dim LARGE_DIM (SPARSE_DIM for sparse graphs; halved
+while the tables' weights pass MAX_TABLE_BYTES); chosen on the validation MRR of generated graphs (issue 20, second round;
 the first round's 32 uniform global negatives with BCE stayed below the popularity
 baseline; the third round found the dim the largest remaining lever). Below 50 (Nations 2.6,
 UMLS 16.5, Kinships 25.9; the first round's rule, not re-measured with the softmax
@@ -335,6 +336,14 @@ MAX_GLOBAL_NEGATIVES = 32
 # 1.8x to 2.5x the training time (docs/twhin_cli.md).
 SHARED_NEGATIVES = 1024
 N3_WEIGHT = 0.01
+# Sparse graphs overfit sooner: fewer than SPARSE_ENDS_PER_ROW training edge ends per entity
+# (2 x training edges / rows of the tables relations use) get SPARSE_N3_WEIGHT. Issue 20,
+# fifth round: on a generated long-tail graph (6.6 ends per entity, seed 5) N3 0.03 raised
+# the validation MRR from 0.149 to 0.161 at no cost in time (dim 256 instead: 0.159 for 1.5x
+# the time); on the patterns graphs (14-15 ends per entity) 0.03 lowered it by 0.015 (third
+# round), so they keep 0.01. The threshold lies between the two shapes measured.
+SPARSE_ENDS_PER_ROW = 10.0
+SPARSE_N3_WEIGHT = 0.03
 LARGE_TABLE_LR = 1.0
 LARGE_RELATION_LR = 1.0            # Adagrad, as the tables (SGD 5 diverged with Adagrad 2)
 LARGE_EPOCHS = 40                  # without a validation split
@@ -347,12 +356,25 @@ EVAL_EPOCHS = 5
 PATIENCE = 2
 MIN_DELTA = 0.002
 VALID_BATCHES = 16                 # validation batches at least (see default_config)
+# Shared negatives of the validation split: they only feed the held-out AUC, RCE and loss
+# the trainer logs at each evaluation (the MRR early stopping watches ranks against every
+# entity, and `twhin evaluate` scores its AUC against in-batch negatives). With training's
+# 1024, each evaluation sorted ~5M logits for the AUC: 11.5 s against 0.7 s with 64 on the
+# 3000-entity generated graph (one thread, load 9), a third of the run's time.
+VALID_SHARED_NEGATIVES = 32
 # embedding_dim when `--dim` is not given. Few relations per batch: LARGE_DIM, halved (to
 # at least SMALL_DIM) while the tables' weights would exceed MAX_TABLE_BYTES (fp32; Adagrad
 # keeps as much again). Validation MRR on generated graphs rose with the dim up to 256
 # (issue 20, third round; docs/twhin_cli.md); 128 keeps training time well under
 # PyKEEN's. Many relations per batch: SMALL_DIM, the dim those settings were chosen at.
+# Sparse graphs (see SPARSE_ENDS_PER_ROW) start from SPARSE_DIM: fifth round, generated
+# long-tail graph (seed 5), with N3 0.03 validation MRR 0.161 at dim 128, 0.169 at 256 (for
+# ~1.5x the time per step; with N3 0.01: 0.149 and 0.159). At 128 the long-tail check graph
+# stayed level with PyKEEN's RotatE (0.156 against 0.157, same run). Dense graphs gain from
+# 256 too (third and fourth rounds), but there tml already ranks twice as well as PyKEEN's
+# best and 256 would double a training time that is only level with RotatE's.
 LARGE_DIM = 128
+SPARSE_DIM = 256
 SMALL_DIM = 32
 MAX_TABLE_BYTES = 4 << 30
 # Adagrad's eps, written explicitly (it is also the config default now). With eps 0 a row
@@ -385,12 +407,19 @@ class Defaults:
     early_stopping: bool = False
 
 
-def large_dim(table_rows: list[int]) -> int:
-    """LARGE_DIM, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
-    dim, rows = LARGE_DIM, sum(table_rows)
+def large_dim(table_rows: list[int], start: int = LARGE_DIM) -> int:
+    """`start`, halved while the tables' fp32 weights exceed MAX_TABLE_BYTES (>= SMALL_DIM)."""
+    dim, rows = start, sum(table_rows)
     while dim > SMALL_DIM and rows * dim * 4 > MAX_TABLE_BYTES:
         dim //= 2
     return dim
+
+
+def n3_weight(train_edges: int, table_rows: list[int]) -> tuple[float, float]:
+    """(N3 weight, training edge ends per entity): SPARSE_N3_WEIGHT below
+    SPARSE_ENDS_PER_ROW ends per entity, else N3_WEIGHT."""
+    ends = 2 * train_edges / max(1, sum(table_rows))
+    return (SPARSE_N3_WEIGHT if ends < SPARSE_ENDS_PER_ROW else N3_WEIGHT), ends
 
 
 def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: list[int],
@@ -405,7 +434,8 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
 
     - same_relation >= 50 (graphs with few relations per batch; the built-in graph: ~335):
       SHARED_NEGATIVES uniform negatives per table shared by the batch, loss softmax, N3
-      weight N3_WEIGHT, operator complex_diagonal (diagonal for an odd dim), Adagrad
+      weight `n3_weight` (N3_WEIGHT, SPARSE_N3_WEIGHT for sparse graphs), operator
+      complex_diagonal (diagonal for an odd dim), Adagrad
       LARGE_TABLE_LR (tables) and LARGE_RELATION_LR (relation vectors), LARGE_EPOCHS epochs. Issue 20: BCE against
       32 uniform negatives per positive learnt too little per step (below the popularity
       baseline); the softmax over hundreds of shared negatives with N3 is the recipe of
@@ -432,21 +462,37 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
     negatives = max(1, min(MAX_GLOBAL_NEGATIVES, smallest - 1))
     few_relations = same_relation >= MIN_SAME_RELATION
     given = dim is not None
+    n3, ends = n3_weight(train_edges, table_rows)
+    sparse = n3 == SPARSE_N3_WEIGHT
     if dim is None:
-        dim = large_dim(table_rows) if few_relations else SMALL_DIM
+        dim = (large_dim(table_rows, SPARSE_DIM if sparse else LARGE_DIM) if few_relations
+               else SMALL_DIM)
     dim_reason = (f"dim {dim} ({dim_source})" if given else
+                  f"dim {dim} (a sparse graph: with N3 {SPARSE_N3_WEIGHT:g} validation MRR "
+                  f"rose from dim 128 to 256 on a generated long-tail graph; at most "
+                  f"{MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  if few_relations and sparse else
                   f"dim {dim} (validation MRR rose with the dim up to 256 on generated "
-                  f"graphs; at most {MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
+                  f"graphs; 128 keeps the time of dense ones below PyKEEN's; at most "
+                  f"{MAX_TABLE_BYTES >> 30} GiB of fp32 weights)"
                   if few_relations else f"dim {dim} (the dim these settings were chosen at)")
     operator = "complex_diagonal" if dim % 2 == 0 else "diagonal"
     stop_reason = (f"; early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, "
                    f"after {PATIENCE} without a gain over {MIN_DELTA:g}; `--best` evaluates "
-                   f"and exports the best checkpoint)") if validation else ""
+                   f"and exports the best checkpoint; {VALID_SHARED_NEGATIVES} shared "
+                   f"negatives in validation batches: they only feed the logged held-out "
+                   f"AUC and loss)") if validation else ""
     if few_relations:
+        n3_reason = (f"{ends:.1f} training edge ends per entity, below "
+                     f"{SPARSE_ENDS_PER_ROW:g}: sparse graphs overfit sooner; 0.03 raised "
+                     f"validation MRR on a generated long-tail graph"
+                     if n3 == SPARSE_N3_WEIGHT else
+                     f"{ends:.1f} training edge ends per entity; without it the model "
+                     f"overfits")
         epochs = LARGE_MAX_EPOCHS if validation else LARGE_EPOCHS
         epochs_reason = (f"at most {epochs} epochs" if validation else
                          f"{epochs} epochs (validation MRR still rising at 40)")
-        return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", N3_WEIGHT, LARGE_TABLE_LR,
+        return Defaults(batch, 0, 0, SHARED_NEGATIVES, "softmax", n3, LARGE_TABLE_LR,
                         LARGE_RELATION_LR, "adagrad", operator, epochs, same_relation,
                         f"{same_relation:.0f} edges of a relation per batch of {batch}: "
                         f"{dim_reason}, "
@@ -455,7 +501,7 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                         f"from 256 to 1024 on generated graphs; in-batch ones are "
                         f"drawn by popularity), loss softmax (each positive against its "
                         f"negatives: learns more per step than BCE), N3 regularisation "
-                        f"{N3_WEIGHT:g} (without it the model overfits), operator {operator} "
+                        f"{n3:g} ({n3_reason}), operator {operator} "
                         f"(translation with one table scores the query entity itself "
                         f"highest), Adagrad {LARGE_TABLE_LR:g} for the tables and "
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
@@ -521,6 +567,8 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
         # with early stopping the run would be refused).
         config["validation_data"]["per_replica_batch_size"] = max(
             1, min(batch, counts["validation"] // VALID_BATCHES))
+        config["validation_data"]["shared_negatives"] = min(defaults.shared_negatives,
+                                                            VALID_SHARED_NEGATIVES)
         if defaults.early_stopping:
             config["training"]["early_stopping"] = {
                 "metric": "mrr", "mode": "max", "patience": PATIENCE, "min_delta": MIN_DELTA}

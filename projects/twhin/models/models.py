@@ -383,15 +383,24 @@ def _shared_logits(shared: torch.Tensor, relation_tables_t: torch.Tensor, rels: 
     if not k:
         empty = shared.new_zeros(num_edges, 0)
         return empty, empty
-    flat = shared.reshape(num_tables * k, dim)
     out = []
     for query, side in ((tail_query, 1), (head_query, 0)):
         q, b = query
-        scores = q @ flat.T                                           # (B, T*K)
-        if num_tables > 1:
+        if num_tables == 1:
+            scores = q @ shared[0].T                                  # (B, K)
+        else:
+            # Each row against its own table's K vectors only: one product per table
+            # present on this side (a user-item graph: one per side), not one against
+            # all T*K of which each row keeps K (T times the work, forward and backward).
             tables = relation_tables_t[rels, side]
-            columns = tables.unsqueeze(1) * k + torch.arange(k, device=rels.device)
-            scores = scores.gather(1, columns)
+            present = torch.unique(tables).tolist()
+            if len(present) == 1:
+                scores = q @ shared[present[0]].T
+            else:
+                scores = q.new_zeros(num_edges, k)
+                for table in present:
+                    rows = torch.nonzero(tables == table).squeeze(1)
+                    scores = scores.index_copy(0, rows, q[rows] @ shared[table].T)
         out.append(scores + b.unsqueeze(1))
     return out[0], out[1]
 

@@ -18,6 +18,9 @@ from projects.twhin.importer import (
     MAX_GLOBAL_NEGATIVES,
     N3_WEIGHT,
     SHARED_NEGATIVES,
+    SPARSE_ENDS_PER_ROW,
+    SPARSE_N3_WEIGHT,
+    VALID_SHARED_NEGATIVES,
     choose_defaults,
     import_triples,
 )
@@ -45,6 +48,26 @@ def test_few_relations_per_batch_get_shared_negatives_softmax_n3_and_complex():
                   f"{LARGE_RELATION_LR:g} for the relation vectors", f"{LARGE_EPOCHS} epochs"):
         assert words in d.reason
     assert choose_defaults(n, [n], [100_000, 20_000], 31).operator == "diagonal"   # odd dim
+
+
+def test_sparse_graphs_get_the_larger_n3_weight_and_the_reason_says_why():
+    # Training edge ends per entity (2 x edges / rows of the used tables): the long-tail
+    # generated graph has ~6.6, the patterns one ~14, the built-in graph ~33.
+    per_relation = [6000, 2000, 1200, 800]                  # 10k edges, few relations
+    sparse = choose_defaults(10_000, per_relation, [1600, 1600])          # 6.25 ends
+    dense = choose_defaults(10_000, per_relation, [500, 500])             # 20 ends
+    assert (sparse.regularization, dense.regularization) == (SPARSE_N3_WEIGHT, N3_WEIGHT)
+    assert SPARSE_N3_WEIGHT > N3_WEIGHT
+    assert "6.2 training edge ends per entity, below 10: sparse graphs overfit" in sparse.reason
+    assert f"N3 regularisation {SPARSE_N3_WEIGHT:g} (" in sparse.reason
+    assert f"N3 regularisation {N3_WEIGHT:g} (20.0 training edge ends" in dense.reason
+    # the threshold: exactly SPARSE_ENDS_PER_ROW ends is not sparse
+    rows = int(2 * 10_000 / SPARSE_ENDS_PER_ROW)
+    assert choose_defaults(10_000, per_relation, [rows]).regularization == N3_WEIGHT
+    assert choose_defaults(10_000, per_relation, [rows + 1]).regularization == \
+        SPARSE_N3_WEIGHT
+    # many relations per batch: no regularisation, whatever the sparsity
+    assert choose_defaults(1592, [1592 // 55] * 55, [1000], 32).regularization == 0.0
 
 
 def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagonal():
@@ -116,8 +139,14 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
     assert config["train_data"]["per_replica_batch_size"] == 65
     assert (config["train_data"]["in_batch_negatives"], config["train_data"]["global_negatives"],
             config["train_data"]["shared_negatives"]) == (0, 0, SHARED_NEGATIVES)
-    assert config["validation_data"]["shared_negatives"] == SHARED_NEGATIVES
-    assert (config["model"]["loss"], config["model"]["regularization"]) == ("softmax", N3_WEIGHT)
+    # Validation batches only feed the logged held-out AUC and loss (early stopping ranks
+    # against every entity): a few shared negatives keep each evaluation cheap.
+    assert config["validation_data"]["shared_negatives"] == VALID_SHARED_NEGATIVES
+    assert f"{VALID_SHARED_NEGATIVES} shared negatives in validation batches" in text
+    # 2 x 1300 edge ends over 300 + 97 rows: 6.5 per entity, a sparse graph
+    assert (config["model"]["loss"], config["model"]["regularization"]) == (
+        "softmax", SPARSE_N3_WEIGHT)
+    assert "6.5 training edge ends per entity" in text
     assert config["model"]["relations"][0]["operator"] == "complex_diagonal"
     assert config["model"]["translation_optimizer"] == {
         "adagrad": {"lr": LARGE_RELATION_LR, "eps": 1e-8}}

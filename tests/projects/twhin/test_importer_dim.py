@@ -16,6 +16,7 @@ from projects.twhin.importer import (
     LARGE_DIM,
     MAX_TABLE_BYTES,
     SMALL_DIM,
+    SPARSE_DIM,
     choose_defaults,
     import_triples,
 )
@@ -38,6 +39,18 @@ def test_few_relations_get_the_large_dim_unless_the_tables_would_not_fit():
     assert "dim 128 (validation MRR rose with the dim" in d.reason
 
 
+def test_sparse_graphs_start_from_the_sparse_dim_also_halved_to_fit():
+    edges, per_relation = FEW                      # 2 x 1.96M edge ends
+    assert SPARSE_DIM == 256 > LARGE_DIM
+    sparse = choose_defaults(edges, per_relation, [200_000, 200_000])   # 9.8 ends per entity
+    dense = choose_defaults(edges, per_relation, [190_000, 190_000])    # 10.3
+    assert (sparse.dim, dense.dim) == (SPARSE_DIM, LARGE_DIM)
+    assert "dim 256 (a sparse graph" in sparse.reason
+    rows = MAX_TABLE_BYTES // (4 * SPARSE_DIM)     # sparse, and past 4 GiB at 256: halved
+    assert choose_defaults(edges, per_relation, [rows]).dim == SPARSE_DIM
+    assert choose_defaults(edges, per_relation, [rows + 1]).dim == LARGE_DIM
+
+
 def test_many_relations_keep_the_small_dim_and_a_given_dim_wins():
     counts = [1592 // 55] * 55                               # Nations-like
     assert choose_defaults(1592, counts, [14]).dim == SMALL_DIM == 32
@@ -58,12 +71,15 @@ def _imported(tmp_path, shape, entities, edges, dim=None):
 
 
 def test_generated_graphs_of_each_shape_get_the_large_dim_written_with_the_reason(tmp_path):
-    for shape, entities, edges in (("patterns", 2000, 25000), ("longtail", 1500, 6000)):
+    # patterns: ~16 training edge ends per entity; longtail: ~6.4, a sparse graph
+    for shape, entities, edges, dim, why in (
+            ("patterns", 2000, 25000, LARGE_DIM, "(validation MRR rose"),
+            ("longtail", 1500, 6000, SPARSE_DIM, "(a sparse graph: with N3 0.03")):
         result, text, config = _imported(tmp_path, shape, entities, edges)
         assert "shared by the batch" in result["defaults"], shape      # few relations
         tables = config["model"]["embeddings"]["tables"]
-        assert {t["embedding_dim"] for t in tables} == {LARGE_DIM}, shape
-        assert f"dim {LARGE_DIM} (validation MRR rose" in text.splitlines()[1], shape
+        assert {t["embedding_dim"] for t in tables} == {dim}, shape
+        assert f"dim {dim} {why}" in text.splitlines()[1], shape
         assert {r["operator"] for r in config["model"]["relations"]} == {"complex_diagonal"}
 
 
@@ -95,7 +111,7 @@ def test_day_two_keeps_the_earlier_imports_dim_so_its_checkpoint_warm_starts(tmp
     shutil.copytree(tmp_path / "day1" / "vocab", tmp_path / "alone" / "vocab")
     result = import_triples(str(tmp_path / "d2.tsv"), str(tmp_path / "day2c"),
                             vocab=str(tmp_path / "alone" / "vocab"))
-    assert f"dim {LARGE_DIM} (validation MRR rose" in result["defaults"]
+    assert f"dim {SPARSE_DIM} (a sparse graph" in result["defaults"]    # 6.5 ends per entity
     # An earlier config that does not say a dim: one line naming it, nothing written.
     (tmp_path / "day1" / "config.yaml").write_text("model: {embeddings: {tables: []}}\n")
     with pytest.raises(DataError, match=r"day1/config.yaml: cannot read model.embeddings"
