@@ -55,13 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
-    sizes = dict(bench.QUICK if args.quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if args.quick else "full")
-    from projects.twhin.data.generate import generate_graph
-    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
-                   seed=0, validation_fraction=0.02)
+    sizes, graph = bench.bench_graph(args.quick)
     samples: dict[str, list[dict]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory(prefix="tml-ab-") as work:
         base = os.path.join(work, "base")

@@ -35,13 +35,7 @@ def measure(rounds: int, steps: int, quick: bool) -> dict:
         raise SystemExit("benchmarks.cores needs taskset (util-linux)")
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("benchmarks.cores needs at least 2 cores")
-    sizes = dict(bench.QUICK if quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if quick else "full")
-    bench.generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                         num_edges=sizes["num_edges"],
-                         num_communities=sizes["num_communities"], seed=0,
-                         validation_fraction=0.02)
+    sizes, graph = bench.bench_graph(quick)
     report: dict = {"sizes": sizes, "steps": steps, "rounds": rounds,
                     "load_start": os.getloadavg(), "runs": {label: [] for label, _, _ in SETTINGS}}
     with tempfile.TemporaryDirectory(prefix="tml-cores-") as work:

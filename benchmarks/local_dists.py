@@ -30,21 +30,14 @@ def measure(quick: bool = False, steps: int = 300, skip: int = 10) -> dict:
 
     from projects.twhin.config import TwhinConfig
     from projects.twhin.data.data import create_dataset
-    from projects.twhin.data.generate import generate_graph
     from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
     from projects.twhin.optimizer import build_optimizer
     from tml.common.device import setup_and_get_device
     from tml.common.sharding import shard_model
     from tml.core.config import load_config_from_yaml
 
-    sizes = dict(bench.QUICK if quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if quick else "full")
-    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
-                   seed=0, validation_fraction=0.02)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    sizes, graph = bench.bench_graph(quick)
+    bench.one_process_rank()
     torch.set_num_threads(1)
     device = setup_and_get_device()
     with tempfile.TemporaryDirectory(prefix="tml-local-dists-") as work:

@@ -33,15 +33,8 @@ def profile(quick: bool = False, skip: int = 10, active: int = 50,
     from projects.twhin.run import run
     from tml.core.config import load_config_from_yaml
 
-    sizes = dict(bench.QUICK if quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if quick else "full")
-    from projects.twhin.data.generate import generate_graph
-    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
-                   seed=0, validation_fraction=0.02)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    sizes, graph = bench.bench_graph(quick)
+    bench.one_process_rank()
     torch.set_num_threads(threads)
     captured: list = []
     prof = torch.profiler.profile(

@@ -57,6 +57,24 @@ EDGE_LR = 0.6
 TRANSLATION_LR_RATIO = 1e-4
 
 
+def bench_graph(quick: bool = False) -> tuple[dict, str]:
+    """`make bench`'s sizes (with the SGD lr per step) and its generated graph, made once and
+    cached in benchmarks/.data: every tool that measures a step measures the same one."""
+    sizes = dict(QUICK if quick else FULL)
+    sizes["lr"] = EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    graph = os.path.join(REPO, "benchmarks", ".data", "quick" if quick else "full")
+    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
+                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
+                   seed=0, validation_fraction=0.02)
+    return sizes, graph
+
+
+def one_process_rank(port_base: int = 29500) -> None:
+    """This process as rank 0 of a world of one, for tools that train in-process."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port_base + os.getpid() % 1000))
+
+
 def _config(graph: str, sizes: dict, path: str, steps: int | None = None,
             workers: int = 1, data_type: str = "fp32") -> str:
     """The tml TwHIN YAML; the plain trainer reads the same file (workers=1).

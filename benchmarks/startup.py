@@ -54,13 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    sizes = dict(bench.QUICK if args.quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if args.quick else "full")
-    from projects.twhin.data.generate import generate_graph
-    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
-                   seed=0, validation_fraction=0.02)
+    sizes, graph = bench.bench_graph(args.quick)
     report: dict = {"load_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="tml-startup-") as work:
         config = bench._config(graph, sizes, os.path.join(work, "one.yaml"), steps=1)
@@ -75,8 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         from projects.twhin.run import run
         from tml.core.config import load_config_from_yaml
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 1000))
+        bench.one_process_rank(29600)
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()

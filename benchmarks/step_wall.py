@@ -58,20 +58,13 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
 
     import tml.core.custom_training_loop as ctl
     from projects.twhin.config import TwhinConfig
-    from projects.twhin.data.generate import generate_graph
     from projects.twhin.run import run
     from tml.core.config import load_config_from_yaml
 
     if batches not in BATCH_SOURCES:
         raise ValueError(f"batches must be one of {', '.join(BATCH_SOURCES)}, got {batches!r}")
-    sizes = dict(bench.QUICK if quick else bench.FULL)
-    sizes["lr"] = bench.EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
-    graph = os.path.join(bench.REPO, "benchmarks", ".data", "quick" if quick else "full")
-    generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
-                   num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
-                   seed=0, validation_fraction=0.02)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    sizes, graph = bench.bench_graph(quick)
+    bench.one_process_rank()
     torch.set_num_threads(threads)
 
     rows: list[dict] = []            # one per progress call
