@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # worker processes of its own: 2 test processes already keep 2 cores busy (one process left
 # ~0.9 of 2 cores idle while it waited on its workers' start-up), and more would overload a
 # small machine and stretch the gloo timeouts. Measured on 2 cores (README, 2026-12-02):
-# 2 processes 10 min 30 s - 10 min 53 s in two fresh-clone CI runs (idle box) against
+# 2 processes 10 min 21 s - 10 min 53 s in three fresh-clone CI runs (idle box) against
 # 15 min 35 s - 16 min 30 s for one; 28-31 min at load 7-8 from other jobs. A file's tests stay in one process, the SLURM tests share one,
 # and so do the big-memory tests (tests/conftest.py).
 TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
