@@ -89,6 +89,7 @@ from torch.distributed.checkpoint.planner import (
     SavePlanner,
 )
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future as TorchFuture
 
 from tml.common.checkpoint_integrity import (
@@ -385,6 +386,43 @@ class _ChecksumWriter(FileSystemWriter):
         names = {result.storage_data.relative_path for result in future.wait()}
         record_rank_checksums(str(self.path), plan.storage_data.prefix, names)
         return future
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state copied once for an asynchronous save (the caller blocks on this).
+
+        DCP's own staging deep-copies each CPU DTensor (its local shard included) and then
+        copies the shard again into a fresh buffer: two copies of every table. Here each
+        CPU tensor, a DTensor's local shard included, is cloned once; anything not on the
+        CPU keeps DCP's staging (it moves the data to host memory).
+        """
+        if not _on_cpu(state_dict):
+            return super().stage(state_dict)
+        self.per_thread_copy_ahead = 0  # as DCP's stage: the staged state is in memory
+        return _cpu_copy(state_dict)
+
+
+def _on_cpu(value: Any) -> bool:
+    """Whether every tensor in the tree `value` is a plain tensor or DTensor on the CPU."""
+    if _is_sharded_tensor(value):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "cpu"
+    if isinstance(value, Mapping):
+        return all(_on_cpu(item) for item in value.values())
+    return True
+
+
+def _cpu_copy(value: Any) -> Any:
+    """`value` with each (CPU) tensor replaced by a copy that shares no memory with it."""
+    if isinstance(value, DTensor):
+        return DTensor.from_local(value.to_local().detach().clone(), value.device_mesh,
+                                  value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    return value
 
 
 def read_metadata(path: str) -> Metadata:

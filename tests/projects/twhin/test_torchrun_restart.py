@@ -45,7 +45,10 @@ def test_plain_torchrun_restart_after_kill_9_resumes_from_the_checkpoint(tmp_pat
                    num_communities=5, seed=1, validation_fraction=0.05)
     config = small_twhin_config(tmp_path / "twhin.yaml", tmp_path / "graph", 2000, 500, 100,
                                 num_train_steps=30, train_log_every_n=10, num_eval_steps=2,
-                                eval_log_every_n=1000, checkpoint_every_n=10)
+                                eval_log_every_n=1000, checkpoint_every_n=10,
+                                # Checkpoint 10 must be complete before the kill at step 15:
+                                # an async save's completion would be a race.
+                                async_checkpoint=False)
     assert yaml.safe_load(open(config))["training"].get("max_restarts", 0) == 0
     save = tmp_path / "save"
     env = launcher_env(

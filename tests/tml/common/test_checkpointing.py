@@ -17,8 +17,11 @@ from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO, launcher_env, small_twhin_config
 from tml.common.checkpointing import (
     TMP_PREFIX,
+    Checkpointer,
+    _ChecksumWriter,
     checkpoint_steps,
     latest_checkpoint,
+    read_tensors,
     save_checkpoint,
 )
 from tml.core.loop_state import SchedulerState, TrainState
@@ -42,6 +45,32 @@ def test_latest_checkpoint_ignores_incomplete_saves(tmp_path, caplog):
     assert f"skipping {tmp_path / '45'}: not a complete checkpoint" in caplog.text
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "30")
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_async_staging_copies_each_tensor_once_and_the_save_holds_its_step(tmp_path):
+    """An async save's staged state shares no memory with the live weights (changing them
+    after `save` returns cannot reach the checkpoint), and the checkpoint holds them."""
+    model = torch.nn.Linear(300, 200)
+    state = {"model": model.state_dict(), "extra": {"step": torch.tensor(5)}}
+    staged = _ChecksumWriter(str(tmp_path / "staged")).stage(state)
+    for part, tensors in state.items():
+        for name, value in tensors.items():
+            assert torch.equal(staged[part][name], value), name
+            assert staged[part][name].untyped_storage().data_ptr() != \
+                value.untyped_storage().data_ptr(), name
+
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    checkpointer = Checkpointer(str(tmp_path / "save"), async_save=True)
+    checkpointer.prepare()
+    path = checkpointer.save(5, {"model": model})
+    with torch.no_grad():  # in place, while the background thread may still be writing
+        model.weight.add_(1.0)
+        model.bias.zero_()
+    assert checkpointer.wait() == path
+    saved = read_tensors(path, "model.")
+    assert sorted(saved) == sorted(f"model.{name}" for name in before)
+    for name, value in before.items():
+        assert torch.equal(saved[f"model.{name}"], value), name
 
 
 @pytest.mark.filterwarnings("ignore:To get the last learning rate")
