@@ -106,7 +106,9 @@ def _config(graph: str, sizes: dict, path: str, steps: int | None = None,
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = REPO
+    # The repository first; a PYTHONPATH already set (packages installed beside it, as on
+    # a GPU host) stays after it.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return env
 
 
