@@ -22,11 +22,16 @@ import shutil
 import statistics
 import tempfile
 
+import yaml
+
 from benchmarks import run as bench
 
-# (label, cores pinned, workers)
-SETTINGS = (("1 worker, 1 core", "0", 1), ("1 worker, 2 cores", "0,1", 1),
-            ("2 workers, 2 cores", "0,1", 2))
+# (label, cores pinned, workers, reader processes). With a reader process the batches are
+# built outside the worker (`tml.readers`), so its main thread shares the GIL with no
+# batch-building thread: the way for one worker to use a second core.
+SETTINGS = (("1 worker, 1 core", "0", 1, 0), ("1 worker, 2 cores", "0,1", 1, 0),
+            ("1 worker + 1 reader process, 2 cores", "0,1", 1, 1),
+            ("2 workers, 2 cores", "0,1", 2, 0))
 
 
 def measure(rounds: int, steps: int, quick: bool) -> dict:
@@ -37,13 +42,14 @@ def measure(rounds: int, steps: int, quick: bool) -> dict:
         raise SystemExit("benchmarks.cores needs at least 2 cores")
     sizes, graph = bench.bench_graph(quick)
     report: dict = {"sizes": sizes, "steps": steps, "rounds": rounds,
-                    "load_start": os.getloadavg(), "runs": {label: [] for label, _, _ in SETTINGS}}
+                    "load_start": os.getloadavg(),
+                    "runs": {label: [] for label, *_ in SETTINGS}}
     with tempfile.TemporaryDirectory(prefix="tml-cores-") as work:
-        configs = {n: bench._config(graph, sizes, os.path.join(work, f"w{n}.yaml"),
-                                    steps=steps, workers=n) for n in (1, 2)}
+        configs = {(n, r): _config(graph, sizes, work, steps, n, r)
+                   for _, _, n, r in SETTINGS}
         for _ in range(rounds):
-            for label, cpus, workers in SETTINGS:
-                row = bench._run_tml(configs[workers], workers, work,
+            for label, cpus, workers, readers in SETTINGS:
+                row = bench._run_tml(configs[workers, readers], workers, work,
                                      prefix=("taskset", "-c", cpus))
                 row["load"] = os.getloadavg()[0]
                 report["runs"][label].append(row)
@@ -55,6 +61,19 @@ def measure(rounds: int, steps: int, quick: bool) -> dict:
     report["ratio_to_1_core"] = {label: rate / base
                                  for label, rate in report["median_edges_per_s"].items()}
     return report
+
+
+def _config(graph: str, sizes: dict, work: str, steps: int, workers: int,
+            readers: int) -> str:
+    """`make bench`'s config for `workers`, its batches from `readers` processes if any."""
+    path = bench._config(graph, sizes, os.path.join(work, f"w{workers}r{readers}.yaml"),
+                         steps=steps, workers=workers)
+    if readers:
+        data = yaml.safe_load(open(path))
+        data["readers"] = {"num_readers": readers}
+        with open(path, "w") as f:
+            yaml.safe_dump(data, f)
+    return path
 
 
 def table(report: dict) -> str:
