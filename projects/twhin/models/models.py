@@ -67,12 +67,14 @@ def initial_relation_vector(operator: Operator | str, dim: int) -> torch.Tensor:
 def _query_one(x: torch.Tensor, r: torch.Tensor, code: int,
                side: str) -> tuple[torch.Tensor, torch.Tensor]:
     operator = OPERATORS[code]
+    if operator == Operator.TRANSLATION and side == "tail":
+        # tail: dot(lhs, rhs + r) = dot(lhs, rhs) + dot(lhs, r); head: dot(rhs + r, lhs).
+        return x, (x * r).sum(-1)
     zero = x.new_zeros(x.shape[:-1])
     if operator == Operator.IDENTITY:
         return x, zero
     if operator == Operator.TRANSLATION:
-        # tail: dot(lhs, rhs + r) = dot(lhs, rhs) + dot(lhs, r); head: dot(rhs + r, lhs).
-        return (x, (x * r).sum(-1)) if side == "tail" else (x + r, zero)
+        return x + r, zero
     if operator == Operator.DIAGONAL:
         return x * r, zero
     half = x.shape[-1] // 2
@@ -201,14 +203,12 @@ class TwhinModel(nn.Module):
         if codes is None:
             codes = self.operator_codes[batch.rels]
         tail_query = relation_query(lhs, relation_vectors, codes, "tail")
-        positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
         factors = (lhs, relation_vectors, rhs)
         inverse_vectors = None
         if self.reciprocal:
             inverse_vectors = relation_rows(self.all_trans_embs, batch.rels + self.num_relations)
             factors = (*factors, inverse_vectors)
         outputs = {}
-        logits = [positives]
         # Decided by the config, not by shapes: torch.fx traces this method.
         if self.in_batch_negatives or self.global_negatives or self.shared_negatives:
             softmax = self.loss == Loss.SOFTMAX
@@ -221,25 +221,37 @@ class TwhinModel(nn.Module):
             sample = None
             if self.in_batch_negatives:
                 sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
-            in_batch = _in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
-                                        self.in_batch_negatives, sample)
-            global_ = _global_logits(negative_lhs, negative_rhs, tail_query, head_query)
-            shared_tails, shared_heads = _shared_logits(shared, self.relation_tables,
-                                                        batch.rels, tail_query, head_query)
-            logits += [in_batch, global_, shared_tails.reshape(-1), shared_heads.reshape(-1)]
-            negatives = cat_nonempty([in_batch.view(2, num_edges, self.in_batch_negatives),
-                                      global_.view(2, num_edges, negative_lhs.shape[1]),
-                                      torch.stack([shared_tails, shared_heads])], dim=2)
+            if self.global_negatives or self.shared_negatives:
+                positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
+                in_batch = _in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
+                                            self.in_batch_negatives, sample)
+                global_ = _global_logits(negative_lhs, negative_rhs, tail_query, head_query)
+                shared_tails, shared_heads = _shared_logits(
+                    shared, self.relation_tables, batch.rels, tail_query, head_query)
+                logits = cat_nonempty([positives, in_batch, global_, shared_tails.reshape(-1),
+                                       shared_heads.reshape(-1)])
+                negatives = cat_nonempty([
+                    in_batch.view(2, num_edges, self.in_batch_negatives),
+                    global_.view(2, num_edges, negative_lhs.shape[1]),
+                    torch.stack([shared_tails, shared_heads])], dim=2)
+            else:
+                # In-batch negatives only (the default): the positives and both sides'
+                # in-batch logits are made as one tensor.
+                logits = _positive_and_in_batch_logits(lhs, rhs, batch.rels, tail_query,
+                                                       head_query, self.in_batch_negatives,
+                                                       sample)
+                negatives = logits[num_edges:].view(2, num_edges, self.in_batch_negatives)
             outputs["tail_negatives"], outputs["head_negatives"] = negatives.unbind(0)
             if softmax:
                 outputs["negative_offsets"] = negative_offsets(
                     positive_ids(batch.nodes, batch.slots, num_edges), batch.shared,
                     self.relation_tables, batch.rels, negative_lhs.shape[1], sample)
+        else:
+            logits = (tail_query[0] * rhs).sum(-1) + tail_query[1]
         if self.regularization:
             outputs["penalty"] = self.regularization * regularizer_penalty(
                 factors, self.regularizer,
                 self.single_operator_code == operator_code(Operator.COMPLEX_DIAGONAL))
-        logits = cat_nonempty(logits)
         outputs["logits"] = logits
         if not self.training:
             # For metrics that read probabilities; training reads the loss only, and a
@@ -460,7 +472,8 @@ def negative_offsets(ids: tuple[torch.Tensor, torch.Tensor], shared_ids: torch.T
     lhs_ids, rhs_ids = ids
     pieces = []
     if sample is not None:
-        rhs_rows, lhs_rows, columns = sample[:3]
+        rhs_rows, lhs_rows, columns = sample.rhs_rows, sample.lhs_rows, sample.columns(
+            rels, sample.lhs_rows.numel() // sample.present.numel())
         rhs_log_q, lhs_log_q = in_batch_log_q(lhs_ids, rhs_ids, rels)
         offsets = torch.stack([rhs_log_q[rhs_rows][columns], lhs_log_q[lhs_rows][columns]])
         # A candidate holding the positive's own entity (its own row, or a duplicate) is
@@ -525,7 +538,7 @@ class InBatchSample(NamedTuple):
 
     rhs_rows, lhs_rows: (P*n,) the n sampled rows of each present relation, relation by
       relation (ascending), for the tail and head sides.
-    columns: (B, n) row i's n candidates as positions in rhs_rows / lhs_rows.
+    present: (P,) the relations present, ascending.
     counts: when the batch is grouped by relation (the reader's order, `data.dataset`):
       the number of rows of each present relation, whose rows are then consecutive; else
       None.
@@ -533,8 +546,13 @@ class InBatchSample(NamedTuple):
 
     rhs_rows: torch.Tensor
     lhs_rows: torch.Tensor
-    columns: torch.Tensor
+    present: torch.Tensor
     counts: list[int] | None
+
+    def columns(self, rels: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, n): row i's n candidates, as positions in rhs_rows / lhs_rows."""
+        return torch.searchsorted(self.present, rels).unsqueeze(1) * n + \
+            torch.arange(n, device=rels.device).unsqueeze(0)
 
 
 def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
@@ -551,68 +569,73 @@ def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
         counts = counts_t.tolist()
     else:
         present = torch.unique(rels)
-    lhs_samples, rhs_samples = [], []
+    samples: tuple[list, list] = ([], [])
+    offsets = []
     start = 0
     for index, relation in enumerate(present.tolist()):
-        if grouped:
-            count = counts[index]
-            rows = None
-        else:
-            rows = torch.nonzero(rels == relation).squeeze(1)
-            count = rows.numel()
+        rows = None if grouped else torch.nonzero(rels == relation).squeeze(1)
+        count = counts[index] if grouped else rows.numel()
         repeats = math.ceil(n / count)
-        picks = [torch.randperm(count, device=rels.device).repeat(repeats)[:n] for _ in "lr"]
-        if rows is None:
-            lhs_samples.append(picks[0] + start)
-            rhs_samples.append(picks[1] + start)
-            start += count
-        else:
-            lhs_samples.append(rows[picks[0]])
-            rhs_samples.append(rows[picks[1]])
-    columns = torch.searchsorted(present, rels).unsqueeze(1) * n + \
-        torch.arange(n, device=rels.device).unsqueeze(0)                 # (B, n)
-    return InBatchSample(torch.cat(rhs_samples), torch.cat(lhs_samples), columns,
-                         counts if grouped else None)
+        for side in samples:                     # lhs, then rhs
+            pick = torch.randperm(count, device=rels.device)
+            pick = pick[:n] if repeats == 1 else pick.repeat(repeats)[:n]
+            side.append(pick if rows is None else rows[pick])
+        offsets += [start] * n
+        start += count
+    lhs_rows, rhs_rows = torch.cat(samples[0]), torch.cat(samples[1])
+    if grouped and start:                        # rows of relation k start at its offset
+        shift = torch.tensor(offsets, device=rels.device)
+        lhs_rows, rhs_rows = lhs_rows + shift, rhs_rows + shift
+    return InBatchSample(rhs_rows, lhs_rows, present, counts if grouped else None)
 
 
 class _BlockScores(torch.autograd.Function):
-    """Both sides' in-batch logits of a batch grouped by relation, flat (2 * B * n,).
+    """Both sides' in-batch logits of a batch grouped by relation, flat (2 * B * n,), after
+    the B positives' logits when `positive_rhs` is given.
 
     Relation r's rows are the consecutive block [a_r, a_r + c_r) of the batch and its n
     candidates per side rows [r n, (r + 1) n) of the sampled vectors, so each side is one
     (c_r, D) x (D, n) product per relation written in place into the output, plus the
     bias: with R relations, 1/R of the multiply-adds of scoring every row against every
     relation's candidates, and no gather of the own relation's columns (nor its
-    scatter-add in backward). Backward: two products per relation and side, written into
-    the gradients' blocks (every row is in one block: nothing to zero-fill).
+    scatter-add in backward). The positives, dot(tail query, rhs) + tail bias, go in the
+    same output (no `cat` of the logits, forward or backward). Backward: two products per
+    relation and side, written into the gradients' blocks (every row is in one block:
+    nothing to zero-fill).
     """
 
     @staticmethod
     def forward(ctx, tail_q: torch.Tensor, tail_b: torch.Tensor,  # noqa: ANN001
                 tail_c: torch.Tensor, head_q: torch.Tensor, head_b: torch.Tensor,
-                head_c: torch.Tensor, counts: list[int], n: int) -> torch.Tensor:
+                head_c: torch.Tensor, counts: list[int], n: int,
+                positive_rhs: torch.Tensor | None = None) -> torch.Tensor:
         num_edges = tail_q.shape[0]
-        out = tail_q.new_empty(2, num_edges, n)
+        first = 0 if positive_rhs is None else num_edges
+        out = tail_q.new_empty(first + 2 * num_edges * n)
+        if positive_rhs is not None:
+            torch.sum(tail_q * positive_rhs, dim=1, out=out[:first])
+            out[:first].add_(tail_b)
+        blocks = out[first:].view(2, num_edges, n)
         for side, (q, c) in enumerate(((tail_q, tail_c), (head_q, head_c))):
             start = 0
             for block, count in enumerate(counts):
                 torch.mm(q[start:start + count], c[block * n:(block + 1) * n].T,
-                         out=out[side, start:start + count])
+                         out=blocks[side, start:start + count])
                 start += count
-        out[0].add_(tail_b.unsqueeze(1))
-        out[1].add_(head_b.unsqueeze(1))
-        ctx.save_for_backward(tail_q, tail_c, head_q, head_c)
-        ctx.counts, ctx.n = counts, n
-        return out.view(-1)
+        blocks[0].add_(tail_b.unsqueeze(1))
+        blocks[1].add_(head_b.unsqueeze(1))
+        ctx.save_for_backward(tail_q, tail_c, head_q, head_c, positive_rhs)
+        ctx.counts, ctx.n, ctx.first = counts, n, first
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        tail_q, tail_c, head_q, head_c = ctx.saved_tensors
-        counts, n = ctx.counts, ctx.n
-        grad = grad.view(2, tail_q.shape[0], n)
+        tail_q, tail_c, head_q, head_c, positive_rhs = ctx.saved_tensors
+        counts, n, first = ctx.counts, ctx.n, ctx.first
+        blocks = grad[first:].view(2, tail_q.shape[0], n)
         grads: list[torch.Tensor | None] = []
         for side, (q, c) in enumerate(((tail_q, tail_c), (head_q, head_c))):
-            g = grad[side]
+            g = blocks[side]
             dq = torch.empty_like(q, memory_format=torch.contiguous_format)
             dc = torch.empty_like(c, memory_format=torch.contiguous_format)
             start = 0
@@ -621,8 +644,32 @@ class _BlockScores(torch.autograd.Function):
                 torch.mm(g[rows], c[cols], out=dq[rows])
                 torch.mm(g[rows].T, q[rows], out=dc[cols])
                 start += count
-            grads += [dq, g.sum(1) if ctx.needs_input_grad[3 * side + 1] else None, dc]
-        return (*grads, None, None)
+            db = g.sum(1) if ctx.needs_input_grad[3 * side + 1] else None
+            grads += [dq, db, dc]
+        d_positive_rhs = None
+        if positive_rhs is not None:
+            g = grad[:first]
+            grads[0].addcmul_(g.unsqueeze(1), positive_rhs)
+            if grads[1] is not None:
+                grads[1].add_(g)
+            d_positive_rhs = g.unsqueeze(1) * tail_q
+        return (*grads, None, None, d_positive_rhs)
+
+
+def _positive_and_in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
+                                  tail_query: Query, head_query: Query, n: int,
+                                  sample: InBatchSample | None = None) -> torch.Tensor:
+    """(B + 2 B n,): the positives' logits, then `_in_batch_logits`; one tensor from the
+    start when the batch is grouped by relation (`_BlockScores`)."""
+    if sample is None:
+        sample = _in_batch_sample(rels, n)
+    if sample.counts is not None and n:
+        return _BlockScores.apply(tail_query[0], tail_query[1], rhs[sample.rhs_rows],
+                                  head_query[0], head_query[1], lhs[sample.lhs_rows],
+                                  sample.counts, n, rhs)
+    positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
+    return torch.cat([positives, _in_batch_logits(lhs, rhs, rels, tail_query, head_query, n,
+                                                  sample)])
 
 
 def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
@@ -641,10 +688,11 @@ def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
         return _BlockScores.apply(tail_query[0], tail_query[1], rhs[sample.rhs_rows],
                                   head_query[0], head_query[1], lhs[sample.lhs_rows],
                                   sample.counts, n)
+    columns = sample.columns(rels, n)
     q, b = tail_query
-    tails = (q @ rhs[sample.rhs_rows].T).gather(1, sample.columns) + b.unsqueeze(1)
+    tails = (q @ rhs[sample.rhs_rows].T).gather(1, columns) + b.unsqueeze(1)
     q, b = head_query
-    heads = (q @ lhs[sample.lhs_rows].T).gather(1, sample.columns) + b.unsqueeze(1)
+    heads = (q @ lhs[sample.lhs_rows].T).gather(1, columns) + b.unsqueeze(1)
     return torch.cat([tails.reshape(-1), heads.reshape(-1)])
 
 
@@ -714,6 +762,7 @@ torch.fx.wrap("split_lookups")
 torch.fx.wrap("lookup_rows")
 torch.fx.wrap("global_negative_logits")
 torch.fx.wrap("_in_batch_logits")
+torch.fx.wrap("_positive_and_in_batch_logits")
 torch.fx.wrap("_global_logits")
 torch.fx.wrap("_in_batch_sample")
 torch.fx.wrap("_shared_logits")
