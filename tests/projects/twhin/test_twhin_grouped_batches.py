@@ -27,8 +27,8 @@ from tests.distributed_checks import BATCH, NEGATIVES, TABLES, _edges, _model_co
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 
 
-def _model(config, global_negatives=0, loss="bce"):  # noqa: ANN001, ANN202
-    config = config.model_copy(update={"loss": loss})
+def _model(config, global_negatives=0, loss="bce", reciprocal=False):  # noqa: ANN001, ANN202
+    config = config.model_copy(update={"loss": loss, "reciprocal": reciprocal})
     data = TwhinDataConfig(data_root="x", per_replica_batch_size=BATCH,
                            in_batch_negatives=NEGATIVES, global_negatives=global_negatives)
     torch.manual_seed(0)
@@ -86,11 +86,13 @@ def test_grouped_batch_equals_the_edge_by_edge_reference(operators):
         torch.testing.assert_close(grads["relations"], ref_translation, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_name,global_negatives", [("bce", 0), ("bce", 2),
-                                                        ("softmax", 2)])
-def test_grouping_a_batch_changes_neither_loss_nor_gradients(loss_name, global_negatives):
+@pytest.mark.parametrize("loss_name,global_negatives,reciprocal", [
+    ("bce", 0, False), ("bce", 2, False), ("softmax", 2, False), ("softmax", 0, True),
+    ("bce", 0, True)])
+def test_grouping_a_batch_changes_neither_loss_nor_gradients(loss_name, global_negatives,
+                                                             reciprocal):
     config = _model_config()
-    model = _model(config, global_negatives, loss_name)
+    model = _model(config, global_negatives, loss_name, reciprocal)
     for seed in range(3):
         edges = _edges(seed, config, global_negatives)
         weights = torch.rand(BATCH, generator=torch.Generator().manual_seed(seed)) + 0.5
