@@ -591,29 +591,33 @@ def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
 
 class _BlockScores(torch.autograd.Function):
     """Both sides' in-batch logits of a batch grouped by relation, flat (2 * B * n,), after
-    the B positives' logits when `positive_rhs` is given.
+    the B positives' logits when `positives` is set.
 
     Relation r's rows are the consecutive block [a_r, a_r + c_r) of the batch and its n
-    candidates per side rows [r n, (r + 1) n) of the sampled vectors, so each side is one
-    (c_r, D) x (D, n) product per relation written in place into the output, plus the
-    bias: with R relations, 1/R of the multiply-adds of scoring every row against every
-    relation's candidates, and no gather of the own relation's columns (nor its
-    scatter-add in backward). The positives, dot(tail query, rhs) + tail bias, go in the
-    same output (no `cat` of the logits, forward or backward). Backward: two products per
-    relation and side, written into the gradients' blocks (every row is in one block:
-    nothing to zero-fill).
+    candidates per side rows [r n, (r + 1) n) of the sampled rows (`rhs[rhs_rows]` for the
+    tail side, `lhs[lhs_rows]` for the head side), so each side is one (c_r, D) x (D, n)
+    product per relation written in place into the output, plus the bias: with R
+    relations, 1/R of the multiply-adds of scoring every row against every relation's
+    candidates, and no gather of the own relation's columns (nor its scatter-add in
+    backward). The positives, dot(tail query, rhs) + tail bias, go in the same output (no
+    `cat` of the logits, forward or backward). Backward: two products per relation and
+    side, written into the gradients' blocks (every row is in one block: nothing to
+    zero-fill), and the candidates' gradients added into the rows they were drawn from
+    (`index_add_` of P*n rows into the rhs gradient, and into the tail query's when it is
+    lhs itself, as for translation: no zero-filled (B, D) gradient per gather).
     """
 
     @staticmethod
     def forward(ctx, tail_q: torch.Tensor, tail_b: torch.Tensor,  # noqa: ANN001
-                tail_c: torch.Tensor, head_q: torch.Tensor, head_b: torch.Tensor,
-                head_c: torch.Tensor, counts: list[int], n: int,
-                positive_rhs: torch.Tensor | None = None) -> torch.Tensor:
+                head_q: torch.Tensor, head_b: torch.Tensor, lhs: torch.Tensor,
+                rhs: torch.Tensor, lhs_rows: torch.Tensor, rhs_rows: torch.Tensor,
+                counts: list[int], n: int, positives: bool) -> torch.Tensor:
         num_edges = tail_q.shape[0]
-        first = 0 if positive_rhs is None else num_edges
+        first = num_edges if positives else 0
+        tail_c, head_c = rhs.index_select(0, rhs_rows), lhs.index_select(0, lhs_rows)
         out = tail_q.new_empty(first + 2 * num_edges * n)
-        if positive_rhs is not None:
-            torch.sum(tail_q * positive_rhs, dim=1, out=out[:first])
+        if positives:
+            torch.sum(tail_q * rhs, dim=1, out=out[:first])
             out[:first].add_(tail_b)
         blocks = out[first:].view(2, num_edges, n)
         for side, (q, c) in enumerate(((tail_q, tail_c), (head_q, head_c))):
@@ -624,13 +628,15 @@ class _BlockScores(torch.autograd.Function):
                 start += count
         blocks[0].add_(tail_b.unsqueeze(1))
         blocks[1].add_(head_b.unsqueeze(1))
-        ctx.save_for_backward(tail_q, tail_c, head_q, head_c, positive_rhs)
+        ctx.save_for_backward(tail_q, tail_c, head_q, head_c, rhs, lhs_rows, rhs_rows)
         ctx.counts, ctx.n, ctx.first = counts, n, first
+        ctx.tail_is_lhs = tail_q is lhs
+        ctx.lhs_shape = lhs.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
-        tail_q, tail_c, head_q, head_c, positive_rhs = ctx.saved_tensors
+        tail_q, tail_c, head_q, head_c, rhs, lhs_rows, rhs_rows = ctx.saved_tensors
         counts, n, first = ctx.counts, ctx.n, ctx.first
         blocks = grad[first:].view(2, tail_q.shape[0], n)
         grads: list[torch.Tensor | None] = []
@@ -644,16 +650,25 @@ class _BlockScores(torch.autograd.Function):
                 torch.mm(g[rows], c[cols], out=dq[rows])
                 torch.mm(g[rows].T, q[rows], out=dc[cols])
                 start += count
-            db = g.sum(1) if ctx.needs_input_grad[3 * side + 1] else None
+            db = g.sum(1) if ctx.needs_input_grad[2 * side + 1] else None
             grads += [dq, db, dc]
-        d_positive_rhs = None
-        if positive_rhs is not None:
+        d_tail_q, d_tail_b, d_tail_c, d_head_q, d_head_b, d_head_c = grads
+        if first:
             g = grad[:first]
-            grads[0].addcmul_(g.unsqueeze(1), positive_rhs)
-            if grads[1] is not None:
-                grads[1].add_(g)
-            d_positive_rhs = g.unsqueeze(1) * tail_q
-        return (*grads, None, None, d_positive_rhs)
+            d_tail_q.addcmul_(g.unsqueeze(1), rhs)
+            if d_tail_b is not None:
+                d_tail_b.add_(g)
+            d_rhs = g.unsqueeze(1) * tail_q
+        else:
+            d_rhs = torch.zeros_like(rhs, memory_format=torch.contiguous_format)
+        d_rhs.index_add_(0, rhs_rows, d_tail_c)
+        if ctx.tail_is_lhs:        # one tensor, two inputs: its gradient goes in one slot
+            d_tail_q.index_add_(0, lhs_rows, d_head_c)
+            d_lhs = None
+        else:
+            d_lhs = tail_q.new_zeros(ctx.lhs_shape).index_add_(0, lhs_rows, d_head_c)
+        return (d_tail_q, d_tail_b, d_head_q, d_head_b, d_lhs, d_rhs,
+                None, None, None, None, None)
 
 
 def _positive_and_in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
@@ -664,9 +679,9 @@ def _positive_and_in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: to
     if sample is None:
         sample = _in_batch_sample(rels, n)
     if sample.counts is not None and n:
-        return _BlockScores.apply(tail_query[0], tail_query[1], rhs[sample.rhs_rows],
-                                  head_query[0], head_query[1], lhs[sample.lhs_rows],
-                                  sample.counts, n, rhs)
+        return _BlockScores.apply(tail_query[0], tail_query[1], head_query[0], head_query[1],
+                                  lhs, rhs, sample.lhs_rows, sample.rhs_rows, sample.counts,
+                                  n, True)
     positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
     return torch.cat([positives, _in_batch_logits(lhs, rhs, rels, tail_query, head_query, n,
                                                   sample)])
@@ -685,9 +700,9 @@ def _in_batch_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
     if sample is None:
         sample = _in_batch_sample(rels, n)
     if sample.counts is not None:
-        return _BlockScores.apply(tail_query[0], tail_query[1], rhs[sample.rhs_rows],
-                                  head_query[0], head_query[1], lhs[sample.lhs_rows],
-                                  sample.counts, n)
+        return _BlockScores.apply(tail_query[0], tail_query[1], head_query[0], head_query[1],
+                                  lhs, rhs, sample.lhs_rows, sample.rhs_rows, sample.counts,
+                                  n, False)
     columns = sample.columns(rels, n)
     q, b = tail_query
     tails = (q @ rhs[sample.rhs_rows].T).gather(1, columns) + b.unsqueeze(1)
@@ -753,10 +768,28 @@ def labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
     return labels, weights
 
 
+def cached_labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
+                              positive_weights: torch.Tensor,
+                              cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`labels_and_weights`, built once per batch shape for unweighted positives (labels
+    and weights all 1, the usual case) and kept in `cache`: two (B + negatives,) `cat`s
+    and fills a step otherwise. The tensors are shared between steps, so callers must not
+    change them in place (the loss and the metrics only read them)."""
+    if not (bool(positive_labels.eq(1).all()) and bool(positive_weights.eq(1).all())):
+        return labels_and_weights(logits, positive_labels, positive_weights)
+    key = (positive_labels.numel(), logits.numel(), positive_labels.dtype,
+           positive_weights.dtype, logits.device)
+    if cache.get("key") != key:
+        cache["key"] = key
+        cache["value"] = labels_and_weights(logits.detach(), positive_labels, positive_weights)
+    return cache["value"]
+
+
 # TorchRec's train pipeline traces the model with torch.fx to find the sharded lookups;
 # these functions hold data-dependent shapes, so the tracer records them as calls.
 torch.fx.wrap("in_batch_negative_logits")
 torch.fx.wrap("labels_and_weights")
+torch.fx.wrap("cached_labels_and_weights")
 torch.fx.wrap("relation_query")
 torch.fx.wrap("split_lookups")
 torch.fx.wrap("lookup_rows")
@@ -799,10 +832,13 @@ class TwhinModelAndLoss(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
         self.softmax = getattr(model, "loss", Loss.BCE) == Loss.SOFTMAX
+        # The labels and weights of unweighted batches (`cached_labels_and_weights`).
+        self._labels_cache: dict = {}
 
     def forward(self, batch: EdgeBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs = self.model(batch)
-        labels, weights = labels_and_weights(outputs["logits"], batch.labels, batch.weights)
+        labels, weights = cached_labels_and_weights(outputs["logits"], batch.labels,
+                                                    batch.weights, self._labels_cache)
         if self.softmax and "tail_negatives" in outputs:
             num_edges = batch.labels.shape[0]
             loss = softmax_loss(outputs["logits"][:num_edges], outputs["tail_negatives"],

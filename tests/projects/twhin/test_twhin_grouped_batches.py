@@ -107,7 +107,9 @@ def test_grouping_a_batch_changes_neither_loss_nor_gradients(loss_name, global_n
                                        msg=name)
 
 
-def test_block_scores_gradients():
+@pytest.mark.parametrize("tail_is_lhs,positives", [(False, False), (True, True),
+                                                    (False, True), (True, False)])
+def test_block_scores_gradients_and_per_row_definition(tail_is_lhs, positives):
     g = torch.Generator().manual_seed(0)
     counts, n, dim = [3, 1, 4], 2, 5
     rows = sum(counts)
@@ -115,17 +117,32 @@ def test_block_scores_gradients():
     def randn(*shape):  # noqa: ANN001, ANN202
         return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
 
-    inputs = (randn(rows, dim), randn(rows), randn(3 * n, dim),
-              randn(rows, dim), randn(rows), randn(3 * n, dim))
-    torch.autograd.gradcheck(lambda *x: _BlockScores.apply(*x, counts, n), inputs)
-    # And its forward is the per-row definition.
-    out = _BlockScores.apply(*inputs, counts, n).view(2, rows, n)
     block = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
-    for side in range(2):
-        q, b, c = inputs[3 * side:3 * side + 3]
-        for i in range(rows):
-            expected = c[block[i] * n:(block[i] + 1) * n] @ q[i] + b[i]
-            torch.testing.assert_close(out[side, i], expected)
+    # Each relation's n candidate rows are rows of that relation (as `_in_batch_sample`).
+    starts = torch.tensor([0, 3, 4])
+    lhs_rows = (starts.repeat_interleave(n) + torch.tensor([2, 0, 0, 0, 3, 1])).long()
+    rhs_rows = (starts.repeat_interleave(n) + torch.tensor([1, 1, 0, 0, 0, 2])).long()
+    inputs = (randn(rows, dim), randn(rows), randn(rows, dim), randn(rows), randn(rows, dim),
+              randn(rows, dim))
+
+    def scores(tail_q, tail_b, head_q, head_b, lhs, rhs):  # noqa: ANN001, ANN202
+        # The translation case: the tail query is lhs itself (one tensor, two inputs).
+        return _BlockScores.apply(lhs if tail_is_lhs else tail_q, tail_b, head_q, head_b,
+                                  lhs, rhs, lhs_rows, rhs_rows, counts, n, positives)
+
+    torch.autograd.gradcheck(scores, inputs)
+    out = scores(*inputs)
+    tail_q, tail_b, head_q, head_b, lhs, rhs = inputs
+    tail_q = lhs if tail_is_lhs else tail_q
+    first = rows if positives else 0
+    assert out.shape == (first + 2 * rows * n,)
+    if positives:
+        torch.testing.assert_close(out[:rows], (tail_q * rhs).sum(1) + tail_b)
+    blocks = out[first:].view(2, rows, n)
+    for i in range(rows):
+        own = slice(int(block[i]) * n, (int(block[i]) + 1) * n)
+        torch.testing.assert_close(blocks[0, i], rhs[rhs_rows[own]] @ tail_q[i] + tail_b[i])
+        torch.testing.assert_close(blocks[1, i], lhs[lhs_rows[own]] @ head_q[i] + head_b[i])
 
 
 def test_the_reader_groups_each_batch_by_relation_stably(tmp_path):
