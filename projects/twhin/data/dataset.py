@@ -22,6 +22,11 @@ Why it is built this way:
   NaN, infinite or negative would turn the loss into NaN (or reward a wrong score) a few
   steps later. Errors name the file and the 0-based row within it, in one line (pyarrow's
   own messages for a file it cannot decode are cut to their first line).
+* Grouped by relation. Each batch's edges are reordered by relation (stably, in the reader
+  thread): the model then scores each relation's in-batch negatives as one block
+  (`models._BlockScores`), 1/R of the work of scoring every edge against every
+  relation's sample. The loss is a mean over the batch and the in-batch sample draws the
+  same edges in either order, so the training is the same up to float summation order.
 """
 
 from __future__ import annotations
@@ -204,6 +209,17 @@ class EdgesDataset(ResumablePosition):
             sizes = np.array([self.table_sizes[t] for t in self.table_names], np.int64)
             shared = torch.from_numpy((rng.random((len(sizes), self.shared_negatives))
                                        * sizes[:, None]).astype(np.int64))
+        if len(rel) > 1 and (rel[1:] < rel[:-1]).any():
+            # Grouped by relation (stable: within a relation, file order), here in the
+            # reader: each relation's edges are then one block of the batch, which the
+            # model scores with one product per relation (`models._BlockScores`). The
+            # loss is a mean over the batch and the in-batch sample picks the same edges
+            # (`models._in_batch_sample`); the global negatives follow their edges.
+            order = torch.from_numpy(np.argsort(rel, kind="stable"))
+            lhs_t, rhs_t, rel_t = lhs_t[order], rhs_t[order], rel_t[order]
+            weight = weight[order.numpy()]
+            if negative_lhs is not None and negative_rhs is not None:
+                negative_lhs, negative_rhs = negative_lhs[order], negative_rhs[order]
         nodes, slots = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables,
                                     self.table_names, negative_lhs, negative_rhs, shared)
         return EdgeBatch(nodes=nodes, slots=slots, labels=torch.ones(len(lhs_t)), rels=rel_t,

@@ -80,8 +80,9 @@ def _decode(batch):
 
 
 def _rows(batches):
-    """lhs of every edge yielded (= the global row number, see `_edges`)."""
-    return [int(x) for batch in batches for x in _decode(batch)[0]]
+    """lhs of every edge yielded (= the global row number, see `_edges`), in row order
+    within each batch (the reader groups a batch's edges by relation)."""
+    return [int(x) for batch in batches for x in sorted(_decode(batch)[0].tolist())]
 
 
 # -- shares and batches -------------------------------------------------------------------
@@ -225,8 +226,9 @@ def test_weight_column_is_used_when_present(tmp_path):
     _write(tmp_path / "w.parquet", columns)
     batches = list(_dataset(tmp_path / "w.parquet"))
     weights = torch.cat([b.weights for b in batches])
+    rows = torch.cat([_decode(b)[0] for b in batches])     # each edge's weight follows it
     assert weights.dtype == torch.float32
-    assert torch.allclose(weights, torch.tensor(columns["weight"], dtype=torch.float32))
+    assert torch.allclose(weights, torch.tensor(columns["weight"], dtype=torch.float32)[rows])
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -533,8 +535,10 @@ def test_weights_that_are_not_finite_and_non_negative_name_file_and_row(tmp_path
 def test_zero_and_integer_weights_are_accepted(tmp_path):
     edges = _edges(8)
     _write(tmp_path / "w.parquet", {**edges, "weight": np.array([0, 1, 2, 0, 5, 1, 1, 3])})
-    weights = torch.cat([b.weights for b in _dataset(tmp_path / "w.parquet")])
-    assert weights.tolist() == [0, 1, 2, 0, 5, 1, 1, 3]
+    batches = list(_dataset(tmp_path / "w.parquet"))
+    rows = torch.cat([_decode(b)[0] for b in batches])
+    weights = torch.cat([b.weights for b in batches])
+    assert weights.tolist() == torch.tensor([0, 1, 2, 0, 5, 1, 1, 3])[rows].tolist()
     negative = {**edges, "weight": np.array([1, 1, 1, 1, 1, 1, -2, 1], dtype=np.int8)}
     path = _write(tmp_path / "n.parquet", negative)
     with pytest.raises(DataError, match=rf"^{path} row 6: weight=-2 is not a finite number"):
