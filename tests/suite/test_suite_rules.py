@@ -178,3 +178,28 @@ def test_xdist_runs_each_group_in_one_process_costliest_first(tmp_path: Path) ->
     firsts = {min((t, test) for test, (w, t) in ran.items() if w == worker)[1]
               for worker in ("gw0", "gw1")}
     assert firsts == {"b_slurm", "d_big"}, ran
+
+
+_GRPC_THREADS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import pyarrow.flight as flight
+from tests.launch_checks import has_grpc_threads
+before = has_grpc_threads()
+server = flight.FlightServerBase("grpc://127.0.0.1:0")
+client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+client.close()
+server.shutdown()
+print(before, has_grpc_threads())
+"""
+
+
+def test_forked_checks_are_spawned_once_grpc_threads_run_in_the_process() -> None:
+    """gRPC's threads outlive the Flight client and server that started them: from then on
+    `launch_checks` must not fork (tests/launch_checks.py)."""
+    from tests.twhin_setup import REPO
+
+    done = subprocess.run([sys.executable, "-c", _GRPC_THREADS, REPO], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True"]
