@@ -23,7 +23,8 @@ PYTEST_ARGS ?=
 # small machine and stretch the gloo timeouts. Measured on 2 cores (README, 2026-12-02):
 # 2 processes 10 min 21 s - 10 min 53 s in three fresh-clone CI runs (idle box) against
 # 15 min 35 s - 16 min 30 s for one; 28-31 min at load 7-8 from other jobs. A file's tests stay in one process, the SLURM tests share one,
-# and so do the big-memory tests (tests/conftest.py).
+# and so do the big-memory tests; the costliest groups start first (tests/conftest.py, whose
+# scheduler, tests/xdist_schedule.py, replaces xdist's loadgroup: it loses the groups under pytest 9.2).
 TEST_WORKERS ?= $(shell [ "$$(nproc 2>/dev/null || echo 1)" -ge 2 ] && echo 2 || echo 0)
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 

@@ -10,12 +10,14 @@
   feature goes silently untested.
 - `@pytest.mark.gpu` tests are skipped on hosts without an NVIDIA GPU.
 - Under pytest-xdist (`make test`: `-n 2 --dist loadgroup` on 2 cores or more): the tests of one
-  file stay on one worker (their module fixtures, a SLURM cluster or a trained run, are made
-  once), the SLURM tests of every file share one worker (one cluster, one apt-get at a time),
-  so do the tests marked `one_process(name)` with the same name (the big-memory tests: two
-  1.5 GB tables never side by side, whatever files they are in), the
-  files with multi-process tests are handed out first (no long test left for the end), and
-  `small_trained_twhin` is trained once for all workers.
+  file stay in one process (their module fixtures, a SLURM cluster or a trained run, are
+  made once), the SLURM tests of every file share one process (one cluster, one apt-get at
+  a time), so do the tests marked `one_process(name)` with the same name (the big-memory
+  tests: two 1.5 GB tables never side by side, whatever files they are in). The groups go
+  out costliest first (seconds per file measured in tests/durations.json), so no long group
+  is left for the end, by this suite's own scheduler (tests/xdist_schedule.py: xdist's
+  loadgroup loses the groups under pytest 9.2). `small_trained_twhin` is trained once for
+  all processes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,11 +84,6 @@ def gpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _under_xdist(config: pytest.Config) -> bool:
-    """pytest-xdist distributes this run (`-n N` with N > 0), here or in a worker."""
-    return bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
-
-
 # The xdist group of the SLURM tests: one cluster, one apt-get and its dpkg lock at a time.
 SLURM_GROUP = "slurm"
 
@@ -101,21 +100,95 @@ def xdist_group_of(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist reads the xdist_group marks
+# Seconds per test file in a measured run, to hand the costliest groups out first.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def group_order(tests: list[tuple[str, str, bool]], file_seconds: dict[str, float]) -> list[str]:
+    """The groups of `tests` ((node id, group, slow) in collection order), costliest first.
+
+    A test costs its file's measured seconds over the file's test count; a file that was
+    not measured, 20 s a slow test and 0.3 s any other. Ties keep collection order."""
+    per_file = Counter(nodeid.split("::", 1)[0] for nodeid, _, _ in tests)
+    cost: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for index, (nodeid, group, slow) in enumerate(tests):
+        path = nodeid.split("::", 1)[0]
+        share = (file_seconds[path] / per_file[path] if path in file_seconds
+                 else 20.0 if slow else 0.3)
+        cost[group] = cost.get(group, 0.0) + share
+        first.setdefault(group, index)
+    return sorted(cost, key=lambda group: (-cost[group], first[group]))
+
+
+def write_groups(path: str, groups: dict[str, str]) -> None:
+    """`{node id: group}` for the scheduler (tests/xdist_schedule.py), written whole
+    (each worker writes the same map; a reader never sees half of one)."""
+    partial = f"{path}.{os.getpid()}"
+    with open(partial, "w") as f:
+        json.dump(groups, f)
+    os.replace(partial, path)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and not host_has_gpu():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (marker gpu)")
         for item in gpu_items:
             item.add_marker(skip)
-    if not _under_xdist(config):
+    # In an xdist worker, `--dist loadgroup` reads as the option `loadgroup` (`dist` is "no").
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return   # one process, or another xdist mode: collection order as it is
+    groups = {item.nodeid: xdist_group_of(item) for item in items}
+    file_seconds = json.loads(DURATIONS.read_text())["seconds"]
+    order = group_order([(item.nodeid, groups[item.nodeid],
+                          item.get_closest_marker("slow") is not None) for item in items],
+                        file_seconds)
+    rank = {group: position for position, group in enumerate(order)}
+    # The scheduler hands the groups out in this order (a group's tests stay in collection
+    # order): a long group handed out last would leave the other process idle.
+    items.sort(key=lambda item: rank[groups[item.nodeid]])
+    from tests.xdist_schedule import GROUPS_ENV
+
+    write_groups(os.environ[GROUPS_ENV], groups)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller of an xdist run (`--dist loadgroup`): a file for the workers' groups,
+    named in the environment the workers are started with."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None) \
+            or config.getvalue("dist") != "loadgroup":
         return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
-    # Groups with multi-process tests first, in their collection order (a stable sort): a
-    # two-minute test handed out last would leave the other worker idle.
-    slow_groups = {xdist_group_of(item) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: xdist_group_of(item) not in slow_groups)
+    from tests.xdist_schedule import GROUPS_ENV
+
+    directory = tempfile.mkdtemp(prefix="tml-test-groups-")
+    config.stash[_GROUPS_DIR] = directory
+    os.environ[GROUPS_ENV] = os.path.join(directory, "groups.json")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_GROUPS_DIR, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+        from tests.xdist_schedule import GROUPS_ENV
+
+        os.environ.pop(GROUPS_ENV, None)
+
+
+_GROUPS_DIR = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadgroup` with the groups of `xdist_group_of` (tests/xdist_schedule.py),
+    in the workers' order (costliest first)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.xdist_schedule import GroupScheduling
+
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
 
 
 def _once_for_all_workers(tmp_path_factory: pytest.TempPathFactory, name: str,

@@ -43,11 +43,12 @@ def test_plain_torchrun_restart_after_kill_9_resumes_from_the_checkpoint(tmp_pat
 
     generate_graph(str(tmp_path / "graph"), num_users=2000, num_tweets=500, num_edges=40_000,
                    num_communities=5, seed=1, validation_fraction=0.05)
+    # Checkpoints written in the foreground: on a loaded host a background write of step 10
+    # could still be in flight when rank 1 is killed at step 15, and the restart would
+    # begin at step 0 (seen at load 8).
     config = small_twhin_config(tmp_path / "twhin.yaml", tmp_path / "graph", 2000, 500, 100,
                                 num_train_steps=30, train_log_every_n=10, num_eval_steps=2,
                                 eval_log_every_n=1000, checkpoint_every_n=10,
-                                # Checkpoint 10 must be complete before the kill at step 15:
-                                # an async save's completion would be a race.
                                 async_checkpoint=False)
     assert yaml.safe_load(open(config))["training"].get("max_restarts", 0) == 0
     save = tmp_path / "save"
@@ -55,7 +56,7 @@ def test_plain_torchrun_restart_after_kill_9_resumes_from_the_checkpoint(tmp_pat
         (*CLUSTER_VARS, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "TML_FORWARDED_KWARGS",
          "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"),
         # The test hook: rank 1 sends itself SIGKILL after step 15 (checkpoint 10 is
-        # complete by then), on the first attempt only.
+        # complete by then: written in the foreground), on the first attempt only.
         TML_TEST_CRASH_AT_STEP="15")
     code, output = _run_bounded(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

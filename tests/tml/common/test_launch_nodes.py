@@ -160,7 +160,9 @@ def test_busy_rendezvous_port_and_missing_nodes_fail_clearly(tmp_path):
 @pytest.mark.slow
 def test_max_restarts_from_the_config_survives_a_killed_worker(tmp_path, tiny_graph_config):
     data = yaml.safe_load(open(tiny_graph_config))
-    # A synchronous checkpoint 10 is complete before the kill at 15 (async: a race).
+    # Checkpoints written in the foreground: on a loaded host a background write of step 10
+    # could still be in flight when the worker is killed at step 15, and the restart would
+    # begin at step 0 with no "resumed from" (seen at load 5-8).
     data["training"].update(max_restarts=1, checkpoint_every_n=10, async_checkpoint=False)
     config = tmp_path / "restarts.yaml"
     config.write_text(yaml.safe_dump(data))
