@@ -52,8 +52,10 @@ recipe; dim SMALL_DIM without `--dim`): no in-batch negatives (too few per relat
 mostly the positive itself),
 min(32, smallest table - 1) global ones with BCE, Adagrad 5, SGD 50 (each relation vector
 gets about 1/R of a batch's gradient), operator complex_diagonal, epochs enough for 4000
-steps (10 to 200); chosen on the validation splits of Nations, UMLS and Kinships (test MRR,
-mean of 3 seeds, 0.674, 0.812 and 0.748). docs/twhin_cli.md has the measurements.
+steps or for RELATION_VISITS edges per relation, whichever is fewer (10 to 200); chosen on
+the validation splits of Nations, UMLS and Kinships (test MRR, mean of 3 seeds, 0.674,
+0.812 and 0.748), the epochs' bound on generated many-relation graphs (issue 20, sixth
+round). docs/twhin_cli.md has the measurements.
 """
 
 from __future__ import annotations
@@ -328,6 +330,14 @@ BATCH_EDGES_FRACTION = 20          # batch = train edges / 20 (at most 1000): 20
 MAX_BATCH = 1000
 MIN_SAME_RELATION = 50.0           # below: the "dense, many relations" settings
 MIN_STEPS = 4000                   # many relations: epochs for this many steps (10-200)
+# Many relations, and fewer epochs where each relation has many edges: at most enough epochs
+# for RELATION_VISITS edges per relation on average (epochs x train edges / relations), the
+# relation vectors' share of training. Issue 20, sixth round: on generated many-relation
+# graphs the validation MRR of the graph with 221 edges per relation rose until ~100 epochs
+# (0.401 at 100, 0.406 at most), that of the one with 562 edges per relation was 0.30 at
+# 70 to 100 epochs and ~0.32 at 200 (noisy, +-0.03 between evaluations), in half the time;
+# Nations (29 per relation) and UMLS (113) keep 200 epochs.
+RELATION_VISITS = 40_000
 MAX_GLOBAL_NEGATIVES = 32
 # Few relations per batch (same_relation >= 50): chosen on generated graphs (issue 20,
 # benchmarks/quality.py; docs/twhin_cli.md has the measurements).
@@ -445,7 +455,9 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
       SGD 50 (each relation vector gets ~1/R of a batch's gradient); operator
       complex_diagonal (diagonal for an odd dim): translation adds only a per-entity bias
       to dot(lhs, rhs), which cannot tell many relations between the same tables apart.
-      Epochs: enough for MIN_STEPS steps, between 10 and 200. Without `dim`: SMALL_DIM.
+      Epochs: enough for MIN_STEPS steps, or fewer: enough for each relation's edges to be
+      seen RELATION_VISITS times on average (train edges / relations with edges per
+      epoch); between 10 and 200. Without `dim`: SMALL_DIM.
 
     A given `dim` is kept (the reason says "--dim").
 
@@ -507,7 +519,9 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                         f"{LARGE_RELATION_LR:g} for the relation vectors (at 1e-4 of the "
                         f"tables' they stay near zero; higher rates diverged), {epochs_reason}"
                         f"{stop_reason}", dim, validation)
-    epochs = min(200, max(10, -(-MIN_STEPS // steps_per_epoch)))
+    per_relation = train_edges / max(1, sum(1 for n in relation_edges if n))
+    epochs = min(200, max(10, min(-(-MIN_STEPS // steps_per_epoch),
+                                  -(-RELATION_VISITS // max(1, int(per_relation))))))
     # No early stopping here: the validation MRR of these small graphs is noisy and rises
     # until the end (Nations: stopping after 2 flat evaluations kept 0.54 instead of 0.67).
     stop_reason = (", no early stopping (validation MRR noisy, rising to the end)"
@@ -521,8 +535,12 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                     f"in-batch ones (too few per relation, mostly the positive itself), "
                     f"Adagrad 5 and SGD 50 (each relation vector gets ~1/R of a batch's "
                     f"gradient), operator {operator} (translation cannot tell many relations "
-                    f"between the same entities apart), {epochs} epochs (>= {MIN_STEPS} "
-                    f"steps, at most 200){stop_reason}", dim, validation)
+                    f"between the same entities apart), {epochs} epochs (enough for "
+                    f"{MIN_STEPS} steps or for {RELATION_VISITS} edges per relation, "
+                    f"whichever is fewer, 10 to 200; {per_relation:.0f} edges per "
+                    f"relation per epoch: on generated many-relation graphs the "
+                    f"validation MRR rose little past {RELATION_VISITS})"
+                    f"{stop_reason}", dim, validation)
 
 
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
