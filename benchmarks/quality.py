@@ -127,6 +127,8 @@ CANDIDATES.update({
     "neg1024_dim256": {"train_data.shared_negatives": 1024, _DIM: 256},
     "no_es": {"training.early_stopping": "null"},     # the written epochs, no stopping
 })
+# Sixth round: early stopping's patience (evaluations without a gain) on sparse graphs.
+CANDIDATES.update({"patience3": {"training.early_stopping.patience": 3}})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:

@@ -61,6 +61,7 @@ def test_rule_stops_on_validation_mrr_only_with_a_validation_split():
     assert (sparse.early_stopping, sparse.patience) == (True, PATIENCE)
     assert (f"after {PATIENCE} without a gain over {MIN_DELTA:g}; {PATIENCE} on sparse "
             f"graphs") in sparse.reason
+    assert DENSE_PATIENCE < PATIENCE == 3       # sixth round: 2 stopped a sparse graph early
     assert f"at most {LARGE_MAX_EPOCHS} epochs" in with_valid.reason
     # Many relations per batch: no early stopping (Nations' validation MRR is noisy and
     # rises to the end), the same epochs as without a validation split, and it says so.
