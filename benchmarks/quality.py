@@ -17,6 +17,8 @@ note when it does not exist): TransE, RotatE and ComplEx with PyKEEN's pipeline 
 (sLCWA, Adam 1e-3; batch 256) for `--pykeen-epochs` epochs, on the same train / valid / test files,
 same embedding size in real numbers as tml's written config, same metric (filtered over train + valid + test, ties
 at the mean, both sides), 1 thread; `train_seconds` is PyKEEN's own training-loop time.
+`train_cpu_seconds`: tml's whole train command's CPU seconds (its children's rusage),
+PyKEEN's training loop's (process CPU time from its first batch to its end of training).
 The public graphs (Nations, UMLS, Kinships) are `--public`: their files come out of the
 PyKEEN package, so they need the venv too.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 
@@ -124,12 +127,25 @@ CANDIDATES.update({
     "neg1024_dim256": {"train_data.shared_negatives": 1024, _DIM: 256},
     "no_es": {"training.early_stopping": "null"},     # the written epochs, no stopping
 })
+# Sixth round: early stopping's patience (evaluations without a gain) on sparse graphs.
+CANDIDATES.update({"patience3": {"training.early_stopping.patience": 3}})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:
     """kg_compare's runner with one thread per process (timings comparable across rows)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
     return kg_compare.run(cmd, log, env=env)
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children (and theirs).
+
+    Wall-clock ratios of a pair run one after the other move with the machine's load
+    (UMLS: PyKEEN's loop took 121 s in one run and 24 s in another); the CPU seconds of a
+    one-thread process move much less, so the pairs report both.
+    """
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 PYKEEN_MODELS = ("TransE", "RotatE", "ComplEx")
@@ -161,9 +177,12 @@ def pykeen_rows(venv_python: str, spec: str, paths: dict[str, str], dim: int, ep
         m = json.loads(out.split("RESULT ", 1)[1])
         rows.append({"graph": spec, "candidate": f"pykeen {model}", "seed": 0,
                      "mrr": m["mrr"], "hits_at_10": m["hits_at_10"], "pykeen_kwargs": kwargs,
-                     "train_seconds": round(m["train_seconds"], 1), "epochs": epochs})
+                     "train_seconds": round(m["train_seconds"], 1),
+                     "train_cpu_seconds": round(m.get("train_cpu_seconds", 0.0), 1),
+                     "epochs": epochs})
         print(f"{spec} pykeen {model}: test MRR {m['mrr']:.3f}, H@10 {m['hits_at_10']:.3f}, "
-              f"train {m['train_seconds']:.0f} s", flush=True)
+              f"train {m['train_seconds']:.0f} s, {m.get('train_cpu_seconds', 0):.0f} CPU s",
+              flush=True)
     return rows
 
 
@@ -218,8 +237,10 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
     for name in candidates:
         save = os.path.join(folder, f"run_{name}_s{seed}")
         flags = _sets(config, CANDIDATES[name]) + ["--set", f"training.seed={seed}"]
+        cpu = children_cpu_seconds()
         _, train_s = run(twhin + ["train", "--config", config_path, "--save_dir", save,
                                   "--nproc_per_node", "1"] + flags, save + "_train.log")
+        cpu = children_cpu_seconds() - cpu
         result = {}
         # With early stopping (a validation split): its best checkpoint, as the written
         # config's comment tells a user (`--best`).
@@ -236,13 +257,14 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
                      "hits_at_10": test["hits_at_10"],
                      "popularity_mrr": test["popularity"]["mrr"],
                      "popularity_hits_at_10": test["popularity"]["hits_at_10"],
-                     "train_seconds": round(train_s, 1), "import_reason": reason,
+                     "train_seconds": round(train_s, 1), "train_cpu_seconds": round(cpu, 1),
+                     "import_reason": reason,
                      "dim": config["model"]["embeddings"]["tables"][0]["embedding_dim"],
                      "overrides": CANDIDATES[name]})
         print(f"{spec} {name} seed {seed}: valid MRR {valid['mrr']:.3f}, test MRR "
               f"{test['mrr']:.3f}, H@10 {test['hits_at_10']:.3f} (popularity "
               f"{test['popularity']['mrr']:.3f} / {test['popularity']['hits_at_10']:.3f}), "
-              f"train {train_s:.0f} s", flush=True)
+              f"train {train_s:.0f} s, {cpu:.0f} CPU s", flush=True)
     return rows
 
 

@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 from projects.twhin.importer import (
+    DENSE_PATIENCE,
     EVAL_EPOCHS,
     LARGE_EPOCHS,
     LARGE_MAX_EPOCHS,
     MIN_DELTA,
     PATIENCE,
+    SPARSE_ENDS_PER_ROW,
     VALID_BATCHES,
     choose_defaults,
     import_triples,
@@ -47,8 +49,19 @@ def test_rule_stops_on_validation_mrr_only_with_a_validation_split():
     assert (with_valid.early_stopping, with_valid.epochs) == (True, LARGE_MAX_EPOCHS)
     assert LARGE_MAX_EPOCHS > LARGE_EPOCHS      # room to keep improving
     assert "early stopping" not in without.reason
+    # 2 x 1.96M edge ends over 120k rows: a dense graph, which stops sooner
+    assert with_valid.patience == DENSE_PATIENCE < PATIENCE
     assert (f"early stopping on the validation MRR (every {EVAL_EPOCHS} epochs, after "
-            f"{PATIENCE} without a gain over {MIN_DELTA:g}") in with_valid.reason
+            f"{DENSE_PATIENCE} without a gain over {MIN_DELTA:g}; {DENSE_PATIENCE} on dense "
+            f"graphs: on a generated one it stopped at epoch 35 instead of 50"
+            ) in with_valid.reason
+    # A sparse graph (fewer than SPARSE_ENDS_PER_ROW ends per entity) keeps PATIENCE.
+    rows = int(2 * n / SPARSE_ENDS_PER_ROW) + 1
+    sparse = choose_defaults(n, counts, [rows], 32, validation=True)
+    assert (sparse.early_stopping, sparse.patience) == (True, PATIENCE)
+    assert (f"after {PATIENCE} without a gain over {MIN_DELTA:g}; {PATIENCE} on sparse "
+            f"graphs") in sparse.reason
+    assert DENSE_PATIENCE < PATIENCE == 3       # sixth round: 2 stopped a sparse graph early
     assert f"at most {LARGE_MAX_EPOCHS} epochs" in with_valid.reason
     # Many relations per batch: no early stopping (Nations' validation MRR is noisy and
     # rises to the end), the same epochs as without a validation split, and it says so.
@@ -65,6 +78,7 @@ def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_pa
                    valid=_write(tmp_path / "v.tsv", rows[:20]), dim=8)
     text = (tmp_path / "valid" / "config.yaml").read_text()
     config = yaml.safe_load(text)
+    # 2 x 1300 edge ends over 397 rows: sparse, PATIENCE
     assert config["training"]["early_stopping"] == {
         "metric": "mrr", "mode": "max", "patience": PATIENCE, "min_delta": MIN_DELTA}
     assert config["training"]["num_epochs"] == LARGE_MAX_EPOCHS
@@ -74,6 +88,14 @@ def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_pa
     assert config["validation_data"]["per_replica_batch_size"] == 20 // VALID_BATCHES
     comment = text.splitlines()[1]
     assert comment.startswith("# ") and "early stopping on the validation MRR" in comment
+
+    # The same edges over 30 users and 20 items: 52 ends per entity, dense, DENSE_PATIENCE
+    dense = [(f"user:u{i % 30}", "likes", f"item:i{(7 * i) % 20}") for i in range(1300)]
+    import_triples(_write(tmp_path / "d.tsv", dense), str(tmp_path / "dense"),
+                   valid=_write(tmp_path / "dv.tsv", dense[:20]), dim=8)
+    text = (tmp_path / "dense" / "config.yaml").read_text()
+    assert yaml.safe_load(text)["training"]["early_stopping"]["patience"] == DENSE_PATIENCE
+    assert f"after {DENSE_PATIENCE} without a gain" in text.splitlines()[1]
 
     import_triples(_write(tmp_path / "t2.tsv", rows), str(tmp_path / "none"), dim=8,
                    split="1,0,0")
