@@ -25,7 +25,9 @@ are `fit`'s own.
 
 Workers: `nproc_per_node` workers (default 2) forked from this process
 (`tml.common.run_training.run_forked`, as a notebook cell launches them), so `fit` works
-from a notebook, a script or a REPL alike; gloo on CPU, one GPU each with CUDA.
+from a notebook, a script or a REPL alike; gloo on CPU, one GPU each with CUDA. In a
+process where a fork could hang (gRPC threads from an Arrow Flight client) they are
+spawned instead (`tml.common.fork_safety`).
 """
 
 from __future__ import annotations

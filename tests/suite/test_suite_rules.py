@@ -184,13 +184,13 @@ _GRPC_THREADS = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import pyarrow.flight as flight
-from tests.launch_checks import has_grpc_threads
-before = has_grpc_threads()
+from tml.common.fork_safety import grpc_threads_running
+before = grpc_threads_running()
 server = flight.FlightServerBase("grpc://127.0.0.1:0")
 client = flight.connect(f"grpc://127.0.0.1:{server.port}")
 client.close()
 server.shutdown()
-print(before, has_grpc_threads())
+print(before, grpc_threads_running())
 """
 
 

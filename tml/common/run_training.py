@@ -30,6 +30,7 @@ that failed first and that worker's own message (the original tml ignored the ex
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -654,6 +655,8 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .fork_safety import importable, main_module_hidden
+
     check_nproc_per_node(nproc_per_node)
     with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir, \
             _environment(**worker_environment(nproc_per_node, max_restarts)):
@@ -663,9 +666,11 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
                               rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                               start_method=start_method, monitor_interval=0.1,
                               logs_specs=DefaultLogsSpecs(log_dir=log_dir))
+        spawned_alone = start_method != "fork" and importable(fn)
         try:
             target = _one_thread_when_forked(fn) if start_method == "fork" else fn
-            results = elastic_launch(config, target)(*args)
+            with main_module_hidden() if spawned_alone else contextlib.nullcontext():
+                results = elastic_launch(config, target)(*args)
         except ChildFailedError as error:
             raise training_failed_error(_failures_from_child_error(error)) from None
     return dict(sorted(results.items()))
@@ -674,7 +679,8 @@ def launch_function(fn: Callable[..., Any], nproc_per_node: int, *args: Any,
 def run_forked(train_fn: Callable[..., Any], nproc_per_node: int | None = None,
                max_restarts: int | None = None, **training_kwargs: Any) -> dict[int, Any]:
     """`train_fn(**training_kwargs)` in `nproc_per_node` workers forked from this process;
-    `{rank: return value}`.
+    `{rank: return value}`. Spawned instead where a fork could hang and `train_fn` is
+    importable (`tml.common.fork_safety`).
 
     What a notebook cell and a library call (`projects.twhin.fit`) need: there is no script
     to re-run, and the workers inherit this process's modules and `sys.path`, so
@@ -686,7 +692,9 @@ def run_forked(train_fn: Callable[..., Any], nproc_per_node: int | None = None,
         nproc_per_node = default_nproc_per_node()
     bound = functools.update_wrapper(functools.partial(train_fn, **training_kwargs),
                                      train_fn)  # elastic names the run after __name__
-    return launch_function(bound, nproc_per_node, start_method="fork",
+    from .fork_safety import start_method_for
+
+    return launch_function(bound, nproc_per_node, start_method=start_method_for(train_fn),
                            max_restarts=_max_restarts(max_restarts))
 
 
