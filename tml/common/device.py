@@ -31,7 +31,10 @@ def setup_and_get_device(timeout_s: float = 1800.0) -> torch.device:
         torch.cuda.set_device(device)
         backend = "nccl"
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
+        if "WORLD_SIZE" not in os.environ or (os.environ["WORLD_SIZE"] == "1" and
+                                              "MASTER_ADDR" not in os.environ):
+            # No launcher, or the one worker run in the launcher's process
+            # (`run_training.run_one_worker_here`): no store to reach, no port to take.
             _init_single_process_group(backend, timeout_s)
         else:
             init_worker_process_group(backend, timedelta(seconds=timeout_s))

@@ -447,7 +447,9 @@ def maybe_run_training(
 
     Returns:
       In a worker, what `train_fn` returns. In a notebook, `{rank: return value}`. In a
-      script's launcher, None.
+      script's launcher, None; but one worker on one node with no restarts and no readers
+      trains in the launcher's own process (`run_one_worker_here`; `TML_ONE_WORKER_IN_PROCESS=0`
+      turns that off), which returns what `train_fn` returns.
 
     Raises:
       TrainingFailedError: a worker failed; names its rank and its message.
@@ -479,6 +481,14 @@ def maybe_run_training(
                            "on each node for several nodes")
         return run_forked(train_fn, nproc_per_node, restarts, **training_kwargs)
 
+    subprocess_mode = running_under_bazel() if set_python_path_in_subprocess is None \
+        else set_python_path_in_subprocess
+    if _one_worker_here(node, nproc_per_node, restarts, reader_fn, readers, subprocess_mode):
+        logger.info("training with 1 worker on 1 node in this process (no restarts, no "
+                    "readers: nothing for torchrun to manage; %s=0 launches it anyway)",
+                    IN_PROCESS_ENV)
+        return run_one_worker_here(train_fn, training_kwargs)
+
     join_timeout = _rendezvous_timeout()
     if node.num_nodes > 1 and node.is_chief:
         check_rendezvous_port_free(node)
@@ -488,8 +498,6 @@ def maybe_run_training(
     script_args = kwargs_to_args(training_kwargs)
     env = {FORWARDED_KWARGS_ENV: json.dumps(list(training_kwargs)),
            **worker_environment(nproc_per_node, restarts)}
-    subprocess_mode = running_under_bazel() if set_python_path_in_subprocess is None \
-        else set_python_path_in_subprocess
 
     with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="tml-launch-") as log_dir, \
             _maybe_local_readers(reader_fn, readers, entrypoint, script_args, env,
@@ -507,6 +515,55 @@ def maybe_run_training(
             env["TORCHELASTIC_ERROR_FILE"] = os.path.join(log_dir, "launcher-error.json")
             _run_torchrun_in_process(args, env, node, join_timeout)
     return None
+
+
+# Set to 0 to launch a lone worker through torchrun all the same.
+IN_PROCESS_ENV = "TML_ONE_WORKER_IN_PROCESS"
+
+
+def _one_worker_here(node: NodeSetup, nproc_per_node: int, restarts: int,
+                     reader_fn: Callable[..., Any] | None, readers: ReadersConfig | None,
+                     subprocess_mode: bool) -> bool:
+    """True when the launcher should train itself: one worker on one node, no restarts to
+    supervise, no reader processes to start or reach, not under Bazel (whose launch mode
+    its tests check), and not turned off by `TML_ONE_WORKER_IN_PROCESS=0`.
+
+    Why: torchrun would start a second interpreter that imports torch, TorchRec and fbgemm
+    again, run a rendezvous and an agent, for a worker it can neither restart nor pair with
+    anyone: ~1.5 s and ~1.5 CPU s of every one-worker command on the 2-core box (issue
+    13's start-up; issue 20's small graphs, whose whole training takes ~15 s)."""
+    if os.environ.get(IN_PROCESS_ENV, "1") == "0" or subprocess_mode:
+        return False
+    if node.num_nodes != 1 or nproc_per_node != 1 or restarts:
+        return False
+    if reader_fn is not None:
+        from tml.readers import roles
+
+        if roles.reader_addresses(readers) is not None or roles.local_reader_count(readers):
+            return False
+    return True
+
+
+def run_one_worker_here(train_fn: Callable[..., Any], training_kwargs: dict[str, Any]) -> Any:
+    """`train_fn(**training_kwargs)` in this process as rank 0 of 1, with the environment a
+    torchrun worker sees (rank variables, `OMP_NUM_THREADS`) and no store to reach: the
+    process group is a local one (`tml.common.device`). An error propagates as itself (the
+    caller prints it), SIGTERM unwinds as in the launcher."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "GROUP_RANK": "0", "ROLE_RANK": "0", "ROLE_WORLD_SIZE": "1",
+           "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+           **worker_environment(1, 0)}
+    with _sigterm_unwinds(), _environment(**env):
+        if "torch" in sys.modules:   # imported already: the variable alone is read too late
+            _set_intra_op_threads(os.environ.get("OMP_NUM_THREADS", ""))
+        return train_fn(**training_kwargs)
+
+
+def _set_intra_op_threads(text: str) -> None:
+    import torch
+
+    if text.isdigit() and int(text) > 0:
+        torch.set_num_threads(int(text))
 
 
 @contextmanager

@@ -260,3 +260,61 @@ def test_launch_function_leaves_no_temp_dirs(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(private))
     assert launch_function(_square, 1, 3) == {0: 9}
     assert os.listdir(private) == []
+
+
+ONE_WORKER = """
+import os
+
+from tml.common.run_training import maybe_run_training
+
+
+def work(tag):
+    import torch
+    import torch.distributed as dist
+
+    from tml.common.device import setup_and_get_device
+
+    setup_and_get_device()
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    print("worker", os.getpid(), os.environ["RANK"], dist.get_world_size(), value.item(),
+          torch.get_num_threads(), tag, flush=True)
+    return tag
+
+
+if __name__ == "__main__":
+    print("launcher", os.getpid(), flush=True)
+    restarts = int(os.environ["ONE_WORKER_RESTARTS"])   # workers run this file again
+    print("returned", maybe_run_training(work, __name__, nproc_per_node=1,
+                                         max_restarts=restarts, tag="t"), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restarts,switch,here", [(0, None, True), (0, "0", False),
+                                                  (1, None, False)])
+def test_one_worker_without_restarts_trains_in_the_launchers_process(tmp_path, restarts,
+                                                                     switch, here):
+    """One worker, one node, nothing to restart: no torchrun, no second interpreter; the
+    worker sees rank 0 of 1, a working process group and torchrun's thread count, and the
+    launcher returns its result. TML_ONE_WORKER_IN_PROCESS=0 or restarts launch it."""
+    script = tmp_path / "one_worker.py"
+    script.write_text(ONE_WORKER)
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    env["ONE_WORKER_RESTARTS"] = str(restarts)
+    if switch is not None:
+        env["TML_ONE_WORKER_IN_PROCESS"] = switch
+    result = subprocess.run([sys.executable, str(script)], env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():   # a torchrun worker runs the file again
+        key, value = line.split(" ", 1)
+        lines.setdefault(key, []).append(value)
+    launcher = lines["launcher"][0]
+    pid, rank, world, total, threads, tag = lines["worker"][0].split()
+    assert (rank, world, total, tag) == ("0", "1", "1.0", "t")
+    assert threads == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert (pid == launcher) is here
+    assert lines["returned"][-1] == ("t" if here else "None")   # the launcher's
+    assert ("in this process (no restarts, no readers" in result.stderr) is here
