@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from projects.twhin.importer import (
+    CHECKPOINT_EPOCHS,
     LARGE_EPOCHS,
     LARGE_MAX_EPOCHS,
     LARGE_RELATION_LR,
     LARGE_TABLE_LR,
     MAX_GLOBAL_NEGATIVES,
+    MIN_CHECKPOINT_STEPS,
     MIN_STEPS,
     N3_WEIGHT,
     RELATION_VISITS,
@@ -160,6 +162,11 @@ def test_import_writes_the_chosen_defaults_and_says_why(tmp_path):
     # ~33 edges per relation: MIN_STEPS decides the written epochs (200 at 20 per epoch)
     assert config["training"]["num_epochs"] == 200
     assert f"or for {RELATION_VISITS} edges per relation" in text
+    # 20 steps an epoch: ten epochs would be 200 steps; checkpoints come no more often than
+    # every MIN_CHECKPOINT_STEPS (each costs ~60 ms of CPU however small the tables)
+    steps_per_epoch = len(rels) // data["per_replica_batch_size"]
+    assert CHECKPOINT_EPOCHS * steps_per_epoch < MIN_CHECKPOINT_STEPS
+    assert config["training"]["checkpoint_every_n"] == MIN_CHECKPOINT_STEPS
 
     # Many edges per relation (8 relations of ~500 edges over 30 entities, batch 200, 25
     # edges of a relation per batch): fewer epochs, written with the reason.
