@@ -23,11 +23,15 @@ before it is validated, so a bad key or value is the same one-line `ConfigError`
 the key as in the YAML. Plain keywords (`dim`, `split`, `seed`, `nproc_per_node`, ...)
 are `fit`'s own.
 
-Workers: `nproc_per_node` workers (default 2) forked from this process
-(`tml.common.run_training.run_forked`, as a notebook cell launches them), so `fit` works
-from a notebook, a script or a REPL alike; gloo on CPU, one GPU each with CUDA. In a
-process where a fork could hang (gRPC threads from an Arrow Flight client) they are
-spawned instead (`tml.common.fork_safety`).
+Workers: `nproc_per_node` workers (default 2) spawned by torch elastic
+(`tml.common.run_training.run_spawned`), fresh interpreters that import
+`projects.twhin.run.train_from_yaml`, so `fit` works from a notebook, a script (the
+caller's script is not run again in them) or a REPL alike; gloo on CPU, one GPU each with
+CUDA. Not forked: a fork copies the caller's threads' locks, and a notebook or a test
+process holds threads (its kernel's, OpenMP's, gRPC's from an Arrow Flight client) whose
+locks can be held at that moment. In CI on 2026-12-02 fit's forked workers hung 900 s in a pytest
+process that had run other tests first (`tml.common.fork_safety`). Spawning costs each
+worker its imports (~3 s here) once per `fit`.
 """
 
 from __future__ import annotations
@@ -220,12 +224,14 @@ def _import_and_check(triples: Any, valid: Any, test: Any, save_dir: str, split:
 
 def _train(config: TwhinConfig, effective: str, save_dir: str,
            nproc_per_node: int) -> dict[int, dict]:
-    from tml.common.run_training import run_forked
+    """`train_from_yaml` in `nproc_per_node` spawned workers: fresh interpreters, whatever
+    this process holds (see the module docstring)."""
+    from tml.common.run_training import run_spawned
 
     from .run import train_from_yaml
 
-    return run_forked(train_from_yaml, nproc_per_node, config.training.max_restarts,
-                      config_yaml_path=effective, save_dir=save_dir)
+    return run_spawned(train_from_yaml, nproc_per_node, config.training.max_restarts,
+                       config_yaml_path=effective, save_dir=save_dir)
 
 
 def evaluate(config: TwhinConfig | str, checkpoint: str, split: str = "test",

@@ -739,19 +739,44 @@ def run_forked(train_fn: Callable[..., Any], nproc_per_node: int | None = None,
     `{rank: return value}`. Spawned instead where a fork could hang and `train_fn` is
     importable (`tml.common.fork_safety`).
 
-    What a notebook cell and a library call (`projects.twhin.fit`) need: there is no script
-    to re-run, and the workers inherit this process's modules and `sys.path`, so
-    `train_fn` may be any function. `max_restarts` None: `TML_MAX_RESTARTS`, else 0;
-    `nproc_per_node` None: as `maybe_run_training`.
+    What a notebook cell needs: there is no script to re-run, and the workers inherit this
+    process's modules and `sys.path`, so `train_fn` may be any function. `max_restarts`
+    None: `TML_MAX_RESTARTS`, else 0; `nproc_per_node` None: as `maybe_run_training`.
     """
+    from .fork_safety import start_method_for
+
+    return _run_local(train_fn, nproc_per_node, max_restarts, start_method_for(train_fn),
+                      training_kwargs)
+
+
+def run_spawned(train_fn: Callable[..., Any], nproc_per_node: int | None = None,
+                max_restarts: int | None = None, **training_kwargs: Any) -> dict[int, Any]:
+    """`train_fn(**training_kwargs)` in `nproc_per_node` spawned workers; `{rank: return
+    value}`. `train_fn` must be importable (a module-level function outside `__main__`).
+
+    What a library call needs (`projects.twhin.fit`): fresh interpreters hold none of the
+    caller's threads or locks, whatever the caller ran before (a fork can hang,
+    `tml.common.fork_safety`), and the caller's script is not run again in them. Each
+    worker pays its imports. Arguments as `run_forked`.
+    """
+    from .fork_safety import importable
+
+    if not importable(train_fn):
+        raise TmlError(f"run_spawned: {getattr(train_fn, '__qualname__', train_fn)!r} is "
+                       "not importable by a fresh interpreter (define it at module level "
+                       "outside __main__, or use run_forked)")
+    return _run_local(train_fn, nproc_per_node, max_restarts, "spawn", training_kwargs)
+
+
+def _run_local(train_fn: Callable[..., Any], nproc_per_node: int | None,
+               max_restarts: int | None, start_method: str,
+               training_kwargs: dict[str, Any]) -> dict[int, Any]:
     check_kwargs_fit(train_fn, training_kwargs)
     if nproc_per_node is None:
         nproc_per_node = default_nproc_per_node()
     bound = functools.update_wrapper(functools.partial(train_fn, **training_kwargs),
                                      train_fn)  # elastic names the run after __name__
-    from .fork_safety import start_method_for
-
-    return launch_function(bound, nproc_per_node, start_method=start_method_for(train_fn),
+    return launch_function(bound, nproc_per_node, start_method=start_method,
                            max_restarts=_max_restarts(max_restarts))
 
 

@@ -85,13 +85,18 @@ AFTER_FLIGHT = textwrap.dedent("""
 
     import pyarrow.flight as flight
 
-    from tml.common.run_training import run_forked
+    from tml.common.run_training import run_forked, run_spawned
     from workers_module import flight_imported   # importable: a spawned worker can load it
 
     def flight_imported_here():                  # defined in __main__: can only be forked
         return "pyarrow.flight" in sys.modules
 
     print(run_forked(flight_imported, 2))        # no gRPC threads yet: forked
+    print(run_spawned(flight_imported, 2))       # spawned: fresh interpreters
+    try:
+        run_spawned(flight_imported_here, 2)
+    except Exception as error:
+        print(type(error).__name__, str(error).split(":")[0])
     server = flight.FlightServerBase("grpc://127.0.0.1:0")
     client = flight.connect(f"grpc://127.0.0.1:{server.port}")
     client.close()
@@ -106,7 +111,8 @@ AFTER_FLIGHT = textwrap.dedent("""
 def test_workers_are_spawned_once_grpc_threads_run_and_the_function_is_importable(tmp_path):
     """A process that made an Arrow Flight client keeps gRPC threads; forked workers hung
     (`tml.common.fork_safety`). An importable function's workers are spawned then: a
-    spawned worker has not imported pyarrow.flight, a forked one inherited it."""
+    spawned worker has not imported pyarrow.flight, a forked one inherited it.
+    `run_spawned` always spawns, and refuses a function a fresh interpreter cannot import."""
     (tmp_path / "workers_module.py").write_text(
         "import sys\n\n\ndef flight_imported():\n    return 'pyarrow.flight' in sys.modules\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -114,6 +120,7 @@ def test_workers_are_spawned_once_grpc_threads_run_and_the_function_is_importabl
     done = subprocess.run([sys.executable, "-"], input=AFTER_FLIGHT, text=True, env=env,
                           capture_output=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()[-3:]
-    assert lines == ["{0: True, 1: True}", "{0: False, 1: False}", "{0: True, 1: True}"], lines
+    lines = done.stdout.strip().splitlines()[-5:]
+    assert lines == ["{0: True, 1: True}", "{0: False, 1: False}", "TmlError run_spawned",
+                     "{0: False, 1: False}", "{0: True, 1: True}"], lines
     assert "is defined in __main__, so its workers are forked" in done.stderr
