@@ -7,9 +7,10 @@ stays held forever in the child. Two cases hang forked training workers here:
   with one intra-op thread (`run_training._one_thread_when_forked`).
 - gRPC (Arrow Flight's transport): once a Flight client or server was made, gRPC keeps
   its threads for the life of the process, whether or not the client was closed. Seen
-  twice: a pytest process that had run the reader tests forked `projects.twhin.fit`'s
-  workers and a checkpoint check's workers, and both hung in their first steps until the
-  900 s timeout killed them. A notebook that read from a reader service is the same case.
+  twice: a pytest process that had run the reader tests forked a checkpoint check's
+  workers (hung until the 300 s test timeout), and in CI one that had run other tests
+  forked `projects.twhin.fit`'s workers (hung in their first step until the 900 s timeout;
+  that process's threads at the fork were not recorded, so gRPC is the likely cause there). A notebook that read from a reader service is the same case.
 
 `start_method_for` picks spawn in the second case whenever the function can be imported
 by a fresh interpreter; a function defined in `__main__` (a notebook cell) can only be
