@@ -21,6 +21,7 @@ import time
 import torch
 
 from benchmarks import run as bench
+from benchmarks.twhin_tml import wrapped_progress
 
 
 def profile(quick: bool = False, skip: int = 10, active: int = 50,
@@ -28,7 +29,6 @@ def profile(quick: bool = False, skip: int = 10, active: int = 50,
     """Per-op self CPU time of `active` steps: {op: {"ms_per_step", "calls_per_step"}}."""
     from torch.profiler import ProfilerActivity, schedule
 
-    import tml.core.custom_training_loop as ctl
     from projects.twhin.config import TwhinConfig
     from projects.twhin.run import run
     from tml.core.config import load_config_from_yaml
@@ -41,28 +41,24 @@ def profile(quick: bool = False, skip: int = 10, active: int = 50,
         activities=[ProfilerActivity.CPU],
         schedule=schedule(wait=0, warmup=skip, active=active, repeat=1), record_shapes=shapes,
         on_trace_ready=lambda p: captured.append(p.key_averages(group_by_input_shape=shapes)))
-    original = ctl.TrainPipelineSparseDist
     step_times: list[float] = []
 
-    class SteppedPipeline(original):  # type: ignore[misc, valid-type]
-        def progress(self, dataloader_iter):  # noqa: ANN001, ANN201
+    def stepped(progress):  # noqa: ANN001, ANN202
+        def step(dataloader_iter):  # noqa: ANN001, ANN202
             start = time.perf_counter()
-            out = super().progress(dataloader_iter)
+            out = progress(dataloader_iter)
             step_times.append(time.perf_counter() - start)
             prof.step()
             return out
+        return step
 
     with tempfile.TemporaryDirectory(prefix="tml-profile-") as work:
         path = bench._config(graph, sizes, os.path.join(work, "bench.yaml"),
                              steps=skip + active + 1)
         config = load_config_from_yaml(TwhinConfig, path)
         config.validation_data = None
-        ctl.TrainPipelineSparseDist = SteppedPipeline
-        try:
-            with prof:
-                run(config, save_dir=os.path.join(work, "save"))
-        finally:
-            ctl.TrainPipelineSparseDist = original
+        with wrapped_progress(stepped), prof:
+            run(config, save_dir=os.path.join(work, "save"))
     ops = {}
     for event in captured[0]:
         key = f"{event.key} {event.input_shapes}" if shapes else event.key

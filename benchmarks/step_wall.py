@@ -37,6 +37,7 @@ import threading
 import time
 
 from benchmarks import run as bench
+from benchmarks.twhin_tml import wrapped_progress
 
 BATCH_SOURCES = ("prefetch", "inline", "memory")
 
@@ -70,7 +71,7 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
     rows: list[dict] = []            # one per progress call
     waits: list[float] = []          # next() on the data iterator, in order
     reader: dict = {"thread": None}
-    original_pipeline, original_prefetch = ctl.TrainPipelineSparseDist, ctl.prefetch
+    original_prefetch = ctl.prefetch
 
     def source(iterable, depth: int = 2):  # noqa: ANN001, ANN202
         if batches == "memory":
@@ -94,12 +95,12 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
             if hasattr(inner, "close"):
                 inner.close()
 
-    class Timed(original_pipeline):  # type: ignore[misc, valid-type]
-        def progress(self, dataloader_iter):  # noqa: ANN001, ANN201
+    def timed(progress):  # noqa: ANN001, ANN202
+        def step(dataloader_iter):  # noqa: ANN001, ANN202
             waits_before = len(waits)
             wall, thread = time.perf_counter(), time.thread_time()
             process, reader_cpu = time.process_time(), _thread_cpu(reader["thread"])
-            out = super().progress(dataloader_iter)
+            out = progress(dataloader_iter)
             rows.append({
                 "start": wall, "wall": time.perf_counter() - wall,
                 "thread_cpu": time.thread_time() - thread,
@@ -107,17 +108,19 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
                 "reader_cpu": _thread_cpu(reader["thread"]) - reader_cpu,
                 "batch_wait": sum(waits[waits_before:])})
             return out
+        return step
 
     with tempfile.TemporaryDirectory(prefix="tml-step-wall-") as work:
         path = bench._config(graph, sizes, os.path.join(work, "bench.yaml"),
                              steps=skip + steps)
         config = load_config_from_yaml(TwhinConfig, path)
         config.validation_data = None
-        ctl.TrainPipelineSparseDist, ctl.prefetch = Timed, source
+        ctl.prefetch = source
         try:
-            result = run(config, save_dir=os.path.join(work, "save"))
+            with wrapped_progress(timed):
+                result = run(config, save_dir=os.path.join(work, "save"))
         finally:
-            ctl.TrainPipelineSparseDist, ctl.prefetch = original_pipeline, original_prefetch
+            ctl.prefetch = original_prefetch
     for row, after in zip(rows, rows[1:]):
         row["iteration"] = after["start"] - row["start"]
         row["outside_progress"] = row["iteration"] - row["wall"]

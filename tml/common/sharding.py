@@ -24,6 +24,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ from torchrec.distributed.types import (
     ShardingType,
 )
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from tml.common.topology import create_topology, host_memory_bytes
 from tml.errors import ConfigError
@@ -94,7 +95,58 @@ class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     Same lookups, kernels, parameters and state dict as `ShardedEmbeddingBagCollection`;
     only the one-rank exchanges are skipped, so a step gives the same numbers.
+
+    Called directly (not through TorchRec's train pipeline, which rewrites `forward`), and
+    when its tables are in CPU kernels of this worker (`direct_lookup`), `forward` hands the
+    ids to those kernels itself: TorchRec's context, awaitables, KJT splits and lookup wrappers around it
+    cost ~0.3 ms a step, as much as the lookup of 8000 rows (docs/performance.md). The first
+    such call checks its output against TorchRec's own path and keeps to TorchRec's path if
+    they differ. `direct_lookups` counts the calls that took the direct path.
     """
+
+    direct_lookups = 0
+    _direct: DirectLookup | None | bool = False   # False: not decided yet; None: unusable
+
+    def forward(self, features: KeyedJaggedTensor) -> object:  # noqa: D102
+        if self._direct is False:
+            found = direct_lookup(self, features)
+            logger.debug("direct lookup of %s: %s", self._module_fqn,
+                         "on" if isinstance(found, tuple) else f"off ({found})")
+            self._direct = found if isinstance(found, DirectLookup) else None
+            if self._direct is not None and not self._direct_matches(features):
+                self._direct = None
+        if self._direct is None or features.weights_or_none() is not None \
+                or list(features.keys()) != self._direct.names:
+            return super().forward(features)
+        self.direct_lookups += 1
+        return self._lookup_directly(features)
+
+    def _lookup_directly(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        direct: DirectLookup = self._direct  # type: ignore[assignment]
+        values, offsets = features.values(), features.offsets()
+        if len(direct.kernels) == 1:
+            kernel, _, _, index_type, offset_type = direct.kernels[0]
+            out = kernel(indices=values.to(index_type), offsets=offsets.to(offset_type))
+        else:     # each kernel its run of keys: ids [offsets[a B], offsets[b B])
+            stride, outs = features.stride(), []
+            for kernel, a, b, index_type, offset_type in direct.kernels:
+                ends = offsets[a * stride:b * stride + 1]
+                first, last = int(ends[0]), int(ends[-1])
+                outs.append(kernel(indices=values[first:last].to(index_type),
+                                   offsets=(ends - first).to(offset_type)))
+            out = torch.cat(outs, dim=1)
+        return KeyedTensor(keys=direct.names, length_per_key=direct.dims, values=out,
+                           key_dim=1)
+
+    def _direct_matches(self, features: KeyedJaggedTensor) -> bool:
+        with torch.no_grad():
+            expected = super().forward(features).values()
+            got = self._lookup_directly(features).values()
+        if expected.shape == got.shape and bool(torch.equal(expected, got)):
+            return True
+        logger.warning("the direct lookup of %s differs from TorchRec's; using TorchRec's",
+                       self._module_fqn or "the embedding tables")
+        return False
 
     def _create_input_dist(self, input_feature_names: list[str]) -> None:
         super()._create_input_dist(input_feature_names)
@@ -107,6 +159,57 @@ class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self._output_dists = [
             LocalPooledEmbeddingDist() if kind == ShardingType.TABLE_WISE.value else output
             for output, kind in zip(self._output_dists, self._sharding_types)]
+
+
+class DirectLookup(NamedTuple):
+    """The kernels that hold a one-worker EBC's tables, and how to call them (see
+    `direct_lookup`)."""
+
+    kernels: list[tuple[nn.Module, int, int, torch.dtype, torch.dtype]]   # keys [a, b)
+    names: list[str]
+    dims: list[int]
+
+
+def direct_lookup(ebc: ShardedEmbeddingBagCollection,
+                  features: KeyedJaggedTensor) -> DirectLookup | str:
+    """The fused CPU kernels of this worker that hold every table of `ebc`, each a run of
+    `features`' keys in order, else why not.
+
+    Then each kernel's forward, given its keys' ids and offsets, is the lookup of those
+    tables: no other worker, no permutation, no feature processor, and the kernels' outputs
+    side by side are the tables' blocks in key order (what TorchRec's output dist hands back
+    as a KeyedTensor). Tables whose optimizer settings differ are in different kernels.
+    """
+    if torch.fx._symbolic_trace.is_fx_tracing():
+        return "traced by torch.fx"
+    if len(ebc._lookups) != 1 or ebc._env.world_size != 1:
+        return f"{len(ebc._lookups)} sharding types, {ebc._env.world_size} workers"
+    if getattr(ebc, "_has_mean_pooling_callback", True):
+        return "mean pooling"
+    if features.variable_stride_per_key() or features.weights_or_none() is not None:
+        return "variable batch sizes or weighted ids"
+    lookup = ebc._lookups[0]
+    modules = list(getattr(lookup, "_emb_modules", []))
+    if not modules or getattr(lookup, "_feature_processor", None) is not None:
+        return f"{len(modules)} kernels or a feature processor"
+    names = list(ebc._embedding_names)
+    kernels, covered = [], []
+    for module in modules:
+        config = getattr(module, "config", None)
+        kernel = getattr(module, "emb_module", None)
+        if config is None or kernel is None or config.has_feature_processor \
+                or config.is_weighted:
+            return f"kernel {type(module).__name__}"
+        weights = list(kernel.split_embedding_weights())
+        if not weights or any(w.device.type != "cpu" for w in weights):
+            return "not on CPU"
+        start = len(covered)
+        covered += config.feature_names()
+        kernels.append((kernel, start, len(covered), module._embedding_table_index_type,
+                        module._embedding_table_offset_type))
+    if covered != names or list(features.keys()) != names:
+        return f"features {list(features.keys())}, kernels {covered}, output {names}"
+    return DirectLookup(kernels, names, list(ebc._embedding_dims))
 
 
 class AllShardingTypesSharder(EmbeddingBagCollectionSharder):

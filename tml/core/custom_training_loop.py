@@ -1,8 +1,9 @@
 """The training loop: TorchRec's sparse-dist pipeline, logs, evaluation and checkpoints.
 
 `train` is what every project calls after building its model and optimizer. It runs
-`TrainPipelineSparseDist` (which overlaps the next batch's embedding all-to-all with the
-current step, on CPU as on GPU), logs step / loss / steps/s / examples/s every
+TorchRec's `TrainPipelineSparseDist` (which overlaps the next batch's embedding all-to-all
+with the current step) with several workers or on GPU, and the plain step of
+`tml.core.one_worker_pipeline` for one worker on CPU (nothing to overlap there), logs step / loss / steps/s / examples/s every
 `logging_interval` steps, evaluates through a callback, saves a DCP checkpoint every
 `checkpoint_frequency` steps and at the end (asynchronously when asked: training goes on
 while the files are written), and resumes from the newest complete checkpoint in
@@ -47,7 +48,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from tml.common.checkpointing import (
     Checkpointer,
@@ -60,6 +60,7 @@ from tml.common.prefetch import prefetch
 from tml.core.crash_hook import maybe_crash
 from tml.core.early_stopping import EarlyStopping, mark_best
 from tml.core.loop_state import EVALUATION_FILE, SchedulerState, TrainState, set_schedule_step
+from tml.core.one_worker_pipeline import OneWorkerTrainPipeline, train_pipeline
 from tml.core.run_records import RunRecorder, learning_rates, record_checkpoint_evaluation
 from tml.errors import CheckpointError, TmlError
 from tml.metrics.reduce import global_mean
@@ -344,7 +345,7 @@ def train(
     _seek(dataset, train_state.batches_consumed)
     step_optimizer = optimizer if not gradient_accumulation or gradient_accumulation == 1 \
         else _AccumulatingOptimizer(optimizer, gradient_accumulation)
-    pipeline = TrainPipelineSparseDist(model, step_optimizer, device)  # type: ignore[arg-type]
+    pipeline = train_pipeline(model, step_optimizer, device)
     # Batches are read ahead by a thread (see tml.common.prefetch): ~8% of a CPU step.
     data_iter = prefetch(iter(dataset), depth=prefetch_batches)
     model.train()
@@ -607,7 +608,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _evaluate(pipeline: TrainPipelineSparseDist, evaluate_fn: Callable, step: int) -> dict:
+def _evaluate(pipeline: OneWorkerTrainPipeline | Any, evaluate_fn: Callable, step: int) -> dict:
     model = pipeline.detach()
     try:
         return evaluate_fn(model, step)

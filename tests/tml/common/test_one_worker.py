@@ -50,9 +50,11 @@ def test_one_worker_has_no_ddp_and_its_step_equals_the_reference(monkeypatch):
 
 
 def local_dists_checks() -> dict:
-    """In the worker: the same training steps through TorchRec's train pipeline with
-    TorchRec's one-rank all-to-alls and with the local dists (`shard_model(local_dists=)`);
-    which dists each ran, and how far apart the losses, tables and translations ended."""
+    """In the worker: the same training steps three ways: TorchRec's train pipeline with
+    TorchRec's one-rank all-to-alls, the same pipeline with the local dists
+    (`shard_model(local_dists=)`), and the one-worker step (`OneWorkerTrainPipeline`, whose
+    lookups go straight to the kernel); which dists each ran, how many lookups went direct,
+    and how far each ended from the first in losses, tables and translations."""
     import torch
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -69,13 +71,16 @@ def local_dists_checks() -> dict:
     )
     from tml.common.device import setup_and_get_device
     from tml.common.sharding import shard_model
+    from tml.core.one_worker_pipeline import OneWorkerTrainPipeline, train_pipeline
 
     device = setup_and_get_device()
     config = _model_config()
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES)
     runs = {}
-    for local in (False, True):
+    for name, local, pipeline_class in (("torchrec", False, TrainPipelineSparseDist),
+                                        ("local", True, TrainPipelineSparseDist),
+                                        ("one_worker", True, OneWorkerTrainPipeline)):
         torch.manual_seed(0)
         model = TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config))
         dmp = shard_model(model, device, local_dists=local)
@@ -84,7 +89,7 @@ def local_dists_checks() -> dict:
                 torch.randn(dmp.module.model.all_trans_embs.shape,
                             generator=torch.Generator().manual_seed(7)))
         optimizer, _ = build_optimizer(dmp, config)
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
+        pipeline = pipeline_class(dmp, optimizer, device)
         batches = iter([_edges(seed, config)[4] for seed in range(5)])
         losses = []
         for step in range(5):
@@ -96,33 +101,46 @@ def local_dists_checks() -> dict:
             torch.manual_seed(200)
             eval_loss = evaluated(_edges(9, config)[4])[0]
         ebcs = [m for m in dmp.modules() if isinstance(m, ShardedEmbeddingBagCollection)]
-        runs[local] = {
+        runs[name] = {
             "losses": torch.stack(losses), "eval_loss": eval_loss,
             "tables": _full_tables(dmp),
             "translations": dmp.module.model.all_trans_embs.detach().clone(),
+            "direct_lookups": sum(getattr(m, "direct_lookups", 0) for m in ebcs),
             "dists": sorted({type(d).__name__ for m in ebcs
                              for d in [*m._input_dists, *m._output_dists]})}
-    torchrec, local = runs[False], runs[True]
-    return {
-        "dists": {"torchrec": torchrec["dists"], "local": local["dists"]},
-        "losses": float((torchrec["losses"] - local["losses"]).abs().max()),
-        "eval_loss": float((torchrec["eval_loss"] - local["eval_loss"]).abs()),
-        "tables": max(float((torchrec["tables"][name] - local["tables"][name]).abs().max())
-                      for name in torchrec["tables"]),
-        "translations": float((torchrec["translations"] - local["translations"]).abs().max()),
-        "trained": float((torchrec["losses"][0] - torchrec["losses"][-1]).abs()),
-    }
+    reference = runs["torchrec"]
+    out: dict = {"trained": float((reference["losses"][0] - reference["losses"][-1]).abs()),
+                 "chosen": type(train_pipeline(dmp, optimizer, device)).__name__}
+    for name, run in runs.items():
+        out[name] = {
+            "dists": run["dists"], "direct_lookups": run["direct_lookups"],
+            "losses": float((reference["losses"] - run["losses"]).abs().max()),
+            "eval_loss": float((reference["eval_loss"] - run["eval_loss"]).abs()),
+            "tables": max(float((reference["tables"][table] - run["tables"][table]).abs().max())
+                          for table in reference["tables"]),
+            "translations": float(
+                (reference["translations"] - run["translations"]).abs().max())}
+    return out
 
 
 @pytest.mark.slow
-def test_one_worker_local_dists_train_exactly_as_torchrec_all_to_alls(monkeypatch):
-    """Skipping TorchRec's one-rank all-to-alls changes no number: five pipelined steps and
-    an evaluation forward give the same losses, tables and translations, bit for bit."""
+def test_one_worker_local_dists_and_direct_lookups_train_exactly_as_torchrec(monkeypatch):
+    """Skipping TorchRec's one-rank all-to-alls, then its train pipeline and lookup wrappers
+    too, changes no number: five steps and an evaluation forward give the same losses,
+    tables and translations, bit for bit; the one-worker step is what a CPU worker alone
+    gets, and its lookups (training and evaluation) went straight to the kernel."""
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = launch_checks(local_dists_checks, 1)
     checks = results[0]
-    assert checks["dists"]["torchrec"] == ["TwPooledEmbeddingDist", "TwSparseFeaturesDist"]
-    assert checks["dists"]["local"] == ["LocalFeaturesDist", "LocalPooledEmbeddingDist"]
+    assert checks["torchrec"]["dists"] == ["TwPooledEmbeddingDist", "TwSparseFeaturesDist"]
+    assert checks["local"]["dists"] == ["LocalFeaturesDist", "LocalPooledEmbeddingDist"]
+    assert checks["torchrec"]["direct_lookups"] == 0
+    # TorchRec's pipeline rewrites the module's forward while attached: only the evaluation
+    # after `detach` went direct.
+    assert checks["local"]["direct_lookups"] == 1, checks
+    assert checks["one_worker"]["direct_lookups"] == 6, checks   # 5 steps + 1 evaluation
+    assert checks["chosen"] == "OneWorkerTrainPipeline"
     assert checks["trained"] > 0, checks            # the steps changed the loss
-    for key in ("losses", "eval_loss", "tables", "translations"):
-        assert checks[key] == 0.0, (key, checks)
+    for name in ("local", "one_worker"):
+        for key in ("losses", "eval_loss", "tables", "translations"):
+            assert checks[name][key] == 0.0, (name, key, checks)

@@ -122,7 +122,10 @@ def test_killed_readers_are_taken_over_mid_stream_with_the_same_batches(tmp_path
         with pytest.raises(ReaderError) as error:
             list(batches)
         message = str(error.value)
-        assert message.startswith(f"reader 0 ({readers.addresses[0]}) failed: "), message
+        # Reader 0 served every part: the part whose stream breaks first is named, then the
+        # readers tried for it, reader 0 among them when the part was first another's.
+        assert message.startswith("reader "), message
+        assert f"reader 0 ({readers.addresses[0]})" in message, message
         assert "no other reader could take over its share" in message and "\n" not in message
     finally:
         readers.stop()
