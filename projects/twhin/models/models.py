@@ -43,6 +43,7 @@ from tml.trainer.fused_tables import apply_table_optimizers
 from ..data.config import TwhinDataConfig
 from ..data.edges import EdgeBatch, relation_tables
 from .config import Loss, Operator, Regularizer, TwhinModelConfig
+from .translation_scores import TranslationScores
 
 # Operator codes as stored in tensors (position in this tuple).
 OPERATORS: tuple[Operator, ...] = (Operator.TRANSLATION, Operator.IDENTITY, Operator.DIAGONAL,
@@ -153,6 +154,13 @@ class TwhinModel(nn.Module):
         # One operator for every relation (the usual case): dispatch on an int, no sort.
         codes = {operator_code(op) for op in self.operators}
         self.single_operator_code = codes.pop() if len(codes) == 1 else None
+        # Translation everywhere, in-batch negatives only, no penalty: the positives' and
+        # negatives' logits in one autograd step (`translation_scores`) when the batch is
+        # grouped by relation.
+        self.fused_translation = bool(
+            self.single_operator_code == operator_code(Operator.TRANSLATION)
+            and self.in_batch_negatives and not self.global_negatives
+            and not self.shared_negatives and not self.reciprocal and not self.regularization)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -175,12 +183,35 @@ class TwhinModel(nn.Module):
         Each table sees only its own ids (`data.edges`): every lookup's vector is one row of
         the pooled output, found by its slot (`lookup_rows`).
         """
+        return self._split_lookups(self._looked_up(batch), batch)
+
+    def _looked_up(self, batch: EdgeBatch) -> torch.Tensor:
+        """(L, D): every lookup's vector in lookup order (lhs, rhs of each edge, then the
+        global and the shared negatives)."""
         pooled = self.large_embeddings(batch.nodes)
-        x = lookup_rows(pooled.values(), batch.slots, pooled.keys(), self.table_names,
-                        self.embedding_dim)
+        return lookup_rows(pooled.values(), batch.slots, pooled.keys(), self.table_names,
+                           self.embedding_dim)
+
+    def _split_lookups(self, x: torch.Tensor, batch: EdgeBatch) -> tuple[torch.Tensor, ...]:
         x, shared = split_shared(x, batch.shared)
         lhs, rhs, negative_lhs, negative_rhs = split_lookups(x, batch.rels)
         return lhs, rhs, negative_lhs, negative_rhs, shared
+
+    def _fused_translation_outputs(self, x: torch.Tensor, batch: EdgeBatch,
+                                   sample: InBatchSample) -> dict[str, torch.Tensor]:
+        """`forward`'s outputs when `fused_translation` and the batch is grouped."""
+        num_edges, n = batch.rels.shape[0], self.in_batch_negatives
+        logits = translation_logits(x, self.all_trans_embs, sample, n)
+        outputs = {"logits": logits}
+        outputs["tail_negatives"], outputs["head_negatives"] = \
+            logits[num_edges:].view(2, num_edges, n).unbind(0)
+        if self.loss == Loss.SOFTMAX:
+            outputs["negative_offsets"] = negative_offsets(
+                positive_ids(batch.nodes, batch.slots, num_edges), batch.shared,
+                self.relation_tables, batch.rels, 0, sample)
+        if not self.training:
+            outputs["probabilities"] = torch.sigmoid(logits)
+        return outputs
 
     def forward(self, batch: EdgeBatch) -> dict[str, torch.Tensor]:
         """Logits of the B positives, the in-batch, global, then shared negatives.
@@ -197,7 +228,13 @@ class TwhinModel(nn.Module):
         positives' scores that way (the softmax's head side compares those). In eval mode
         `probabilities` holds the logits' sigmoid.
         """
-        lhs, rhs, negative_lhs, negative_rhs, shared = self.lookup_all(batch)
+        x = self._looked_up(batch)
+        sample = None
+        if self.fused_translation:
+            sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
+            if sample.counts is not None:
+                return self._fused_translation_outputs(x, batch, sample)
+        lhs, rhs, negative_lhs, negative_rhs, shared = self._split_lookups(x, batch)
         relation_vectors = relation_rows(self.all_trans_embs, batch.rels)
         codes = self.single_operator_code
         if codes is None:
@@ -218,8 +255,7 @@ class TwhinModel(nn.Module):
                 outputs["head_positives"] = (head_query[0] * lhs).sum(-1) + head_query[1]
             else:
                 head_query = relation_query(rhs, relation_vectors, codes, "head")
-            sample = None
-            if self.in_batch_negatives:
+            if self.in_batch_negatives and sample is None:
                 sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
             if self.global_negatives or self.shared_negatives:
                 positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
@@ -258,6 +294,17 @@ class TwhinModel(nn.Module):
             # sigmoid over every logit is 1% of a step.
             outputs["probabilities"] = torch.sigmoid(logits)
         return outputs
+
+
+def translation_logits(x: torch.Tensor, vectors: torch.Tensor, sample: InBatchSample,
+                       n: int) -> torch.Tensor:
+    """(B + 2 B n,) the positives' and in-batch logits of a grouped batch whose relations are
+    all translations, from the 2B looked-up rows `x` (lhs, rhs of each edge; no global or
+    shared negatives) and the relation vectors (`translation_scores.TranslationScores`)."""
+    num_edges = x.shape[0] // 2
+    return TranslationScores.apply(x.view(num_edges, 2, x.shape[1]), vectors,
+                                   sample.present.tolist(), sample.counts, sample.lhs_rows,
+                                   sample.rhs_rows, n)
 
 
 def relation_rows(vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -803,6 +850,7 @@ torch.fx.wrap("split_shared")
 torch.fx.wrap("positive_ids")
 torch.fx.wrap("negative_offsets")
 torch.fx.wrap("regularizer_penalty")
+torch.fx.wrap("translation_logits")
 torch.fx.wrap("softmax_loss")
 torch.fx.wrap("relation_rows")
 torch.fx.wrap("cat_nonempty")
