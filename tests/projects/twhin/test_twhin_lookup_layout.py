@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from projects.twhin.data.config import TwhinDataConfig
 from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
 from projects.twhin.models.config import TwhinModelConfig
-from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, split_lookups, split_shared
+from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
 
@@ -37,12 +37,9 @@ class SumOfBlocksModel(TwhinModel):
     """The model's lookup as it was: sum the pooled output's table blocks (one is the
     lookup's row, the others zeros)."""
 
-    def lookup_all(self, batch):  # noqa: ANN001, ANN201
+    def _looked_up(self, batch):  # noqa: ANN001, ANN201
         values = self.large_embeddings(batch.nodes).values()
-        x = sum(values.split(self.embedding_dim, dim=1))
-        x, shared = split_shared(x, batch.shared)
-        lhs, rhs, negative_lhs, negative_rhs = split_lookups(x, batch.rels)
-        return lhs, rhs, negative_lhs, negative_rhs, shared
+        return sum(values.split(self.embedding_dim, dim=1))
 
 
 def _config(pairs, loss="bce", regularization=0.0):
