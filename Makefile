@@ -101,11 +101,18 @@ bench-neighbors: $(STAMP)
 # Link-prediction quality of `twhin import`'s config (issue 20): the generated check graphs
 # and Nations / UMLS / Kinships, the written config as is against PyKEEN's TransE / RotatE /
 # ComplEx on the same splits in the same run, and the popularity baseline; writes
-# benchmarks/results/quality.json. PyKEEN lives in its own venv (PYKEEN_VENV; create it
-# with: python3 -m venv /tmp/kgvenv && /tmp/kgvenv/bin/pip install torch==2.13.0 pykeen);
-# without it the PyKEEN rows and the public graphs are skipped with a note.
-PYKEEN_VENV ?= /tmp/kgvenv
-bench-quality: $(STAMP)
+# benchmarks/results/quality.json. PyKEEN 1.11.1 lives in its own venv (.venv-pykeen,
+# created here once, as .venv-pbg is for bench-peers; PYKEEN_VENV=... uses another).
+PYKEEN_VENV ?= .venv-pykeen
+PYKEEN_STAMP := $(PYKEEN_VENV)/.installed
+
+$(PYKEEN_STAMP):
+	test -x $(PYKEEN_VENV)/bin/python || $(PYTHON) -m venv $(PYKEEN_VENV)
+	$(PYKEEN_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PYKEEN_VENV)/bin/pip install --quiet pykeen==1.11.1
+	touch $(PYKEEN_STAMP)
+
+bench-quality: $(STAMP) $(PYKEEN_STAMP)
 	$(PY) -m benchmarks.quality --pykeen $(PYKEEN_VENV) --candidates defaults \
 		--graphs patterns:3000:40000:21,longtail:10000:60000:21,nations,umls,kinships
 
@@ -113,4 +120,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests
 
 clean:
-	rm -rf $(VENV) $(PBG_VENV) data runs
+	rm -rf $(VENV) $(PBG_VENV) .venv-pykeen data runs

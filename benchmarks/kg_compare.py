@@ -7,8 +7,9 @@ numbers (ComplEx in PyKEEN counts complex dimensions, so it gets dim/2), 1 CPU t
 and the same metric: filtered ranks over train + valid + test, ties at the mean (PyKEEN's
 "realistic" rank, tml's 1 + #greater + #equal/2), both sides (head and tail) together.
 
-    # once: python3 -m venv /tmp/kgvenv && /tmp/kgvenv/bin/pip install torch==2.13.0 pykeen
-    .venv/bin/python -m benchmarks.kg_compare [/tmp/kgvenv] [--dataset nations umls]
+    # once (`make bench-quality` does it): python3 -m venv .venv-pykeen &&
+    #   .venv-pykeen/bin/pip install torch==2.13.0 pykeen==1.11.1
+    .venv/bin/python -m benchmarks.kg_compare [.venv-pykeen] [--dataset nations umls]
         [--seeds 0 1 2] [--rows defaults,old,tuned] [--skip-pykeen] [--quick]
 
 Writes benchmarks/results/kg_compare.json (or --out) and prints a markdown table. Each tml
@@ -254,7 +255,7 @@ def _key(row: dict) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("venv", nargs="?", default="/tmp/kgvenv",
+    parser.add_argument("venv", nargs="?", default=os.path.join(REPO, ".venv-pykeen"),
                         help="virtual environment with pykeen installed")
     parser.add_argument("--dataset", nargs="+", choices=sorted(DATASETS), default=["nations"])
     parser.add_argument("--dim", type=int, default=32, help="real numbers per embedding")

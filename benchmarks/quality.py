@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--candidates", default="defaults",
                    help=f"comma-separated, of: {', '.join(CANDIDATES)}")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--pykeen", default="/tmp/kgvenv",
+    p.add_argument("--pykeen", default=os.path.join(REPO, ".venv-pykeen"),
                    help="PyKEEN virtual environment (benchmarks/kg_compare.py); PyKEEN rows "
                    "and the public graphs are skipped, with a note, when it does not exist")
     p.add_argument("--pykeen-models", default=",".join(PYKEEN_MODELS),

@@ -29,3 +29,24 @@ def test_every_candidate_applies_to_every_table_and_relation(name):
     if key in overrides:
         assert [t["optimizer"]["adagrad"]["lr"] for t in data["model"]["embeddings"]["tables"]] \
             == [overrides[key]] * 2
+
+
+def test_make_bench_quality_creates_pykeens_own_pinned_environment(tmp_path):
+    """`make bench-quality` on a clean clone makes PyKEEN's venv itself (as bench-peers
+    does PBG's), pinned, and hands that venv to the benchmark; a dry run shows the plan."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import require
+    from tests.twhin_setup import REPO
+
+    require(shutil.which("make"), "make is not installed")
+    venv = tmp_path / "pk"
+    plan = subprocess.run(["make", "-n", "bench-quality", f"PYKEEN_VENV={venv}"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+    assert f"-m venv {venv}" in plan
+    assert f"{venv}/bin/pip install --quiet pykeen==1.11.1" in plan
+    assert f"-m benchmarks.quality --pykeen {venv}" in plan
+    default = subprocess.run(["make", "-n", "bench-quality"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    assert "--pykeen .venv-pykeen" in default
