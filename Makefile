@@ -103,6 +103,7 @@ bench-neighbors: $(STAMP)
 # ComplEx on the same splits in the same run, and the popularity baseline; writes
 # benchmarks/results/quality.json. PyKEEN 1.11.1 lives in its own venv (.venv-pykeen,
 # created here once, as .venv-pbg is for bench-peers; PYKEEN_VENV=... uses another).
+# QUALITY_GRAPHS=nations runs a subset (about a minute after the venv).
 PYKEEN_VENV ?= .venv-pykeen
 PYKEEN_STAMP := $(PYKEEN_VENV)/.installed
 
@@ -112,9 +113,11 @@ $(PYKEEN_STAMP):
 	$(PYKEEN_VENV)/bin/pip install --quiet pykeen==1.11.1
 	touch $(PYKEEN_STAMP)
 
+QUALITY_GRAPHS ?= patterns:3000:40000:21,longtail:10000:60000:21,nations,umls,kinships
+
 bench-quality: $(STAMP) $(PYKEEN_STAMP)
 	$(PY) -m benchmarks.quality --pykeen $(PYKEEN_VENV) --candidates defaults \
-		--graphs patterns:3000:40000:21,longtail:10000:60000:21,nations,umls,kinships
+		--graphs $(QUALITY_GRAPHS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check tml projects tests

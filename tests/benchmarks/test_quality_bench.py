@@ -50,3 +50,5 @@ def test_make_bench_quality_creates_pykeens_own_pinned_environment(tmp_path):
     default = subprocess.run(["make", "-n", "bench-quality"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout
     assert "--pykeen .venv-pykeen" in default
+    assert "--graphs patterns:3000:40000:21,longtail:10000:60000:21,nations,umls,kinships" \
+        in default
