@@ -235,17 +235,18 @@ def _train(config: TwhinConfig, effective: str, save_dir: str,
 
 
 def evaluate(config: TwhinConfig | str, checkpoint: str, split: str = "test",
-             strict: bool = False, best: bool = False) -> dict:
+             strict: bool = False, best: bool = False, max_edges: int | None = None) -> dict:
     """`twhin evaluate` in this process: filtered MRR and Hits@k of `checkpoint` (a
     checkpoint or a save_dir: its newest, or with `best` its best) on `split`, with the
-    popularity baseline under "popularity". `config`: a TwhinConfig or a YAML path."""
+    popularity baseline under "popularity". `config`: a TwhinConfig or a YAML path.
+    `max_edges`: rank a fixed random sample of that many edges (`--max_edges`)."""
     from .link_prediction import evaluate_checkpoint
 
     if best:
         from tml.core.early_stopping import best_checkpoint
 
         checkpoint = best_checkpoint(checkpoint)
-    return evaluate_checkpoint(config, checkpoint, split, strict)
+    return evaluate_checkpoint(config, checkpoint, split, strict, max_edges)
 
 
 def export(config: TwhinConfig | str, checkpoint: str, out: str, vocab: str | None = None,

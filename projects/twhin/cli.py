@@ -23,6 +23,17 @@ from tml.core.config.overrides import apply_overrides  # noqa: F401  (re-exporte
 from tml.errors import ConfigError
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (else argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     import tml
 
@@ -63,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="With a save_dir as --checkpoint: its "
                    "best checkpoint (save_dir/best.json, kept by training.early_stopping) "
                    "instead of the newest.")
+    p.add_argument("--max_edges", type=_positive_int, default=None, metavar="N",
+                   help="Rank a fixed random sample of N of the split's edges (seeded by "
+                   "training.seed), for graphs too large to rank every edge against every "
+                   "entity (default: all).")
 
     p = commands.add_parser("export", help="Embeddings to parquet (id, vector).")
     p.add_argument("--config", required=True, help="TwHIN YAML config.")
@@ -123,8 +138,11 @@ def _print_metrics(result: dict) -> None:
         return (f"{name:<24} {m['mrr']:>8.4f} {m['hits_at_1']:>8.4f} {m['hits_at_3']:>8.4f} "
                 f"{m['hits_at_10']:>8.4f} {m['mean_rank']:>10.1f} {m['count']:>8}")
 
+    sampled = result.get("num_evaluated", result["num_edges"] - result["num_skipped_unseen"])
+    sample = "" if sampled == result["num_edges"] - result["num_skipped_unseen"] else \
+        f", a random sample of {sampled} ranked"
     print(f"filtered link prediction on {result['split']} ({result['num_edges']} edges, "
-          f"{result['num_skipped_unseen']} skipped as unseen in training)")
+          f"{result['num_skipped_unseen']} skipped as unseen in training{sample})")
     print(f"{'':<24} {'MRR':>8} {'Hits@1':>8} {'Hits@3':>8} {'Hits@10':>8} {'mean rank':>10} "
           f"{'ranks':>8}")
     print(row("all", result))
@@ -165,10 +183,11 @@ def _evaluate(args: argparse.Namespace) -> dict:
         from tml.common.run_training import launch_function
 
         results = launch_function(evaluate_checkpoint, args.nproc_per_node, config,
-                                  args.checkpoint, args.split, args.strict)
+                                  args.checkpoint, args.split, args.strict, args.max_edges)
         result = results[0]
     else:
-        result = evaluate_checkpoint(config, args.checkpoint, args.split, args.strict)
+        result = evaluate_checkpoint(config, args.checkpoint, args.split, args.strict,
+                                     args.max_edges)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

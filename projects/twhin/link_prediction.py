@@ -455,14 +455,31 @@ def load_shards(config: TwhinConfig, checkpoint: str, rank: int = 0, world: int 
     return tables, state[RELATIONS_KEY]
 
 
+def edge_sample(edges: Edges, max_edges: int | None, seed: int) -> Edges:
+    """At most `max_edges` of `edges`: a fixed random subset, kept in file order.
+
+    Why: every query is ranked against a whole table, so a split of 1e5 edges over 1e6
+    entities costs hours on a CPU; the same seed gives the same subset every time (early
+    stopping's evaluations and `twhin evaluate --max_edges` pick theirs alike), so values
+    stay comparable between checkpoints.
+    """
+    if max_edges is None or len(edges[0]) <= max_edges:
+        return edges
+    chosen = np.sort(np.random.default_rng(seed).choice(len(edges[0]), max_edges,
+                                                        replace=False))
+    return tuple(e[chosen] for e in edges)  # type: ignore[return-value]
+
+
 def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: str = "test",
-                        strict: bool = False, query_chunk: int = 1024,
-                        candidate_chunk: int = 8192) -> dict:
+                        strict: bool = False, max_edges: int | None = None,
+                        query_chunk: int = 1024, candidate_chunk: int = 8192) -> dict:
     """Evaluate in this process; one of WORLD_SIZE workers when started by torch elastic.
 
     `config_path`: the YAML's path, or a TwhinConfig already loaded. With several workers
     each holds 1/WORLD_SIZE of every table (see module docstring); every worker returns
-    the same result.
+    the same result. `max_edges`: rank only a fixed random sample of that many of the
+    split's (seen) edges (`edge_sample`, seeded by `training.seed`), model and popularity
+    baseline alike.
     """
     import torch.distributed as dist
 
@@ -480,6 +497,8 @@ def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: 
     path = resolve_checkpoint(checkpoint)
     tables, relation_vectors = load_shards(config, path, rank, world)
     edges, known, counts, train = prepare(config, split, strict)
+    edges = edge_sample(edges, max_edges, config.training.seed)
+    counts["num_evaluated"] = len(edges[0])
     reduce: Reduce | None = None
     if distributed:
         def reduce(tensor: torch.Tensor) -> None:
@@ -543,11 +562,7 @@ def validation_evaluate(config: TwhinConfig, max_edges: int, seed: int = 0
         metrics = default_evaluate(model, batches, device, num_steps)  # type: ignore[arg-type]
         if "edges" not in cache:
             edges, known, _, _ = prepare(config, "validation")
-            if len(edges[0]) > max_edges:
-                chosen = np.sort(np.random.default_rng(seed).choice(
-                    len(edges[0]), max_edges, replace=False))
-                edges = tuple(e[chosen] for e in edges)  # type: ignore[assignment]
-            cache["edges"], cache["known"] = edges, known
+            cache["edges"], cache["known"] = edge_sample(edges, max_edges, seed), known
         tables, relation_vectors = live_weights(model, config)
         sums = rank_sums(tables, relation_vectors, config.model.relations,
                          cache["edges"], cache["known"])  # type: ignore[arg-type]

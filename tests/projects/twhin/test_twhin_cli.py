@@ -224,6 +224,23 @@ def test_export_evaluate_and_neighbors_on_a_checkpoint(imported, tmp_path, capsy
     assert printed["num_edges"] == result["num_edges"] > 0
     assert 0 < printed["mrr"] <= 1 and printed["mean_rank"] >= 1
 
+    # --max_edges: a fixed sample (the same each time), model and popularity ranked on it;
+    # at least the split's size means the whole split.
+    evaluate = ["evaluate", "--config", str(out / "config.yaml"), "--checkpoint",
+                str(tmp_path / "save")]
+    whole = dispatch([*evaluate, "--max_edges", str(result["num_edges"])])
+    assert whole["mrr"] == result["mrr"] and whole["count"] == result["count"]
+    sampled = [dispatch([*evaluate, "--max_edges", "3"]) for _ in range(2)]
+    assert sampled[0]["num_evaluated"] == 3 and sampled[0]["count"] == 6   # both sides
+    assert sampled[0]["popularity"]["count"] == 6
+    assert sampled[0]["mrr"] == sampled[1]["mrr"]
+    assert "a random sample of 3 ranked" in capsys.readouterr().out
+    for bad in ("0", "x"):
+        done = subprocess.run([sys.executable, "-m", "projects.twhin", *evaluate,
+                               "--max_edges", bad], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert done.returncode == 2 and "--max_edges" in done.stderr, done.stderr
+
 
 def test_export_in_small_chunks_equals_one_chunk_and_writes_row_groups(imported, tmp_path):
     """Streaming: a 5-row chunk gives the same files as one chunk, in several row groups."""
@@ -336,6 +353,15 @@ def test_walkthrough_import_train_two_workers_evaluate_export_neighbors(tmp_path
     for key in ("hits_at_1", "hits_at_10", "mean_rank", "count", "auc"):
         assert two[key] == one[key], key
     assert two["mrr"] == pytest.approx(one["mrr"], rel=1e-9)
+    # A sample of the training edges: the same sample and ranks on 2 workers as on 1.
+    sample = ("--split", "train", "--max_edges", "50", "--json")
+    two = json.loads(twhin("evaluate", "--config", str(save / "twhin_config.yaml"),
+                           "--checkpoint", str(save), "--nproc_per_node", "2", *sample))
+    one = json.loads(twhin_here("evaluate", "--config", str(save / "twhin_config.yaml"),
+                                "--checkpoint", str(save), *sample))
+    assert two["num_evaluated"] == one["num_evaluated"] == 50 and two["count"] == 100
+    for key in ("hits_at_1", "hits_at_10", "mean_rank", "count"):
+        assert two[key] == one[key], key
     # Training learned: on the edges it trained on, the trained tables rank better than
     # random ones of the same shapes (a checkpoint written here, evaluated the same way).
     # The held-out edges of this random graph are mostly unpredictable (16 of them), and
