@@ -63,7 +63,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -696,6 +696,21 @@ class Checkpointer:
             return None
         return pending.wait()
 
+    def when_saved(self, step: int, callback: Callable[[], None]) -> None:
+        """Call `callback` (on rank 0) once checkpoint `step` is complete on disk: now if it
+        is, else when its background save is renamed into place; never if that save fails.
+
+        Why: a marker naming a checkpoint (early stopping's best.json) written while the
+        checkpoint is still being written would name a missing one if the process died in
+        between; the marker must follow the data, not precede it.
+        """
+        pending = self._pending
+        if pending is not None and pending.step == step and not pending.finalized:
+            pending.on_final.append(callback)
+        elif _is_rank0() and os.path.isfile(os.path.join(self.save_dir, str(step),
+                                                         ".metadata")):
+            callback()
+
     def _has_sharded_tensors(self, state: Mapping[str, Any]) -> bool:
         if not any(_is_sharded_tensor(t) for t in _flatten(state).values()):
             return False
@@ -723,6 +738,7 @@ class _PendingSave:
         self.step, self.tmp, self.final, self.owner = step, tmp, final, owner
         self.future, self.started = future, started
         self.finalized = False
+        self.on_final: list[Callable[[], None]] = []   # `Checkpointer.when_saved`
 
     def poll(self) -> None:
         if self.future is not None and self.future.done() and not self.finalized \
@@ -762,6 +778,8 @@ class _PendingSave:
         logger.info("saved checkpoint %s (%.2fs)", self.final,
                     time.perf_counter() - self.started)
         self.owner._retain()
+        for callback in self.on_final:
+            callback()
 
 
 def _remove_stale_tmp(save_dir: str) -> None:

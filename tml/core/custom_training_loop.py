@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -402,9 +403,12 @@ def train(
         return improved
 
     def keep_best() -> None:
+        """Keep this step's checkpoint; mark it best once it is complete on disk."""
         checkpointer.keep.add(step)
-        mark_best(save_dir, step, early_stopping.config.metric,  # type: ignore[union-attr]
-                  float(early_stopping.best))  # type: ignore[union-attr, arg-type]
+        metric = early_stopping.config.metric  # type: ignore[union-attr]
+        value = float(early_stopping.best)  # type: ignore[union-attr, arg-type]
+        checkpointer.when_saved(step, functools.partial(mark_best, save_dir, step, metric,
+                                                        value))
 
     while step < train_steps:
         if seed is not None:

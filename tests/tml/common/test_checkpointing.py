@@ -73,6 +73,32 @@ def test_async_staging_copies_each_tensor_once_and_the_save_holds_its_step(tmp_p
         assert torch.equal(saved[f"model.{name}"], value), name
 
 
+def test_when_saved_follows_the_checkpoint_onto_disk(tmp_path):
+    """A marker naming a checkpoint (early stopping's best.json) is written only once that
+    checkpoint is complete: a process killed while a background save is in flight leaves
+    the marker on the previous complete checkpoint, never on a missing one."""
+    save = tmp_path / "save"
+    checkpointer = Checkpointer(str(save), async_save=True)
+    checkpointer.prepare()
+    calls = []
+
+    def mark(step):
+        assert (save / str(step) / ".metadata").is_file()   # complete when called
+        calls.append(step)
+
+    checkpointer.save(5, {"model": torch.nn.Linear(300, 200)})
+    checkpointer.when_saved(5, lambda: mark(5))
+    assert calls == [] and not (save / "5").exists()   # in flight: not yet
+    checkpointer.wait()
+    assert calls == [5]
+    checkpointer.when_saved(5, lambda: mark(5))        # already complete: at once
+    assert calls == [5, 5]
+    checkpointer.when_saved(7, lambda: mark(7))        # no such checkpoint: never
+    checkpointer.save(8, {"model": torch.nn.Linear(2, 2)})
+    checkpointer.wait()
+    assert calls == [5, 5]
+
+
 @pytest.mark.filterwarnings("ignore:To get the last learning rate")
 def test_small_states_are_tensors_and_round_trip():
     state = TrainState()
