@@ -138,9 +138,9 @@ def _print_metrics(result: dict) -> None:
         return (f"{name:<24} {m['mrr']:>8.4f} {m['hits_at_1']:>8.4f} {m['hits_at_3']:>8.4f} "
                 f"{m['hits_at_10']:>8.4f} {m['mean_rank']:>10.1f} {m['count']:>8}")
 
-    sampled = result.get("num_evaluated", result["num_edges"] - result["num_skipped_unseen"])
-    sample = "" if sampled == result["num_edges"] - result["num_skipped_unseen"] else \
-        f", a random sample of {sampled} ranked"
+    seen = result["num_edges"] - result["num_skipped_unseen"]
+    sampled = result.get("num_evaluated", seen)
+    sample = f", a random sample of {sampled} ranked" if sampled < seen else ""
     print(f"filtered link prediction on {result['split']} ({result['num_edges']} edges, "
           f"{result['num_skipped_unseen']} skipped as unseen in training{sample})")
     print(f"{'':<24} {'MRR':>8} {'Hits@1':>8} {'Hits@3':>8} {'Hits@10':>8} {'mean rank':>10} "

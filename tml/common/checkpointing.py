@@ -708,7 +708,7 @@ class Checkpointer:
         if pending is not None and pending.step == step and not pending.finalized:
             pending.on_final.append(callback)
         elif _is_rank0() and os.path.isfile(os.path.join(self.save_dir, str(step),
-                                                         ".metadata")):
+                                                         _METADATA)):
             callback()
 
     def _has_sharded_tensors(self, state: Mapping[str, Any]) -> bool:
