@@ -6,9 +6,17 @@ filtered ranks over all known edges, ties at the mean: the protocol of the model
 
 import numpy as np
 import pytest
+import torch
 
 from projects.twhin.cli import _print_metrics
-from projects.twhin.link_prediction import KnownEdges, popularity_rank_sums, summarize
+from projects.twhin.link_prediction import (
+    KnownEdges,
+    filtered_ranks,
+    operator_code,
+    popularity_counts,
+    popularity_rank_sums,
+    summarize,
+)
 from projects.twhin.models.config import Relation
 
 SIZES = {"user": 6, "item": 5}
@@ -84,3 +92,37 @@ def test_evaluate_prints_the_baseline_and_warns_when_the_model_is_worse(capsys):
     result["mrr"] = 1.0
     _print_metrics(result)
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sorted_count_ranks_equal_scoring_every_candidate(seed):
+    """On a larger graph with many tied counts and repeated known edges: the same sums as
+    scoring every candidate with `filtered_ranks` (the model's ranking path)."""
+    rng = np.random.default_rng(seed)
+    sizes = {"user": 300, "item": 200}
+    n = 4000
+    rel = rng.integers(2, size=n)
+    lhs = rng.zipf(1.5, size=n) % sizes["user"]
+    rhs = np.where(rel == 0, rng.zipf(1.3, size=n) % sizes["item"],
+                   rng.integers(sizes["user"], size=n))
+    arrays = [a.astype(np.int64) for a in (lhs, rel, rhs)]
+    train = tuple(a[:3000] for a in arrays)
+    test = tuple(a[3000:] for a in arrays)
+    known = KnownEdges(tuple(arrays), max(sizes.values()))   # duplicates kept on purpose
+    got = popularity_rank_sums(train, RELATIONS, sizes, test, known, query_chunk=97)
+    counts = popularity_counts(train, RELATIONS, sizes)
+    want = np.zeros_like(got)
+    for r in range(2):
+        chosen = np.nonzero(test[1] == r)[0]
+        for side_index, side in enumerate(("head", "tail")):
+            anchors, truths = (test[0], test[2]) if side == "tail" else (test[2], test[0])
+            a, t = anchors[chosen], truths[chosen]
+            ranks = filtered_ranks(torch.ones(len(a), 1, dtype=torch.float64),
+                                   torch.ones(1, dtype=torch.float64),
+                                   operator_code("identity"), side, counts[r][side], t,
+                                   *known.lookup(side, r, a), candidate_chunk=64)
+            want[r, side_index] = [len(ranks), (1 / ranks).sum(), ranks.sum(),
+                                   (ranks <= 1).sum(), (ranks <= 3).sum(),
+                                   (ranks <= 10).sum()]
+    np.testing.assert_allclose(got, want)
+    assert got[..., 0].sum() == 2 * len(test[0])
