@@ -129,6 +129,9 @@ CANDIDATES.update({
 })
 # Sixth round: early stopping's patience (evaluations without a gain) on sparse graphs.
 CANDIDATES.update({"patience3": {"training.early_stopping.patience": 3}})
+# Tenth round: a lower table lr for dim 256 (1 x sqrt(32 / 256), the dim lr 1 was chosen at):
+# a faster start on large long-tail graphs, overtaken by 1 later (docs/twhin_cli.md).
+CANDIDATES.update({"tlr035": {_TLR: 0.35}})
 
 
 def run(cmd: list[str], log: str) -> tuple[str, float]:
