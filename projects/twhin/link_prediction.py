@@ -301,9 +301,9 @@ def _popularity_ranks(count: np.ndarray, ordered: np.ndarray, truths: np.ndarray
                       ) -> np.ndarray:
     """Filtered ranks of `truths` when candidate c scores count[c] (`ordered`: sorted)."""
     true_count = count[truths]
-    above = len(ordered) - np.searchsorted(ordered, true_count, side="right")
-    level = np.searchsorted(ordered, true_count, side="right") - \
-        np.searchsorted(ordered, true_count, side="left")
+    not_above = np.searchsorted(ordered, true_count, side="right")
+    above = len(ordered) - not_above
+    level = not_above - np.searchsorted(ordered, true_count, side="left")
     # Removed per query: its known entities and its truth, each once.
     queries = len(truths)
     pairs = np.unique(np.concatenate([filter_positions, np.arange(queries)]) * len(count)
