@@ -274,7 +274,8 @@ def popularity_rank_sums(train: Edges, relations: list[Relation], sizes: Mapping
     removed, ties at the mean), counted from sorted counts rather than by scoring every
     candidate: the candidates above and level with the truth's count by binary search,
     minus the removed ones above and level. Brute force over 818k candidates cost as much
-    as ranking the model; this costs O(log n) per query and O(1) per removed entity.
+    as ranking the model; this costs a binary search per query and a sort of the removed
+    (query, entity) pairs.
     `candidate_chunk` is unused (kept so callers pass the model's chunking unchanged).
     """
     del candidate_chunk
