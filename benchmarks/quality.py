@@ -271,6 +271,13 @@ def one_graph(spec: str, candidates: list[str], work: str, seed: int = 0,
     return rows
 
 
+def written_dim(spec: str, work: str) -> int:
+    """The embedding dim of the config `twhin import` wrote for `spec` (`one_graph`)."""
+    path = os.path.join(work, spec.replace(":", "_"), "data", "config.yaml")
+    with open(path) as f:
+        return int(yaml.safe_load(f)["model"]["embeddings"]["tables"][0]["embedding_dim"])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| graph | settings | valid MRR | test MRR | H@10 | popularity MRR | "
              "popularity H@10 | train s |", "|---|---|---|---|---|---|---|---|"]
@@ -304,7 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="quality_")
     os.makedirs(work, exist_ok=True)
-    names = args.candidates.split(",")
+    # --candidates "" runs PyKEEN alone (tml's written config is still imported: its dim).
+    names = [n for n in args.candidates.split(",") if n]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         sys.exit(f"error: --candidates: unknown {', '.join(unknown)}")
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += graph_rows
         if venv_python is not None and models:
             # PyKEEN at the dim of tml's written config (as many real numbers per entity).
-            dim = graph_rows[0]["dim"] if graph_rows else 32
+            dim = graph_rows[0]["dim"] if graph_rows else written_dim(spec, work)
             rows += pykeen_rows(venv_python, spec, paths, dim, args.pykeen_epochs,
                                 os.path.join(work, spec.replace(":", "_")), models)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

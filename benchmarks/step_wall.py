@@ -22,7 +22,11 @@ thread, for a gloo worker thread (TorchRec's one-rank all-to-alls), or preempted
 main thread, `prefetch_batches=0`), `memory` (all batches read before training, then fed
 from a list: no reader during the steps at all).
 
-    python -m benchmarks.step_wall [--quick] [--steps 200] [--batches prefetch] [--out f.json]
+`--batch N` trains on batches of N edges instead of the benchmark's 4000 (same lr): steps
+of several sizes give a step's fixed cost (the intercept) and its cost per edge (the slope).
+
+    python -m benchmarks.step_wall [--quick] [--steps 200] [--batches prefetch] [--batch N]
+                                   [--out f.json]
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def _thread_cpu(thread: threading.Thread | None) -> float:
 
 
 def measure(quick: bool = False, steps: int = 200, skip: int = 10,
-            batches: str = "prefetch", threads: int = 1, window: int = 100) -> dict:
+            batches: str = "prefetch", threads: int = 1, window: int = 100,
+            batch: int | None = None) -> dict:
     """Per-step wall and CPU times of the loop's parts (ms, mean and median over steps)."""
     import torch
 
@@ -65,12 +70,16 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
     if batches not in BATCH_SOURCES:
         raise ValueError(f"batches must be one of {', '.join(BATCH_SOURCES)}, got {batches!r}")
     sizes, graph = bench.bench_graph(quick)
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        sizes = {**sizes, "batch": batch}
     bench.one_process_rank()
     torch.set_num_threads(threads)
 
     rows: list[dict] = []            # one per progress call
     waits: list[float] = []          # next() on the data iterator, in order
-    reader: dict = {"thread": None}
+    reader: dict = {"thread": None, "batch_rows": None}
     original_prefetch = ctl.prefetch
 
     def source(iterable, depth: int = 2):  # noqa: ANN001, ANN202
@@ -87,6 +96,8 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
                 except StopIteration:
                     return
                 waits.append(time.perf_counter() - start)
+                if reader["batch_rows"] is None:   # what the step really gets
+                    reader["batch_rows"] = int(item.labels.shape[0])
                 if reader["thread"] is None:   # started by the first next()
                     reader["thread"] = next((t for t in threading.enumerate()
                                              if t.name == "tml-prefetch"), None)
@@ -137,7 +148,8 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
     windows = [{key: 1000 * statistics.fmean(r[key] for r in steady[i:i + window])
                 for key in ("iteration", "thread_cpu", "progress_off_cpu")}
                for i in range(0, len(steady) - window + 1, window)]
-    return {"sizes": sizes, "batches": batches, "threads": threads, "steps": len(steady),
+    return {"sizes": sizes, "batch_rows": reader["batch_rows"], "batches": batches,
+            "threads": threads, "steps": len(steady),
             "window": window, "windows_mean_ms": windows,
             "first_progress_ms": 1000 * rows[0]["wall"],
             "train_seconds": result.train_seconds,
@@ -147,7 +159,8 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
 
 
 def table(report: dict) -> str:
-    lines = [f"batches from: {report['batches']}; {report['steps']} steps, "
+    lines = [f"batches of {report['batch_rows']} edges from: {report['batches']}; "
+             f"{report['steps']} steps, "
              f"{report['threads']} thread(s), load {report['load'][0]:.1f}; first progress "
              f"{report['first_progress_ms']:.0f} ms; edges/s steady "
              f"{report['edges_per_s_steady']:,.0f}, whole loop {report['edges_per_s_loop']:,.0f}",
@@ -167,9 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--batches", choices=BATCH_SOURCES, default="prefetch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="edges per step (default: the benchmark's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    report = measure(args.quick, args.steps, args.skip, args.batches, args.threads)
+    report = measure(args.quick, args.steps, args.skip, args.batches, args.threads,
+                     batch=args.batch)
     print(table(report))
     if args.out:
         with open(args.out, "w") as f:

@@ -52,3 +52,19 @@ def test_make_bench_quality_creates_pykeens_own_pinned_environment(tmp_path):
     assert "--pykeen .venv-pykeen" in default
     assert "--graphs patterns:3000:40000:21,longtail:10000:60000:21,nations,umls,kinships" \
         in default
+
+
+def test_pykeen_alone_takes_the_dim_twhin_import_wrote(tmp_path):
+    """`--candidates ""` trains no tml config; PyKEEN then gets the imported config's dim
+    (as many reals per entity as tml's), read from where `one_graph` imported the graph."""
+    import yaml
+
+    from benchmarks.quality import written_dim
+
+    folder = tmp_path / "longtail_100_600_7" / "data"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"embeddings": {"tables": [{"embedding_dim": 48}, {"embedding_dim": 48}]}}}))
+    assert written_dim("longtail:100:600:7", str(tmp_path)) == 48
+    with pytest.raises(FileNotFoundError):
+        written_dim("longtail:100:600:8", str(tmp_path))

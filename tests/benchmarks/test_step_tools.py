@@ -41,6 +41,14 @@ def test_step_wall_parts_add_up(tmp_path, batches):
 
 
 @pytest.mark.slow
+def test_step_wall_trains_on_the_batch_size_asked_for(tmp_path):
+    report = _run(tmp_path, "step_wall", "--batches", "memory", "--skip", "5", "--batch", "24")
+    assert report["batch_rows"] == 24 and report["sizes"]["batch"] == 24
+    default = _run(tmp_path, "step_wall", "--batches", "memory", "--skip", "5")
+    assert default["batch_rows"] == default["sizes"]["batch"] != 24
+
+
+@pytest.mark.slow
 def test_local_dists_train_like_torchrecs_all_to_alls(tmp_path):
     report = _run(tmp_path, "local_dists")
     assert report["losses_equal"] is True
