@@ -57,11 +57,16 @@ EDGE_LR = 0.6
 TRANSLATION_LR_RATIO = 1e-4
 
 
+def step_lr(sizes: dict) -> float:
+    """The SGD lr per step for `sizes`' batch: `EDGE_LR` per edge of the mean loss."""
+    return EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+
+
 def bench_graph(quick: bool = False) -> tuple[dict, str]:
     """`make bench`'s sizes (with the SGD lr per step) and its generated graph, made once and
     cached in benchmarks/.data: every tool that measures a step measures the same one."""
     sizes = dict(QUICK if quick else FULL)
-    sizes["lr"] = EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    sizes["lr"] = step_lr(sizes)
     graph = os.path.join(REPO, "benchmarks", ".data", "quick" if quick else "full")
     generate_graph(graph, num_users=sizes["num_users"], num_tweets=sizes["num_tweets"],
                    num_edges=sizes["num_edges"], num_communities=sizes["num_communities"],
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     sizes["batch"] = args.batch or sizes["batch"]
-    sizes["lr"] = args.lr or EDGE_LR * sizes["batch"] * (1 + 2 * sizes["negatives"])
+    sizes["lr"] = args.lr or step_lr(sizes)
     os.makedirs(args.results, exist_ok=True)
     cache = os.path.join(REPO, "benchmarks", ".data")
     graph = os.path.join(cache, "quick" if args.quick else "full")

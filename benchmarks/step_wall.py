@@ -22,7 +22,8 @@ thread, for a gloo worker thread (TorchRec's one-rank all-to-alls), or preempted
 main thread, `prefetch_batches=0`), `memory` (all batches read before training, then fed
 from a list: no reader during the steps at all).
 
-`--batch N` trains on batches of N edges instead of the benchmark's 4000 (same lr): steps
+`--batch N` trains on batches of N edges instead of the benchmark's 4000 (the same lr per
+edge, as `make bench --batch` sets it): steps
 of several sizes give a step's fixed cost (the intercept) and its cost per edge (the slope).
 
     python -m benchmarks.step_wall [--quick] [--steps 200] [--batches prefetch] [--batch N]
@@ -74,6 +75,7 @@ def measure(quick: bool = False, steps: int = 200, skip: int = 10,
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         sizes = {**sizes, "batch": batch}
+        sizes["lr"] = bench.step_lr(sizes)          # the same lr per edge
     bench.one_process_rank()
     torch.set_num_threads(threads)
 
