@@ -68,3 +68,25 @@ def test_pykeen_alone_takes_the_dim_twhin_import_wrote(tmp_path):
     assert written_dim("longtail:100:600:7", str(tmp_path)) == 48
     with pytest.raises(FileNotFoundError):
         written_dim("longtail:100:600:8", str(tmp_path))
+
+
+def test_test_sample_is_a_seeded_subset_both_sides_rank(tmp_path):
+    """`--test-sample N`: N distinct lines of the test file, in file order, the same ones
+    every time (tml's import and PyKEEN read the same file); a smaller file is used whole."""
+    from benchmarks.quality import sample_test_split
+
+    test = tmp_path / "test.tsv"
+    lines = [f"user:u{i}\tlike\titem:i{i}\n" for i in range(50)]
+    test.write_text("".join(lines[:-1]) + lines[-1].rstrip("\n"))   # no final newline
+    paths = {"train": "t", "valid": "v", "test": str(test)}
+    sampled = sample_test_split(paths, 10)
+    assert sampled["train"] == "t" and sampled["valid"] == "v"
+    got = open(sampled["test"]).read().splitlines(keepends=True)
+    assert len(got) == 10 and len(set(got)) == 10
+    assert all(line.endswith("\n") for line in got)
+    wanted = [line if line.endswith("\n") else line + "\n" for line in lines]
+    positions = [wanted.index(line) for line in got]
+    assert positions == sorted(positions)
+    assert open(sample_test_split(paths, 10)["test"]).read() == "".join(got)
+    assert sample_test_split(paths, 50) == paths
+    assert sample_test_split(paths, 60) == paths
