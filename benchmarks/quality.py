@@ -48,6 +48,8 @@ OLD_OTHERWISE = {"train_data.in_batch_negatives": 10, "train_data.global_negativ
                  "training.num_epochs": 10}
 CANDIDATES: dict[str, dict] = {
     "defaults": {},
+    "entity_bias": {"model.entity_bias": True},
+    "no_entity_bias": {"model.entity_bias": False},
     "old": OLD_OTHERWISE,
     "old_complex": {**OLD_OTHERWISE, "OPS": "complex_diagonal"},
     "old_complex_rel_lr": {**OLD_OTHERWISE, "OPS": "complex_diagonal",

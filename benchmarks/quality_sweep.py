@@ -76,7 +76,7 @@ def mrr(config: TwhinConfig, model: TwhinModel, split: str,
         _PREPARED[key] = lp.prepare(config, split)
     edges, known, _, train = _PREPARED[key]
     sums = lp.rank_sums(tables, model.all_trans_embs.detach(), config.model.relations, edges,
-                        known)
+                        known, entity_bias=config.model.entity_bias)
     if not popularity:
         return lp._metrics(sums), {}
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}

@@ -7,7 +7,9 @@ Output directory:
     relations.parquet     name, operator, lhs, rhs (table names), vector (as above); with
                           reciprocal relations also inverse_vector (head queries)
     metadata.json         format ("twhin-export"), format_version, embedding_dim, tables
-                          (name -> rows), source checkpoint, indexes (with --index)
+                          (name -> rows), source checkpoint, entity_bias (the vectors'
+                          last coordinate is a bias: `models.relation_query`), indexes
+                          (with --index)
     <table>.ivf-*.npy     with --index: the table's approximate nearest-neighbour index,
                           three plain arrays (`projects.twhin.neighbor_index`), built from
                           the rows as they stream by
@@ -225,7 +227,8 @@ def export_embeddings(config: TwhinConfig | str, config_path: str | None, checkp
             pq.write_table(pa.table(columns), os.path.join(tmp, "relations.parquet"))
             metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
                         "embedding_dim": int(dim), "tables": {n: int(r) for n, r in sizes.items()},
-                        "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory)}
+                        "checkpoint": os.path.abspath(path), "ids_from_vocabulary": bool(directory),
+                        "entity_bias": bool(config.model.entity_bias)}
             if indexes:
                 metadata["indexes"] = indexes
             with open(os.path.join(tmp, METADATA_FILE), "w") as handle:

@@ -441,6 +441,7 @@ class Defaults:
     dim: int = SMALL_DIM
     early_stopping: bool = False
     patience: int = PATIENCE
+    entity_bias: bool = False
 
 
 def large_dim(table_rows: list[int], start: int = LARGE_DIM) -> int:
@@ -604,6 +605,7 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
                 else {"sgd": {"lr": defaults.relation_lr}}),
             "loss": defaults.loss,
             "regularization": defaults.regularization,
+            **({"entity_bias": True} if defaults.entity_bias else {}),
             "embeddings": {"tables": [
                 {"name": name, "num_embeddings": max(1, len(ids)), "embedding_dim": dim,
                  "data_type": "fp32",

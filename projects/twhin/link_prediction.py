@@ -168,7 +168,7 @@ def filtered_ranks(anchor_vectors: torch.Tensor, relation_vector: torch.Tensor, 
                    side: str, candidates: torch.Tensor, truths: np.ndarray,
                    filter_positions: np.ndarray, filter_entities: np.ndarray,
                    candidate_chunk: int = 8192, candidate_start: int = 0,
-                   reduce: Reduce | None = None) -> np.ndarray:
+                   reduce: Reduce | None = None, entity_bias: bool = False) -> np.ndarray:
     """Realistic filtered ranks of `truths` among `candidates` for one chunk of queries.
 
     anchor_vectors: (Q, D) the known side of each query; side "tail" ranks rhs candidates
@@ -180,7 +180,7 @@ def filtered_ranks(anchor_vectors: torch.Tensor, relation_vector: torch.Tensor, 
     """
     q_count = anchor_vectors.shape[0]
     rv = relation_vector.expand(q_count, -1)
-    q, b = relation_query(anchor_vectors, rv, torch.full((q_count,), code), side)
+    q, b = relation_query(anchor_vectors, rv, torch.full((q_count,), code), side, entity_bias)
     lo, hi = candidate_start, candidate_start + candidates.shape[0]
     truths_t = torch.from_numpy(truths)
     rows = torch.arange(q_count)
@@ -216,7 +216,7 @@ def _add(sums: np.ndarray, ranks: np.ndarray) -> None:
 def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors: torch.Tensor,
               relations: list[Relation], edges: Edges, known: KnownEdges,
               query_chunk: int = 1024, candidate_chunk: int = 8192,
-              reduce: Reduce | None = None) -> np.ndarray:
+              reduce: Reduce | None = None, entity_bias: bool = False) -> np.ndarray:
     """(R, 2, len(COLUMNS)) metric sums of `edges`, per relation and side (head, tail).
 
     `relation_vectors`: (R, D), or (2R, D) for reciprocal relations (heads are then ranked
@@ -245,7 +245,8 @@ def rank_sums(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors:
                                                      len(relations))
                 ranks = filtered_ranks(gather_rows(anchor_table, a, reduce), vector, code,
                                        query_side, candidates.rows, t, positions, entities,
-                                       candidate_chunk, candidates.start, reduce)
+                                       candidate_chunk, candidates.start, reduce,
+                                       entity_bias)
                 _add(sums[r, side_index], ranks)
     return sums
 
@@ -319,7 +320,7 @@ def _popularity_ranks(count: np.ndarray, ordered: np.ndarray, truths: np.ndarray
 @torch.no_grad()
 def auc_scores(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors: torch.Tensor,
                relations: list[Relation], edges: Edges, chunk: int = 1000,
-               seed: int = 1234, reduce: Reduce | None = None
+               seed: int = 1234, reduce: Reduce | None = None, entity_bias: bool = False
                ) -> tuple[np.ndarray, np.ndarray]:
     """Scores of the true edges and of their in-batch negatives (as in training).
 
@@ -338,10 +339,12 @@ def auc_scores(tables: Mapping[str, torch.Tensor | TableShard], relation_vectors
                 lv = gather_rows(tables[relation.lhs], lhs[idx], reduce)
                 rv = gather_rows(tables[relation.rhs], rhs[idx], reduce)
                 rels = torch.from_numpy(rel[idx])
-                positives.append(score(lv, relation_vectors[rels], rv, codes[rels]).numpy())
+                positives.append(score(lv, relation_vectors[rels], rv, codes[rels],
+                                       entity_bias).numpy())
                 if len(idx) > 1:
                     negatives.append(in_batch_negative_logits(
-                        lv, rv, rels, relation_vectors, AUC_NEGATIVES, codes).numpy())
+                        lv, rv, rels, relation_vectors, AUC_NEGATIVES, codes,
+                        entity_bias).numpy())
     finally:
         torch.random.set_rng_state(generator_state)
     empty = np.empty(0, np.float32)
@@ -526,10 +529,11 @@ def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: 
         def reduce(tensor: torch.Tensor) -> None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     relations = config.model.relations
+    bias = config.model.entity_bias
     sums = rank_sums(tables, relation_vectors, relations, edges, known, query_chunk,
-                     candidate_chunk, reduce)
+                     candidate_chunk, reduce, bias)
     positives, negatives = auc_scores(tables, relation_vectors, relations, edges,
-                                      reduce=reduce)
+                                      reduce=reduce, entity_bias=bias)
     result = summarize(sums, relations)
     sizes = {t.name: t.num_embeddings for t in config.model.embeddings.tables}
     popular = summarize(popularity_rank_sums(train, relations, sizes, edges, known,
@@ -587,7 +591,8 @@ def validation_evaluate(config: TwhinConfig, max_edges: int, seed: int = 0
             cache["edges"], cache["known"] = edge_sample(edges, max_edges, seed), known
         tables, relation_vectors = live_weights(model, config)
         sums = rank_sums(tables, relation_vectors, config.model.relations,
-                         cache["edges"], cache["known"])  # type: ignore[arg-type]
+                         cache["edges"], cache["known"],  # type: ignore[arg-type]
+                         entity_bias=config.model.entity_bias)
         ranked = _metrics(sums)
         if ranked.get("count"):
             metrics["mrr"], metrics["hits_at_10"] = ranked["mrr"], ranked["hits_at_10"]

@@ -103,6 +103,9 @@ class Embeddings:
             raise NeighborsError(f"{directory}/{METADATA_FILE}: unreadable ({error})") from None
         if not isinstance(metadata, dict):
             raise NeighborsError(f"{directory}/{METADATA_FILE}: not a JSON object")
+        if not isinstance(metadata.get("entity_bias", False), bool):
+            raise NeighborsError(f"{directory}/{METADATA_FILE}: entity_bias must be true or "
+                                 f"false, got {metadata['entity_bias']!r}")
         relations: dict[str, Relation] = {}
         path = os.path.join(directory, RELATIONS_FILE)
         if os.path.isfile(path):
@@ -113,6 +116,11 @@ class Embeddings:
                                            table.column("lhs")[i].as_py(),
                                            table.column("rhs")[i].as_py(), vectors[i])
         return cls(os.path.abspath(directory), metadata, relations, names, nprobe)
+
+    @property
+    def entity_bias(self) -> bool:
+        """Whether the vectors end in an entity bias (the trained model's `entity_bias`)."""
+        return bool(self.metadata.get("entity_bias", False))   # checked by `load`
 
     # --- tables ------------------------------------------------------------------------
 
@@ -227,6 +235,11 @@ class Embeddings:
             source, rows = self.find(entities, [table] if table else self.table_names)
             target = source
             queries = self.vectors(source)[rows]
+            if self.entity_bias:
+                # Likeness of the vectors the operators use: the bias and the unused
+                # coordinate (the last two) left out of the dot product.
+                queries = queries.copy()
+                queries[:, -2:] = 0.0
             bias = np.zeros(len(rows), np.float32)
             excluded = [np.array([row]) for row in rows]
         else:
@@ -240,7 +253,7 @@ class Embeddings:
             source, rows = self.find(entities, [spec.lhs])
             target = spec.rhs
             queries, bias = relation_query(self.vectors(source)[rows], spec.vector,
-                                           spec.operator, "tail")
+                                           spec.operator, "tail", self.entity_bias)
             excluded = ([np.zeros(0, np.int64)] * len(rows) if known is None
                         else known.tails(relation, rows))
         candidates = self.vectors(target)

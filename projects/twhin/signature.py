@@ -48,13 +48,17 @@ def model_signature(config: TwhinConfig | TwhinModelConfig) -> dict[str, Any]:
     """
     model = _model(config)
     tables = model.embeddings.tables
-    return {
+    signature = {
         "version": SIGNATURE_VERSION,
         "embedding_dim": tables[0].embedding_dim,
         "tables": {table.name: table.num_embeddings for table in tables},
         "relations": [{"name": r.name, "lhs": r.lhs, "rhs": r.rhs,
                        "operator": Operator(r.operator).value} for r in model.relations],
     }
+    # Only when on: checkpoints from before the option have no key and no bias.
+    if model.entity_bias:
+        signature["entity_bias"] = True
+    return signature
 
 
 def checkpoint_extra(config: TwhinConfig | TwhinModelConfig) -> dict[str, Any]:
@@ -87,6 +91,11 @@ def signature_difference(saved: dict[str, Any], wanted: dict[str, Any],
         if old is not None and old.get("operator") != relation["operator"]:
             return (f"relation '{relation['name']}' was trained with operator "
                     f"'{old.get('operator')}', the config says '{relation['operator']}'")
+    saved_bias, wanted_bias = (bool(saved.get("entity_bias", False)),
+                               bool(wanted.get("entity_bias", False)))
+    if saved_bias != wanted_bias:   # same shapes, another scoring
+        return (f"it was trained with entity_bias {str(saved_bias).lower()}, the config says "
+                f"{str(wanted_bias).lower()}")
     saved_names = [r.get("name") for r in saved_relations]
     wanted_names = [r["name"] for r in wanted_relations]
     if grown and len(wanted_names) > len(saved_names):

@@ -107,6 +107,15 @@ class TwhinModelConfig(BaseConfig):
         "inverse's at row R + i. Needs loss softmax (each side's positive against its own "
         "side's negatives).")
 
+    entity_bias: bool = Field(
+        False, description="Give every entity a learned bias, added to every score it takes "
+        "part in: score = f(lhs, r, rhs) + bias(lhs) + bias(rhs). The bias is the last "
+        "coordinate of the entity's embedding; the operators act on the first "
+        "embedding_dim - 2 (one coordinate stays unused so that complex_diagonal keeps an "
+        "even count), and the regularizer leaves both out. On long-tail graphs it holds "
+        "how often an entity is a positive, which the vectors otherwise learn slowly "
+        "(docs/twhin_cli.md, twelfth round).")
+
     @pydantic.model_validator(mode="after")
     def _relations_name_tables(self) -> TwhinModelConfig:
         names = [table.name for table in self.embeddings.tables]
@@ -121,6 +130,9 @@ class TwhinModelConfig(BaseConfig):
             if relation.operator == Operator.COMPLEX_DIAGONAL and dim % 2:
                 raise ValueError(f"relations[{index}] ('{relation.name}'): operator "
                                  f"complex_diagonal needs an even embedding_dim, got {dim}")
+        if self.entity_bias and dim < 4:
+            raise ValueError(f"entity_bias: true needs embedding_dim >= 4 (the operators use "
+                             f"embedding_dim - 2 coordinates), got {dim}")
         if self.reciprocal and self.loss != Loss.SOFTMAX:
             raise ValueError("reciprocal: true needs loss: softmax (with bce an edge has one "
                              "score, not one per direction)")

@@ -21,7 +21,10 @@ product per side, so hundreds of negatives per positive cost K lookups per table
 (`models.config.Loss`): weighted BCE, or a per-side softmax cross-entropy of the positive
 against its negatives (Lacroix et al. 2018; PBG's "softmax"), with the logQ correction for
 the in-batch negatives (drawn by popularity) and shared negatives that happen to be the
-positive itself left out. Optional N3 / L2 penalty on the positives' vectors. Fixes against the
+positive itself left out. Optional N3 / L2 penalty on the positives' vectors. Optional
+entity bias (`entity_bias`: each vector's last coordinate, added to every score the entity
+takes part in; `relation_query` folds it into q and b, so every path above takes it in).
+Fixes against the
 original tml: the translation is a trained parameter (the original read `.data`, so it never
 learned), negatives use the relation's operator, and negatives are labelled 0 (the original
 labelled them 1).
@@ -55,8 +58,21 @@ def operator_code(operator: Operator | str) -> int:
     return OPERATORS.index(Operator(operator))
 
 
-def initial_relation_vector(operator: Operator | str, dim: int) -> torch.Tensor:
-    """The neutral r of an operator: the score starts as dot(lhs, rhs) whichever it is."""
+def bias_core(dim: int) -> int:
+    """With `entity_bias`, the coordinates the operators use: the first `dim - 2`.
+
+    Coordinate `dim - 1` is the entity's bias and `dim - 2` stays unused, so that
+    complex_diagonal keeps an even count on every even dim (its halves must pair up).
+    """
+    return dim - 2
+
+
+def initial_relation_vector(operator: Operator | str, dim: int,
+                            entity_bias: bool = False) -> torch.Tensor:
+    """The neutral r of an operator: the score starts as dot(lhs, rhs) whichever it is
+    (with `entity_bias`, on the operator's coordinates; r's last two are never read)."""
+    if entity_bias:
+        return torch.cat([initial_relation_vector(operator, bias_core(dim)), torch.zeros(2)])
     operator = Operator(operator)
     if operator == Operator.DIAGONAL:
         return torch.ones(dim)
@@ -88,7 +104,7 @@ def _query_one(x: torch.Tensor, r: torch.Tensor, code: int,
 
 
 def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor,
-                   codes: torch.Tensor | int, side: str = "tail"
+                   codes: torch.Tensor | int, side: str = "tail", entity_bias: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, b) with score = dot(q, other side) + b: THE scoring function of TwHIN.
 
@@ -99,10 +115,24 @@ def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor,
       codes: (N,) each row's operator code (`operator_code`), or one int code for all rows
         (skips finding which operators are present: a sort per call).
       side: "tail" or "head".
+      entity_bias: the last coordinate of every vector is its entity's bias
+        (`TwhinModelConfig.entity_bias`): the operator acts on the first `bias_core(D)`
+        coordinates, q gets (0, 1) in the last two, so dot(q, other) adds the other
+        entity's bias, and b adds x's own.
     Returns q (N, D) and b (N,).
     """
     if side not in ("tail", "head"):
         raise ValueError(f"side must be 'tail' or 'head', got {side!r}")
+    if entity_bias:
+        core = bias_core(x.shape[-1])
+        q, b = _relation_query(x[..., :core], relation_vectors[..., :core], codes, side)
+        ends = torch.cat([torch.zeros_like(x[..., -1:]), torch.ones_like(x[..., -1:])], -1)
+        return torch.cat([q, ends], -1), b + x[..., -1]
+    return _relation_query(x, relation_vectors, codes, side)
+
+
+def _relation_query(x: torch.Tensor, relation_vectors: torch.Tensor, codes: torch.Tensor | int,
+                    side: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(codes, int):
         return _query_one(x, relation_vectors, codes, side)
     present = torch.unique(codes).tolist()
@@ -119,9 +149,9 @@ def relation_query(x: torch.Tensor, relation_vectors: torch.Tensor,
 
 
 def score(lhs: torch.Tensor, relation_vectors: torch.Tensor, rhs: torch.Tensor,
-          codes: torch.Tensor | int) -> torch.Tensor:
+          codes: torch.Tensor | int, entity_bias: bool = False) -> torch.Tensor:
     """(N,) scores of N edges (row i: lhs[i], relation_vectors[i], rhs[i], codes[i])."""
-    q, b = relation_query(lhs, relation_vectors, codes, "tail")
+    q, b = relation_query(lhs, relation_vectors, codes, "tail", entity_bias)
     return (q * rhs).sum(-1) + b
 
 
@@ -140,6 +170,7 @@ class TwhinModel(nn.Module):
         self.regularizer = Regularizer(model_config.regularizer)
         self.regularization = model_config.regularization
         self.reciprocal = model_config.reciprocal
+        self.entity_bias = model_config.entity_bias
         self.operators = [Operator(r.operator) for r in model_config.relations]
         self.large_embeddings = LargeEmbeddings(model_config.embeddings)
         # Reciprocal: rows R..2R-1 hold the inverse relations (`relation_vector_rows`).
@@ -160,7 +191,8 @@ class TwhinModel(nn.Module):
         self.fused_translation = bool(
             self.single_operator_code == operator_code(Operator.TRANSLATION)
             and self.in_batch_negatives and not self.global_negatives
-            and not self.shared_negatives and not self.reciprocal and not self.regularization)
+            and not self.shared_negatives and not self.reciprocal and not self.regularization
+            and not self.entity_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -169,7 +201,8 @@ class TwhinModel(nn.Module):
         with torch.no_grad():
             for index in range(self.all_trans_embs.shape[0]):
                 self.all_trans_embs[index].copy_(initial_relation_vector(
-                    self.operators[index % self.num_relations], self.embedding_dim))
+                    self.operators[index % self.num_relations], self.embedding_dim,
+                    self.entity_bias))
 
     def lookup(self, batch: EdgeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(lhs, rhs) embeddings, each (B, D), read from the tables by name."""
@@ -239,7 +272,8 @@ class TwhinModel(nn.Module):
         codes = self.single_operator_code
         if codes is None:
             codes = self.operator_codes[batch.rels]
-        tail_query = relation_query(lhs, relation_vectors, codes, "tail")
+        bias = self.entity_bias
+        tail_query = relation_query(lhs, relation_vectors, codes, "tail", bias)
         factors = (lhs, relation_vectors, rhs)
         inverse_vectors = None
         if self.reciprocal:
@@ -251,10 +285,10 @@ class TwhinModel(nn.Module):
             softmax = self.loss == Loss.SOFTMAX
             num_edges = batch.rels.shape[0]
             if inverse_vectors is not None:
-                head_query = relation_query(rhs, inverse_vectors, codes, "tail")
+                head_query = relation_query(rhs, inverse_vectors, codes, "tail", bias)
                 outputs["head_positives"] = (head_query[0] * lhs).sum(-1) + head_query[1]
             else:
-                head_query = relation_query(rhs, relation_vectors, codes, "head")
+                head_query = relation_query(rhs, relation_vectors, codes, "head", bias)
             if self.in_batch_negatives and sample is None:
                 sample = _in_batch_sample(batch.rels, self.in_batch_negatives)
             if self.global_negatives or self.shared_negatives:
@@ -285,6 +319,9 @@ class TwhinModel(nn.Module):
         else:
             logits = (tail_query[0] * rhs).sum(-1) + tail_query[1]
         if self.regularization:
+            if bias:   # the operators' coordinates only: not the bias, not the unused one
+                core = bias_core(self.embedding_dim)
+                factors = tuple(factor[..., :core] for factor in factors)
             outputs["penalty"] = self.regularization * regularizer_penalty(
                 factors, self.regularizer,
                 self.single_operator_code == operator_code(Operator.COMPLEX_DIAGONAL))
@@ -539,13 +576,13 @@ def negative_offsets(ids: tuple[torch.Tensor, torch.Tensor], shared_ids: torch.T
 
 def global_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, negative_lhs: torch.Tensor,
                            negative_rhs: torch.Tensor, relation_vectors: torch.Tensor,
-                           codes: torch.Tensor | int) -> torch.Tensor:
+                           codes: torch.Tensor | int, entity_bias: bool = False) -> torch.Tensor:
     """`2 * B * G` logits: each lhs against its G negative rhs, each rhs against G lhs."""
     if negative_lhs.shape[1] == 0:
         return lhs.new_zeros(0)
     return _global_logits(negative_lhs, negative_rhs,
-                          relation_query(lhs, relation_vectors, codes, "tail"),
-                          relation_query(rhs, relation_vectors, codes, "head"))
+                          relation_query(lhs, relation_vectors, codes, "tail", entity_bias),
+                          relation_query(rhs, relation_vectors, codes, "head", entity_bias))
 
 
 def _global_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
@@ -561,7 +598,8 @@ def _global_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
 
 def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
                              translations: torch.Tensor, n: int,
-                             operator_codes: torch.Tensor | None = None) -> torch.Tensor:
+                             operator_codes: torch.Tensor | None = None,
+                             entity_bias: bool = False) -> torch.Tensor:
     """Logits of `n` in-batch negatives per positive and side, relation by relation.
 
     For each relation in the batch: every lhs row is scored against `n` sampled rhs rows of
@@ -576,8 +614,9 @@ def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.T
         operator_codes = torch.zeros(translations.shape[0], dtype=torch.long,
                                      device=translations.device)
     relation_vectors, codes = translations[rels], operator_codes[rels]
-    return _in_batch_logits(lhs, rhs, rels, relation_query(lhs, relation_vectors, codes, "tail"),
-                            relation_query(rhs, relation_vectors, codes, "head"), n)
+    return _in_batch_logits(
+        lhs, rhs, rels, relation_query(lhs, relation_vectors, codes, "tail", entity_bias),
+        relation_query(rhs, relation_vectors, codes, "head", entity_bias), n)
 
 
 class InBatchSample(NamedTuple):
