@@ -78,6 +78,33 @@ def test_sparse_graphs_get_the_larger_n3_weight_and_the_reason_says_why():
     assert choose_defaults(1592, [1592 // 55] * 55, [1000], 32).regularization == 0.0
 
 
+def test_sparse_graphs_with_few_relations_get_an_entity_bias_and_the_reason_says_why(
+        tmp_path):
+    per_relation = [6000, 2000, 1200, 800]
+    sparse = choose_defaults(10_000, per_relation, [1600, 1600])          # 6.25 ends
+    assert sparse.entity_bias and "an entity bias (a sparse graph" in sparse.reason
+    assert "0.146 against 0.093 without" in sparse.reason
+    dense = choose_defaults(10_000, per_relation, [500, 500])             # 20 ends
+    assert not dense.entity_bias and "entity bias" not in dense.reason
+    # many relations per batch (the public graphs: no gain measured there) and a --dim
+    # that leaves no room beside the bias: none
+    assert not choose_defaults(1592, [1592 // 55] * 55, [1000], 32).entity_bias
+    assert not choose_defaults(10_000, per_relation, [1600, 1600], 3).entity_bias
+    # and the written config says it, and loads
+    from projects.twhin.config import TwhinConfig
+    from tml.core.config import load_config_from_yaml
+
+    rng = np.random.default_rng(0)
+    edges = {(f"user:u{rng.integers(1000)}", "likes", f"item:i{rng.integers(500)}")
+             for _ in range(2000)}                      # ~2.7 ends per entity, one relation
+    import_triples(_write(tmp_path / "sparse.tsv", sorted(edges)), str(tmp_path / "out"),
+                   dim=8)
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert written["model"]["entity_bias"] is True
+    assert load_config_from_yaml(TwhinConfig, str(tmp_path / "out" / "config.yaml")
+                                 ).model.entity_bias
+
+
 def test_many_relations_per_batch_switch_to_global_negatives_and_complex_diagonal():
     # Nations-like: 1592 edges over 55 relations, one table of 14 entities.
     counts = [1592 // 55] * 55
