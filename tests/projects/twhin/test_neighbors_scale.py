@@ -140,8 +140,10 @@ def test_index_recall_against_exact_search(graph, relation):
         ids = pq.read_table(graph["emb"] / f"{spec.lhs}.parquet").column("id").to_pylist()
         row = ids.index(users[3])
         x = state[TABLE_KEY.format(spec.lhs)][row:row + 1]
+        assert config.model.entity_bias   # a sparse graph: `twhin import` gave it one
         q, b = torch_query(x, state[RELATIONS_KEY][names.index(relation)][None],
-                           operator_code(spec.operator.value), "tail")
+                           operator_code(spec.operator.value), "tail",
+                           config.model.entity_bias)
         scores = state[TABLE_KEY.format(spec.rhs)] @ q[0] + b[0]
         best = torch.argsort(scores, descending=True)[:10]
         targets = pq.read_table(graph["emb"] / f"{spec.rhs}.parquet").column("id").to_pylist()
