@@ -169,3 +169,26 @@ def test_export_and_neighbors_score_with_the_biases(imported, tmp_path):  # noqa
     (emb / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(TmlError, match="entity_bias must be true or false, got 'yes'"):
         dispatch(["neighbors", "--embeddings", str(emb), "--entity", user])
+
+
+def test_forward_with_biases_traces_with_torchrec_fx():
+    """Several workers train through TorchRec's pipeline, which fx-traces the model."""
+    from torchrec.fx import symbolic_trace
+
+    config = _model(shared=4, loss="softmax")[0]
+    biased = parse_config(TwhinModelConfig, {**config.model_dump(mode="json"),
+                                             "entity_bias": True, "regularization": 0.1})
+    data = TwhinDataConfig(data_root="x", per_replica_batch_size=8, in_batch_negatives=2,
+                           global_negatives=2, shared_negatives=4)
+    torch.manual_seed(0)
+    model = TwhinModel(biased, data)
+    model.large_embeddings = LargeEmbeddings(biased.embeddings, device="cpu")
+    wrapped = TwhinModelAndLoss(model)
+    batch = _batch(config, shared=4, global_=2)[0]
+    traced = symbolic_trace(wrapped)
+    torch.manual_seed(9)
+    eager_loss, eager = wrapped(batch)
+    torch.manual_seed(9)
+    traced_loss, traced_out = traced(batch)
+    assert torch.equal(eager["logits"], traced_out["logits"])
+    assert torch.allclose(eager_loss, traced_loss)
