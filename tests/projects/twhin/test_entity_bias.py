@@ -67,6 +67,18 @@ def test_every_operator_adds_both_entities_biases_from_either_side(operator):
                           atol=1e-5)
 
 
+def _biased_model(model_config, regularization, in_batch=0, global_=0):
+    """A single-process TwhinModel of `model_config` with its regularization weight."""
+    data = TwhinDataConfig(data_root="x", per_replica_batch_size=8, in_batch_negatives=in_batch,
+                           global_negatives=global_, shared_negatives=4)
+    torch.manual_seed(0)
+    model = TwhinModel(model_config.model_copy(update={"regularization": regularization}), data)
+    model.large_embeddings = LargeEmbeddings(model_config.embeddings, device="cpu")
+    with torch.no_grad():
+        model.all_trans_embs.normal_()
+    return model
+
+
 def test_model_scores_with_the_biases_and_leaves_them_out_of_the_penalty():
     """Positives and shared negatives carry the biases; the N3 penalty covers the operators'
     coordinates only; the loss's gradient reaches the bias and never the unused coordinate."""
@@ -74,18 +86,7 @@ def test_model_scores_with_the_biases_and_leaves_them_out_of_the_penalty():
     biased = parse_config(TwhinModelConfig, {**config.model_dump(mode="json"),
                                              "entity_bias": True})
 
-    def build(model_config, regularization):
-        data = TwhinDataConfig(data_root="x", per_replica_batch_size=8,
-                               in_batch_negatives=0, global_negatives=0, shared_negatives=4)
-        torch.manual_seed(0)
-        built = TwhinModel(model_config.model_copy(update={"regularization": regularization}),
-                           data)
-        built.large_embeddings = LargeEmbeddings(model_config.embeddings, device="cpu")
-        with torch.no_grad():
-            built.all_trans_embs.normal_()
-        return built
-
-    model, unpenalised = build(biased, 0.5), build(biased, 0.0)
+    model, unpenalised = _biased_model(biased, 0.5), _biased_model(biased, 0.0)
     batch, _, _, rels, shared_ids, tables = _batch(config, shared=4)
     out = model(batch)
     lhs, rhs = model.lookup(batch)
@@ -177,13 +178,8 @@ def test_forward_with_biases_traces_with_torchrec_fx():
 
     config = _model(shared=4, loss="softmax")[0]
     biased = parse_config(TwhinModelConfig, {**config.model_dump(mode="json"),
-                                             "entity_bias": True, "regularization": 0.1})
-    data = TwhinDataConfig(data_root="x", per_replica_batch_size=8, in_batch_negatives=2,
-                           global_negatives=2, shared_negatives=4)
-    torch.manual_seed(0)
-    model = TwhinModel(biased, data)
-    model.large_embeddings = LargeEmbeddings(biased.embeddings, device="cpu")
-    wrapped = TwhinModelAndLoss(model)
+                                             "entity_bias": True})
+    wrapped = TwhinModelAndLoss(_biased_model(biased, 0.1, in_batch=2, global_=2))
     batch = _batch(config, shared=4, global_=2)[0]
     traced = symbolic_trace(wrapped)
     torch.manual_seed(9)
