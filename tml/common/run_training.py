@@ -23,7 +23,8 @@ Non-chief nodes first check that the rendezvous endpoint answers as a c10d store
 (`tml.common.rendezvous_probe`): torch's store client waits forever on a server that
 accepts and says nothing.
 
-Failure handling: every worker records its exception with torch elastic's error handler;
+Failure handling: every worker records its exception in torch elastic's error file
+(`tml.common.error_file`: atomically, so the agent never reads a half-written one);
 the launcher turns elastic's `ChildFailedError` into `TrainingFailedError`, naming the rank
 that failed first and that worker's own message (the original tml ignored the exit code).
 """
@@ -45,6 +46,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from tml.common.cluster_env import NodeSetup, resolve_node_setup
+from tml.common.error_file import record_error
 from tml.common.machines import nproc_from_machines_file
 from tml.common.rendezvous_probe import probe_rendezvous_store
 from tml.errors import TmlError, TrainingFailedError
@@ -354,10 +356,9 @@ def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any])
     traceback; other exceptions propagate with their traceback. Either way the message is
     written to torch elastic's error file, which is how the launcher learns it.
     """
-    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+    import faulthandler
 
-    handler = get_error_handler()
-    handler.initialize()
+    faulthandler.enable(all_threads=True)  # what torch's error handler's initialize() does
     try:
         kwargs = dict(training_kwargs)
         if FORWARDED_KWARGS_ENV in os.environ:
@@ -366,11 +367,11 @@ def run_in_worker(train_fn: Callable[..., Any], training_kwargs: dict[str, Any])
         check_kwargs_fit(train_fn, kwargs)
         return train_fn(**kwargs)
     except TmlError as error:
-        handler.record_exception(error)
+        record_error(error)
         logger.error("%s: %s", type(error).__name__, error)
         raise SystemExit(1) from None
     except Exception as error:
-        handler.record_exception(error)
+        record_error(error)
         if _is_lost_peer(error):
             # The cause is another worker's failure, which the launcher reports; a
             # traceback from inside the collective would only bury it.

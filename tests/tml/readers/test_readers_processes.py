@@ -128,8 +128,12 @@ def test_reader_role_processes_serve_in_process_batches_and_faults_are_named(tmp
         with pytest.raises(ReaderError) as killed:
             list(batches)
         message = str(killed.value)
-        assert re.match(r"reader [01] \(127\.0\.0\.1:\d+\) failed: .*no other reader could "
-                        "take over its share", message), message
+        # Which error comes first depends on how fast gRPC notices the dead connection: on a
+        # loaded host the batch timeout (3 s) can run out before it does. Both name a reader.
+        assert (re.match(r"reader [01] \(127\.0\.0\.1:\d+\) failed: .*no other reader could "
+                         "take over its share", message)
+                or re.fullmatch(r"reader [01] \(127\.0\.0\.1:\d+\) sent no batch within 3 s "
+                                r"\(batch \d+ of rank 0\); is it stuck\?", message)), message
         assert "\n" not in message
     finally:
         for process in readers:
