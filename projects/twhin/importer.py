@@ -366,6 +366,11 @@ LARGE_EPOCHS = 40                  # without a validation split
 # batch; validation MRR still rose at 40) or the many-relation rule's epochs.
 LARGE_MAX_EPOCHS = 100
 EVAL_EPOCHS = 5
+# Without early stopping the periodic held-out evaluation only writes the log (the run ends
+# with one all the same): at most about LOG_EVALS of them, each a whole number of epochs
+# apart. On Nations (20 steps an epoch, 200 epochs) every 5 epochs was 40 evaluations of
+# ~35 ms, ~1.4 s of a 14 s command (issue 20, thirteenth round).
+LOG_EVALS = 4
 # A checkpoint every CHECKPOINT_EPOCHS epochs, but no more often than every
 # MIN_CHECKPOINT_STEPS steps: on the small public graphs (20 steps an epoch of ~3.5 ms) ten
 # epochs were 200 steps, and each checkpoint costs ~60 ms of CPU whatever the tables' size
@@ -590,6 +595,15 @@ def choose_defaults(train_edges: int, relation_edges: list[int], table_rows: lis
                     f"{stop_reason}", dim, validation)
 
 
+def eval_every_n(steps_per_epoch: int, epochs: int, early_stopping: bool) -> int:
+    """Steps between held-out evaluations: every EVAL_EPOCHS epochs for early stopping,
+    else (the log's only) at most about LOG_EVALS in the run."""
+    every = EVAL_EPOCHS * steps_per_epoch
+    if early_stopping:
+        return every
+    return max(every, steps_per_epoch * -(-epochs // LOG_EVALS))
+
+
 def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
                          defaults: Defaults) -> dict:
     """A TwhinConfig (as a dict) for the imported data, with `choose_defaults`' settings."""
@@ -607,7 +621,10 @@ def default_config(vocab: Vocabulary, counts: dict[str, int], dim: int,
                      "checkpoint_every_n": max(CHECKPOINT_EPOCHS * steps_per_epoch,
                                                MIN_CHECKPOINT_STEPS),
                      "train_log_every_n": max(1, steps_per_epoch // 2),
-                     "eval_log_every_n": EVAL_EPOCHS * steps_per_epoch, "num_eval_steps": 20},
+                     "eval_log_every_n": eval_every_n(steps_per_epoch, defaults.epochs,
+                                                      bool(counts["validation"])
+                                                      and defaults.early_stopping),
+                     "num_eval_steps": 20},
         "model": {
             "translation_optimizer": (
                 {"adagrad": {"lr": defaults.relation_lr, "eps": ADAGRAD_EPS}}

@@ -8,7 +8,9 @@ are already in host memory. What is left of the pipeline is its bookkeeping per 
 dist runs a step ahead), measured at ~8% of a one-worker CPU step (docs/performance.md).
 This pipeline runs the step as written: zero the gradients, forward, backward, optimizer
 step, in the same order and with the same random draws, so the numbers are the same
-(tests/tml/common/test_one_worker.py).
+(tests/tml/common/test_one_worker.py). The optimizer is stepped through
+`tml.optimizers.direct_step.DirectStep`: the same work without TorchRec's and torch's
+wrappers around each level of the combined optimizer.
 
 `train_pipeline` picks it for one worker on CPU and TorchRec's pipeline otherwise (several
 workers, or a GPU, whose copies and all-to-alls the pipeline overlaps).
@@ -24,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from tml.optimizers.direct_step import DirectStep
+
 
 class OneWorkerTrainPipeline:
     """`progress` / `attach` / `detach` as in TorchRec's `TrainPipelineSparseDist`, for a
@@ -33,6 +37,7 @@ class OneWorkerTrainPipeline:
                  device: torch.device) -> None:
         self._model = model
         self._optimizer = optimizer
+        self._step = DirectStep(optimizer)
         self._device = device
 
     def progress(self, dataloader_iter: Iterator[Any]) -> Any:
@@ -42,10 +47,10 @@ class OneWorkerTrainPipeline:
             batch = batch.to(self._device, non_blocking=True)
         if not self._model.training:
             return self._model(batch)[1]
-        self._optimizer.zero_grad()
+        self._step.zero_grad()
         losses, outputs = self._model(batch)
         torch.sum(losses, dim=0).backward()
-        self._optimizer.step()
+        self._step.step()
         return outputs
 
     def attach(self, model: nn.Module | None = None) -> None:

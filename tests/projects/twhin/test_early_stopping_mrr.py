@@ -18,11 +18,13 @@ from projects.twhin.importer import (
     EVAL_EPOCHS,
     LARGE_EPOCHS,
     LARGE_MAX_EPOCHS,
+    LOG_EVALS,
     MIN_DELTA,
     PATIENCE,
     SPARSE_ENDS_PER_ROW,
     VALID_BATCHES,
     choose_defaults,
+    eval_every_n,
     import_triples,
 )
 
@@ -102,6 +104,13 @@ def test_import_writes_early_stopping_and_its_reason_only_with_validation(tmp_pa
     config = yaml.safe_load((tmp_path / "none" / "config.yaml").read_text())
     assert "early_stopping" not in config["training"]
     assert config["training"]["num_epochs"] == LARGE_EPOCHS
+    # Without early stopping the evaluations only write the log: about LOG_EVALS of them.
+    steps_per_epoch = 1300 // config["train_data"]["per_replica_batch_size"]
+    assert config["training"]["eval_log_every_n"] == \
+        steps_per_epoch * -(-LARGE_EPOCHS // LOG_EVALS) > EVAL_EPOCHS * steps_per_epoch
+    assert eval_every_n(20, 200, early_stopping=False) == 1000     # Nations: 4, not 40
+    assert eval_every_n(20, 200, early_stopping=True) == 20 * EVAL_EPOCHS
+    assert eval_every_n(20, 10, early_stopping=False) == 20 * EVAL_EPOCHS
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,12 @@ FAULTS = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tuned_malloc_reuses_step_buffers_instead_of_faulting_fresh_pages() -> None:
     def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", FAULTS, mode], check=True,
+        # numpy asks for transparent huge pages on large arrays: a fresh 40 MiB mapping then
+        # faults 20 times or 10240 times depending on how many free huge pages the host has
+        # at that moment (seen: 1050 and 26600 faults for the same 50 steps). Off, the count
+        # is in 4 KiB pages whatever the host's memory looks like.
+        env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0")
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], check=True, env=env,
                              capture_output=True, text=True, timeout=120)
         return int(out.stdout.strip())
 

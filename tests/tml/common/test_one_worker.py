@@ -144,3 +144,84 @@ def test_one_worker_local_dists_and_direct_lookups_train_exactly_as_torchrec(mon
     for name in ("local", "one_worker"):
         for key in ("losses", "eval_loss", "tables", "translations"):
             assert checks[name][key] == 0.0, (name, key, checks)
+
+
+def _fused_parts(optimizer) -> list:
+    """The tables' fused optimizers in a TorchRec combined optimizer, depth first."""
+    parts = getattr(optimizer, "optimizers", None)
+    if parts is None:
+        return [optimizer] if hasattr(optimizer, "_emb_module") else []
+    return [fused for _, part in parts for fused in _fused_parts(part)]
+
+
+def direct_step_checks() -> dict:
+    """In the worker: the same steps with the combined optimizer's `step()` and with
+    `DirectStep`, the learning rates changed between steps as a schedule would; how far the
+    two ended apart, and what the fused kernels' learning rate was after each."""
+    import torch
+
+    from projects.twhin.data.config import TwhinDataConfig
+    from projects.twhin.models.models import TwhinModel, TwhinModelAndLoss, apply_optimizers
+    from projects.twhin.optimizer import build_optimizer
+    from tests.distributed_checks import BATCH, NEGATIVES, _edges, _full_tables, _model_config
+    from tml.common.device import setup_and_get_device
+    from tml.common.sharding import shard_model
+    from tml.core.custom_training_loop import _AccumulatingOptimizer
+    from tml.optimizers.direct_step import DirectStep
+
+    device = setup_and_get_device()
+    config = _model_config()
+    data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
+                                  in_batch_negatives=NEGATIVES)
+    runs, out = {}, {}
+    for name in ("combined", "direct"):
+        torch.manual_seed(0)
+        dmp = shard_model(TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config),
+                                                             config)), device)
+        optimizer, _ = build_optimizer(dmp, config)
+        stepper = DirectStep(optimizer) if name == "direct" else optimizer
+        kernels = [fused._emb_module for fused in _fused_parts(optimizer)]
+        kernel_lrs = []
+        for step in range(4):
+            torch.manual_seed(100 + step)
+            stepper.zero_grad()
+            losses, _ = dmp(_edges(step, config)[4])
+            torch.sum(losses, dim=0).backward()
+            for group in optimizer.param_groups:    # a schedule's change, before the step
+                group["lr"] *= 0.5
+            stepper.step()
+            kernel_lrs.append([k.get_learning_rate() for k in kernels])
+        out[f"{name}_kernel_lrs"] = kernel_lrs
+        out[f"{name}_table_lrs"] = [g["lr"] for g in optimizer.param_groups]
+        runs[name] = {"tables": _full_tables(dmp),
+                      "translations": dmp.module.model.all_trans_embs.detach().clone()}
+        if name == "direct":
+            out["direct"] = stepper.direct
+            out["accumulating_direct"] = DirectStep(_AccumulatingOptimizer(optimizer, 2)).direct
+            handle = optimizer.register_step_pre_hook(lambda *args: None)
+            out["hooked_direct"] = DirectStep(optimizer).direct
+            handle.remove()
+    out["tables"] = max(float((runs["combined"]["tables"][t] - runs["direct"]["tables"][t])
+                              .abs().max()) for t in runs["combined"]["tables"])
+    out["translations"] = float((runs["combined"]["translations"]
+                                 - runs["direct"]["translations"]).abs().max())
+    return out
+
+
+@pytest.mark.slow
+def test_direct_optimizer_step_is_the_combined_step_and_follows_the_schedule(monkeypatch):
+    """`DirectStep` (the one-worker loop's optimizer step) changes the tables and the
+    translations exactly as the combined optimizer's `step()`, with learning rates changed
+    between steps, and passes each change on to the fused kernels; an optimizer it does not
+    know through and through (gradient accumulation's wrapper, one with step hooks) is
+    stepped as a whole."""
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    checks = launch_checks(direct_step_checks, 1)[0]
+    assert checks["direct"] is True
+    assert checks["accumulating_direct"] is False and checks["hooked_direct"] is False
+    assert checks["tables"] == 0.0 and checks["translations"] == 0.0, checks
+    assert checks["direct_kernel_lrs"] == checks["combined_kernel_lrs"], checks
+    assert checks["direct_table_lrs"] == checks["combined_table_lrs"]
+    halved = checks["direct_kernel_lrs"]
+    assert halved[0] and all(later[0] == earlier[0] / 2
+                             for earlier, later in zip(halved, halved[1:])), halved
