@@ -130,6 +130,12 @@ CANDIDATES.update({
     "neg1024_dim256": {"train_data.shared_negatives": 1024, _DIM: 256},
     "no_es": {"training.early_stopping": "null"},     # the written epochs, no stopping
 })
+# Thirteenth round: the many-relation branch's per-edge global negatives (each edge looks up
+# its own 2 x 32 rows) against negatives shared by the batch (2 x S rows a step).
+CANDIDATES.update({
+    "shared32": {"train_data.global_negatives": 0, "train_data.shared_negatives": 32},
+    "shared128": {"train_data.global_negatives": 0, "train_data.shared_negatives": 128},
+})
 # Sixth round: early stopping's patience (evaluations without a gain) on sparse graphs.
 CANDIDATES.update({"patience3": {"training.early_stopping.patience": 3}})
 # Tenth round: a lower table lr for dim 256 (1 x sqrt(32 / 256), the dim lr 1 was chosen at):
