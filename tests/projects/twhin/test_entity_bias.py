@@ -24,6 +24,7 @@ from projects.twhin.models.models import (
     score,
 )
 from projects.twhin.signature import model_signature, signature_difference
+from tests.fx_checks import assert_traced_matches_eager
 from tests.projects.twhin.test_twhin_cli import _random_checkpoint, imported  # noqa: F401
 from tests.projects.twhin.test_twhin_operators import _formula, _model_config
 from tests.projects.twhin.test_twhin_softmax import _batch, _model
@@ -174,17 +175,9 @@ def test_export_and_neighbors_score_with_the_biases(imported, tmp_path):  # noqa
 
 def test_forward_with_biases_traces_with_torchrec_fx():
     """Several workers train through TorchRec's pipeline, which fx-traces the model."""
-    from torchrec.fx import symbolic_trace
-
     config = _model(shared=4, loss="softmax")[0]
     biased = parse_config(TwhinModelConfig, {**config.model_dump(mode="json"),
                                              "entity_bias": True})
     wrapped = TwhinModelAndLoss(_biased_model(biased, 0.1, in_batch=2, global_=2))
     batch = _batch(config, shared=4, global_=2)[0]
-    traced = symbolic_trace(wrapped)
-    torch.manual_seed(9)
-    eager_loss, eager = wrapped(batch)
-    torch.manual_seed(9)
-    traced_loss, traced_out = traced(batch)
-    assert torch.equal(eager["logits"], traced_out["logits"])
-    assert torch.allclose(eager_loss, traced_loss)
+    assert_traced_matches_eager(wrapped, batch)

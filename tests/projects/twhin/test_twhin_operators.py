@@ -19,6 +19,7 @@ from projects.twhin.models.models import (
     relation_query,
     score,
 )
+from tests.fx_checks import assert_traced_matches_eager
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
 from tml.errors import ConfigError
@@ -155,18 +156,10 @@ def test_global_negatives_are_scored_with_the_full_tables_and_the_operator():
 
 
 def test_forward_traces_with_torchrec_fx_and_matches_eager():
-    from torchrec.fx import symbolic_trace
-
     config, model = _cpu_model(global_negatives=2, in_batch=2)
     wrapped = TwhinModelAndLoss(model)
     batch = _batch(config, torch.Generator().manual_seed(4), negatives=2)[0]
-    traced = symbolic_trace(wrapped)
-    torch.manual_seed(9)
-    eager_loss, eager = wrapped(batch)
-    torch.manual_seed(9)
-    traced_loss, traced_out = traced(batch)
-    assert torch.equal(eager["logits"], traced_out["logits"])
-    assert torch.allclose(eager_loss, traced_loss)
+    eager = assert_traced_matches_eager(wrapped, batch)
     assert eager["logits"].shape == (8 + 2 * 8 * 2 + 2 * 8 * 2,)
 
 

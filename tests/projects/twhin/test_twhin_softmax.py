@@ -23,6 +23,7 @@ from projects.twhin.models.models import (
     regularizer_penalty,
     softmax_loss,
 )
+from tests.fx_checks import assert_traced_matches_eager
 from tests.projects.twhin.test_twhin_operators import TABLES, _formula, _model_config
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.core.config.config_load import parse_config
@@ -250,19 +251,11 @@ def test_regularization_adds_the_penalty_of_the_positives_to_the_loss():
 
 
 def test_forward_with_shared_negatives_and_softmax_traces_with_torchrec_fx():
-    from torchrec.fx import symbolic_trace
-
     config, model = _model(shared=4, in_batch=2, global_=2, loss="softmax",
                            regularization=0.1)
     wrapped = TwhinModelAndLoss(model)
     batch = _batch(config, shared=4, global_=2)[0]
-    traced = symbolic_trace(wrapped)
-    torch.manual_seed(9)
-    eager_loss, eager = wrapped(batch)
-    torch.manual_seed(9)
-    traced_loss, traced_out = traced(batch)
-    assert torch.equal(eager["logits"], traced_out["logits"])
-    assert torch.allclose(eager_loss, traced_loss)
+    assert_traced_matches_eager(wrapped, batch)
 
 
 @pytest.mark.parametrize(("section", "field", "value", "message"), [
