@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from projects.twhin.data.config import TwhinDataConfig
-from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables
+from projects.twhin.data.edges import EdgeBatch, edges_to_kjt, relation_tables, whole_tables
 from projects.twhin.models.config import TwhinModelConfig
 from projects.twhin.models.models import (
     OPERATORS,
@@ -44,7 +44,8 @@ def _model_config(operators: tuple[str, ...] = ("translation",) * 3) -> TwhinMod
     })
 
 
-def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0):  # noqa: ANN202
+def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0,  # noqa: ANN202
+           gathered: bool = False):
     g = torch.Generator().manual_seed(seed)
     rel = torch.randint(0, len(config.relations), (BATCH,), generator=g)
     rt = relation_tables(config.relations, list(TABLES))
@@ -54,6 +55,13 @@ def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0):  # n
     shape = (BATCH, global_negatives)
     neg_lhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 0]].unsqueeze(1)).long()
     neg_rhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 1]].unsqueeze(1)).long()
+    if gathered:    # the same negatives, gathered from whole-table lookups (data.edges)
+        whole = whole_tables(list(TABLES.values()))
+        nodes, slots = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), shared=whole)
+        batch = EdgeBatch(nodes=nodes, slots=slots, labels=torch.ones(BATCH), rels=rel,
+                          weights=torch.ones(BATCH), shared=whole,
+                          negatives=torch.stack([neg_lhs, neg_rhs]))
+        return lhs, rhs, rel, rt, batch, neg_lhs, neg_rhs
     nodes, slots = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), neg_lhs, neg_rhs)
     batch = EdgeBatch(nodes=nodes, slots=slots,
                       labels=torch.ones(BATCH), rels=rel, weights=torch.ones(BATCH))
@@ -158,12 +166,13 @@ def _reference(weights, translations, lhs, rhs, rel, rt, seed, neg_lhs=None,  # 
 
 
 def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int = 0,
-                              operators: tuple[str, ...] | None = None
-                              ) -> dict[str, dict[str, float]]:
+                              operators: tuple[str, ...] | None = None,
+                              gathered: bool = False) -> dict[str, dict[str, float]]:
     """For each sharding type: |sharded - reference| of loss, updated tables, translations.
 
     With `global_negatives` and `operators` the batches carry global negative lookups and
-    the relations use the given operators.
+    the relations use the given operators; with `gathered` the same negatives are gathered
+    from whole-table lookups instead.
     """
     device = setup_and_get_device()
     rank = dist.get_rank()
@@ -184,7 +193,7 @@ def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int =
         optimizer, _ = build_optimizer(dmp, config)
         before = _full_tables(dmp)
         trans_before = translations.detach().clone()
-        edges = [_edges(seed, config, global_negatives)
+        edges = [_edges(seed, config, global_negatives, gathered)
                  for seed in range(dist.get_world_size())]
 
         optimizer.zero_grad()
@@ -247,6 +256,7 @@ def all_sharded_checks() -> dict[str, object]:
     results: dict[str, object] = {
         "plain": sharded_matches_unsharded(PLAIN_TYPES),
         "operators": sharded_matches_unsharded(OPERATOR_TYPES, 2, OPERATOR_SET),
+        "gathered": sharded_matches_unsharded(OPERATOR_TYPES, 2, OPERATOR_SET, gathered=True),
     }
     try:
         results["adam"] = adam_tables_train()

@@ -50,7 +50,7 @@ from tml.common.parquet_files import resolve_parquet_files
 from tml.errors import ConfigError, DataError, error_line
 
 from ..models.config import Relation
-from .edges import EdgeBatch, edges_to_kjt, relation_tables
+from .edges import EdgeBatch, edges_to_kjt, gathers_global_negatives, relation_tables, whole_tables
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class EdgesDataset(ResumablePosition):
         generator seeded by `seed`, rank, epoch and batch, so a resumed run draws the same.
       shared_negatives: per batch and table, this many ids drawn uniformly from the table,
         shared by every edge of the batch (`EdgeBatch.shared`); same generator.
+      gather_negatives: look the global negatives up as whole tables and send their ids in
+        `EdgeBatch.negatives` (`edges.gathers_global_negatives`, which decides when None);
+        the same draws, scores and updates either way.
 
     Iteration: each `iter()` starts at the beginning, or exactly at the position given to
     `load_state_dict` just before. While iterating, `state_dict()` is the next batch to yield.
@@ -103,7 +106,8 @@ class EdgesDataset(ResumablePosition):
                  limit: int | None = None, offset: int | None = None, num_epochs: int = 1,
                  lhs_column: str = "lhs", rhs_column: str = "rhs", rel_column: str = "rel",
                  weight_column: str = "weight", global_negatives: int = 0,
-                 seed: int = 0, shared_negatives: int = 0) -> None:
+                 seed: int = 0, shared_negatives: int = 0,
+                 gather_negatives: bool | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -143,6 +147,14 @@ class EdgesDataset(ResumablePosition):
         self.seed = seed
 
         self._relation_tables = relation_tables(self.relations, self.table_names)
+        rows = [self.table_sizes[t] for t in self.table_names]
+        if gather_negatives is None:
+            gather_negatives = gathers_global_negatives(rows, batch_size, global_negatives,
+                                                        shared_negatives)
+        elif gather_negatives and (not global_negatives or shared_negatives):
+            raise ConfigError("gathered global negatives need global_negatives > 0 and no "
+                              "shared_negatives")
+        self._whole_tables = whole_tables(rows) if gather_negatives else None
         self._lhs_sizes = np.array([self.table_sizes[r.lhs] for r in self.relations], np.int64)
         self._rhs_sizes = np.array([self.table_sizes[r.rhs] for r in self.relations], np.int64)
 
@@ -220,10 +232,16 @@ class EdgesDataset(ResumablePosition):
             weight = weight[order.numpy()]
             if negative_lhs is not None and negative_rhs is not None:
                 negative_lhs, negative_rhs = negative_lhs[order], negative_rhs[order]
+        negatives = torch.zeros(2, 0, 0, dtype=torch.long)
+        if self._whole_tables is not None and negative_lhs is not None \
+                and negative_rhs is not None:
+            negatives = torch.stack([negative_lhs, negative_rhs])
+            negative_lhs = negative_rhs = None
+            shared = self._whole_tables
         nodes, slots = edges_to_kjt(lhs_t, rhs_t, rel_t, self._relation_tables,
                                     self.table_names, negative_lhs, negative_rhs, shared)
         return EdgeBatch(nodes=nodes, slots=slots, labels=torch.ones(len(lhs_t)), rels=rel_t,
-                         weights=torch.from_numpy(weight), shared=shared)
+                         weights=torch.from_numpy(weight), shared=shared, negatives=negatives)
 
     def _read_batches(self, first_row: int, end_row: int) -> Iterator[tuple[np.ndarray, ...]]:
         """Full batches of global rows [first_row, end_row), a multiple of batch_size."""

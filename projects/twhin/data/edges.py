@@ -28,6 +28,16 @@ Shared negatives (`shared_negatives = K > 0`): K ids per table, drawn once for t
 batch, appended last: table 0's K ids, then table 1's, ... (T*K lookups). Every positive is
 scored against the K candidates of its relation's rhs table (and lhs table for the head
 side): many negatives per positive for K lookups per table, not B*K.
+
+Gathered global negatives (`gathers_global_negatives`): when the tables are small next to
+the 2BG global negative lookups (Nations, UMLS, Kinships: 14-135 entities against 16,640
+lookups a step), the batch looks up each whole table once instead, in the shared
+negatives' place (`shared` = every row id of each table, padded by repeating rows to the
+largest table), and carries the drawn ids in `negatives`. The model scores every positive
+against its table's rows with one product per side and keeps the drawn columns: the same
+negatives, logits and loss, and the same table update (a fused optimizer sums a row's
+gradients over the batch either way), for a fraction of the lookups, of the batch building
+and of the per-edge (B, G, D) products and copies.
 """
 
 from __future__ import annotations
@@ -51,7 +61,11 @@ class EdgeBatch(DataclassBatch):
     rels: (B,) int64 relation index of each edge.
     weights: (B,) float edge weight (1 unless the data has a `weight` column).
     shared: (T, K) int64 the shared negatives' row ids per table (T x 0 or 0 x 0 if none;
-      the model reads K from its shape, the lookups are in `nodes`).
+      the model reads K from its shape, the lookups are in `nodes`). With gathered global
+      negatives: every row of each table (`whole_tables`).
+    negatives: (2, B, G) int64 gathered global negatives: row ids of each edge's lhs table
+      (index 0) and rhs table (index 1), which are also the columns of `shared`; (2, 0, 0)
+      when the global negatives, if any, are lookups of their own.
     """
 
     nodes: KeyedJaggedTensor
@@ -61,6 +75,31 @@ class EdgeBatch(DataclassBatch):
     weights: torch.Tensor
     shared: torch.Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    negatives: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(2, 0, 0, dtype=torch.long))
+
+
+# Gather the global negatives from whole tables when all tables' rows together are at most
+# this fraction of a batch's 2BG negative lookups. A looked-up row costs more than a row of
+# the scoring product; measured on UMLS (135 rows, 16,640 lookups): see docs/performance.md.
+GATHER_FRACTION = 8
+
+
+def gathers_global_negatives(table_rows: list[int], num_edges: int, global_negatives: int,
+                             shared_negatives: int = 0) -> bool:
+    """Whether a batch of `num_edges` edges looks its global negatives up as whole tables
+    (module docstring): global negatives only (no shared ones, which have the `shared`
+    slot), and the tables' rows at most 1/GATHER_FRACTION of the 2BG negative lookups."""
+    if not global_negatives or shared_negatives or not table_rows:
+        return False
+    return sum(table_rows) * GATHER_FRACTION <= 2 * num_edges * global_negatives
+
+
+def whole_tables(table_rows: list[int]) -> torch.Tensor:
+    """(T, K) every row id of each table, K the largest table; a smaller table's row repeats
+    its ids (never gathered: drawn ids are below the table's size; their gradient is 0)."""
+    most = max(table_rows)
+    return torch.stack([torch.arange(most) % rows for rows in table_rows])
 
 
 def relation_tables(relations: list, table_names: list[str]) -> torch.Tensor:

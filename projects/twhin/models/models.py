@@ -216,7 +216,14 @@ class TwhinModel(nn.Module):
         Each table sees only its own ids (`data.edges`): every lookup's vector is one row of
         the pooled output, found by its slot (`lookup_rows`).
         """
-        return self._split_lookups(self._looked_up(batch), batch)
+        lhs, rhs, negative_lhs, negative_rhs, shared = self._split_lookups(
+            self._looked_up(batch), batch)
+        if batch.negatives.numel():   # gathered: the shared rows are the whole tables
+            tables = self.relation_tables[batch.rels]                        # (B, 2)
+            negative_lhs, negative_rhs = (shared[tables[:, side, None], batch.negatives[side]]
+                                          for side in (0, 1))
+            shared = shared[:, :0]
+        return lhs, rhs, negative_lhs, negative_rhs, shared
 
     def _looked_up(self, batch: EdgeBatch) -> torch.Tensor:
         """(L, D): every lookup's vector in lookup order (lhs, rhs of each edge, then the
@@ -295,14 +302,13 @@ class TwhinModel(nn.Module):
                 positives = (tail_query[0] * rhs).sum(-1) + tail_query[1]
                 in_batch = _in_batch_logits(lhs, rhs, batch.rels, tail_query, head_query,
                                             self.in_batch_negatives, sample)
-                global_ = _global_logits(negative_lhs, negative_rhs, tail_query, head_query)
-                shared_tails, shared_heads = _shared_logits(
-                    shared, self.relation_tables, batch.rels, tail_query, head_query)
-                logits = cat_nonempty([positives, in_batch, global_, shared_tails.reshape(-1),
-                                       shared_heads.reshape(-1)])
+                global_, shared_tails, shared_heads = _global_and_shared_logits(
+                    negative_lhs, negative_rhs, shared, batch.negatives, self.relation_tables,
+                    batch.rels, tail_query, head_query)
+                logits = cat_nonempty([positives, in_batch, global_.reshape(-1),
+                                       shared_tails.reshape(-1), shared_heads.reshape(-1)])
                 negatives = cat_nonempty([
-                    in_batch.view(2, num_edges, self.in_batch_negatives),
-                    global_.view(2, num_edges, negative_lhs.shape[1]),
+                    in_batch.view(2, num_edges, self.in_batch_negatives), global_,
                     torch.stack([shared_tails, shared_heads])], dim=2)
             else:
                 # In-batch negatives only (the default): the positives and both sides'
@@ -313,9 +319,11 @@ class TwhinModel(nn.Module):
                 negatives = logits[num_edges:].view(2, num_edges, self.in_batch_negatives)
             outputs["tail_negatives"], outputs["head_negatives"] = negatives.unbind(0)
             if softmax:
+                shared_ids, num_global = _offset_negatives(batch.shared, batch.negatives,
+                                                           negative_lhs)
                 outputs["negative_offsets"] = negative_offsets(
-                    positive_ids(batch.nodes, batch.slots, num_edges), batch.shared,
-                    self.relation_tables, batch.rels, negative_lhs.shape[1], sample)
+                    positive_ids(batch.nodes, batch.slots, num_edges), shared_ids,
+                    self.relation_tables, batch.rels, num_global, sample)
         else:
             logits = (tail_query[0] * rhs).sum(-1) + tail_query[1]
         if self.regularization:
@@ -589,11 +597,55 @@ def _global_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
                    tail_query: Query, head_query: Query) -> torch.Tensor:
     if negative_lhs.shape[1] == 0:
         return negative_lhs.new_zeros(0)
-    q, b = tail_query
-    tails = torch.einsum("bd,bgd->bg", q, negative_rhs) + b.unsqueeze(1)
-    q, b = head_query
-    heads = torch.einsum("bd,bgd->bg", q, negative_lhs) + b.unsqueeze(1)
-    return torch.cat([tails.reshape(-1), heads.reshape(-1)])
+    return _per_edge_global_logits(negative_lhs, negative_rhs, tail_query,
+                                   head_query).reshape(-1)
+
+
+def _per_edge_global_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
+                            tail_query: Query, head_query: Query) -> torch.Tensor:
+    """(2, B, G): tail side (the rhs negatives), then head side.
+
+    A (G, D) x (D, 1) product per edge: its backward writes each negative's gradient
+    contiguous, where an einsum's came out transposed and the split's backward copied it
+    element by element (measured 1.3x cheaper forward + backward for B=260, G=32, D=32).
+    """
+    out = [torch.matmul(negatives, q.unsqueeze(-1)).squeeze(-1) + b.unsqueeze(1)
+           for negatives, (q, b) in ((negative_rhs, tail_query), (negative_lhs, head_query))]
+    return torch.stack(out)
+
+
+def _global_and_shared_logits(negative_lhs: torch.Tensor, negative_rhs: torch.Tensor,
+                              shared: torch.Tensor, gathered: torch.Tensor,
+                              relation_tables_t: torch.Tensor, rels: torch.Tensor,
+                              tail_query: Query, head_query: Query
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global (2, B, G), shared tails (B, K), shared heads (B, K)) logits.
+
+    With gathered global negatives (`gathered` (2, B, G) ids, `data.edges`), `shared` holds
+    every row of each table: each query is scored against all rows of its table
+    (`_shared_logits`) and keeps its G drawn columns; there are no shared negatives then.
+    """
+    num_edges = rels.shape[0]
+    if gathered.numel():
+        tails, heads = _shared_logits(shared, relation_tables_t, rels, tail_query, head_query)
+        empty = tails.new_zeros(num_edges, 0)
+        return torch.stack([tails.gather(1, gathered[1]), heads.gather(1, gathered[0])]), \
+            empty, empty
+    if negative_lhs.shape[1]:
+        global_ = _per_edge_global_logits(negative_lhs, negative_rhs, tail_query, head_query)
+    else:
+        global_ = negative_lhs.new_zeros(2, num_edges, 0)
+    tails, heads = _shared_logits(shared, relation_tables_t, rels, tail_query, head_query)
+    return global_, tails, heads
+
+
+def _offset_negatives(shared_ids: torch.Tensor, gathered: torch.Tensor,
+                      negative_lhs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the shared negatives' ids, G) for `negative_offsets`: with gathered global negatives
+    the shared rows are the whole tables, not negatives of their own."""
+    if gathered.numel():
+        return shared_ids[:, :0], gathered.shape[2]
+    return shared_ids, negative_lhs.shape[1]
 
 
 def in_batch_negative_logits(lhs: torch.Tensor, rhs: torch.Tensor, rels: torch.Tensor,
@@ -883,6 +935,8 @@ torch.fx.wrap("global_negative_logits")
 torch.fx.wrap("_in_batch_logits")
 torch.fx.wrap("_positive_and_in_batch_logits")
 torch.fx.wrap("_global_logits")
+torch.fx.wrap("_global_and_shared_logits")
+torch.fx.wrap("_offset_negatives")
 torch.fx.wrap("_in_batch_sample")
 torch.fx.wrap("_shared_logits")
 torch.fx.wrap("split_shared")

@@ -53,6 +53,13 @@ def test_global_negatives_and_operators_match_reference_when_sharded(sharded_res
 
 
 @pytest.mark.slow
+def test_gathered_global_negatives_match_reference_when_sharded(sharded_results):
+    """The same negatives scored from whole-table lookups (row-wise: each rank holds part
+    of every table) give the reference's loss and updates."""
+    _assert_matches(sharded_results, "gathered", OPERATOR_TYPES)
+
+
+@pytest.mark.slow
 def test_adam_on_the_tables_is_refused_on_cpu_by_table_name(sharded_results):
     for rank in (0, 1):
         assert sharded_results[rank]["adam"] == (
