@@ -80,9 +80,11 @@ class EdgeBatch(DataclassBatch):
 
 
 # Gather the global negatives from whole tables when all tables' rows together are at most
-# this fraction of a batch's 2BG negative lookups. A looked-up row costs more than a row of
-# the scoring product; measured on UMLS (135 rows, 16,640 lookups): see docs/performance.md.
-GATHER_FRACTION = 8
+# 1/GATHER_FRACTION of a batch's 2BG negative lookups. Measured on UMLS's config (batch 260,
+# 32 negatives a side: 16,640 lookups), table grown: a step took the same time both ways at
+# ~2000 rows (1/8), gathering was 1.3x faster at 1000 and 1.85x at 135 (docs/performance.md);
+# 16 keeps it to where it clearly wins.
+GATHER_FRACTION = 16
 
 
 def gathers_global_negatives(table_rows: list[int], num_edges: int, global_negatives: int,

@@ -68,7 +68,7 @@ def test_the_rule_gathers_only_small_tables_and_only_global_negatives():
     assert not gathers_global_negatives([135], 260, 0)        # no global negatives
     assert not gathers_global_negatives([135], 260, 32, shared_negatives=8)
     assert not gathers_global_negatives([40000, 30000], 1000, 32)
-    assert not gathers_global_negatives([1500, 600], 260, 32)  # over 1/8 of the lookups
+    assert not gathers_global_negatives([1500, 600], 260, 32)  # over 1/16 of the lookups
 
 
 def test_whole_tables_pad_the_smaller_table_with_its_own_rows():
@@ -97,8 +97,9 @@ def test_the_reader_draws_the_same_negatives_and_looks_up_each_table_once(tmp_pa
         assert torch.equal(ids.view(BATCH, 2, NEGATIVES).transpose(0, 1), a.negatives)
         for name in ("rels", "labels", "weights"):
             assert torch.equal(getattr(a, name), getattr(b, name))
-    # Not told, the rule decides: 18 rows x 8 = 144 <= 2 x 16 x 5 = 160 lookups: gathered.
-    assert next(iter(_dataset(tmp_path, config, None))).negatives.numel()
+    # Not told, the rule decides: 18 rows x 16 = 288 against 2 x 16 x G negative lookups.
+    assert not next(iter(_dataset(tmp_path, config, None))).negatives.numel()   # G = 5
+    assert next(iter(_dataset(tmp_path, config, None, negatives=9))).negatives.numel()
 
 
 def test_gathering_needs_global_negatives_and_no_shared_ones(tmp_path):
