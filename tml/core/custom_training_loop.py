@@ -115,7 +115,7 @@ def _check_finite(losses: list[torch.Tensor], first_step: int, step: int,
     state_ok = _all_finite(state, device) if state is not None \
         else torch.ones((), dtype=torch.long, device=device)
     flags = torch.stack([bad_step.reshape(()).long(), state_ok.reshape(()).long()])
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:   # one rank: nothing to agree on
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     first_bad, all_ok = (int(x) for x in flags.tolist())
     kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint \
