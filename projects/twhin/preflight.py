@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+from tml.common.atomic_file import write_atomic
 from tml.errors import CheckpointError, ConfigError, DataError
 
 from .config import TwhinConfig
@@ -146,11 +147,9 @@ def prepare_training(config_path: str, save_dir: str, overrides: Sequence[str] =
     save_dir = os.path.abspath(save_dir)
     preflight(config, source, save_dir, workers_per_node=workers_per_node)
     effective = os.path.join(save_dir, "twhin_config.yaml")
-    tmp = f"{effective}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as handle:
-            yaml.safe_dump(escape_variables(data), handle, sort_keys=False)
-        os.replace(tmp, effective)
+        write_atomic(effective, lambda handle: yaml.safe_dump(escape_variables(data), handle,
+                                                              sort_keys=False))
     except OSError as error:
         raise ConfigError(f"cannot write {effective}: {error.strerror or error}") from None
     vocab = os.path.join(os.path.dirname(os.path.abspath(config_path)), "vocab")

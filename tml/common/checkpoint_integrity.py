@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from tml.common.atomic_file import write_json_atomic
 from tml.common.safe_paths import is_inside
 from tml.errors import CheckpointError
 
@@ -69,13 +70,7 @@ def file_sha256(path: str) -> str:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, newline=True, fsync=True)
 
 
 def _entry(path: str) -> dict[str, Any]:

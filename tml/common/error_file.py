@@ -15,11 +15,11 @@ torch's handler writes and its agent parses.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 import traceback
+
+from tml.common.atomic_file import write_json_atomic
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
@@ -36,15 +36,4 @@ def record_error(error: BaseException) -> None:
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, partial = tempfile.mkstemp(prefix=".error-", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(error_record(error), out)
-        os.replace(partial, path)
-    except BaseException:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        raise
+    write_json_atomic(path, error_record(error), sort_keys=False)

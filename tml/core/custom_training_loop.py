@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -50,6 +49,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tml.common.atomic_file import write_json_atomic
 from tml.common.checkpointing import (
     Checkpointer,
     checkpoint_steps,
@@ -570,10 +570,7 @@ def _unevaluated_steps(save_dir: str, until_step: int) -> tuple[list[int], bool]
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 def _parts_in(path: str, parts: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tml.common.atomic_file import write_json_atomic
 from tml.core.config.training import EarlyStoppingConfig
 from tml.errors import CheckpointError, ConfigError
 
@@ -85,10 +86,7 @@ def mark_best(save_dir: str, step: int, metric: str, value: float) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     path = os.path.join(save_dir, BEST_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"step": step, "metric": metric, "value": value}, handle, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"step": step, "metric": metric, "value": value})
     logger.info("best checkpoint so far: %s (%s %.5f)", os.path.join(save_dir, str(step)),
                 metric, value)
 

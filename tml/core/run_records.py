@@ -35,6 +35,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from tml.common.atomic_file import write_atomic
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -116,10 +118,8 @@ class RunRecorder:
         if not os.path.exists(path):
             return
         kept = [r for r in read_records(self.save_dir) if r["step"] <= step]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-        os.replace(tmp, path)
+        write_atomic(path, lambda handle: handle.writelines(
+            json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def _append(self, record: Mapping[str, Any]) -> None:
         with open(os.path.join(self.save_dir, METRICS_FILE), "a", encoding="utf-8") as handle:

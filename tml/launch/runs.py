@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from tml.common.atomic_file import write_json_atomic
 from tml.launch.workflow import LaunchError, LaunchFailedError
 
 RECORD = "run.json"
@@ -74,10 +75,7 @@ def cmdline(pid: int) -> str | None:
 
 def write(record: RunRecord) -> None:
     path = os.path.join(record.run_dir, RECORD)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(asdict(record), f, indent=1)
-    os.replace(temporary, path)
+    write_json_atomic(path, asdict(record), indent=1, sort_keys=False)
 
 
 def read(run_dir: str) -> RunRecord | None:

@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from tml.common.atomic_file import write_text_atomic
 from tml.errors import TmlError, error_line
 from tml.readers.codec import encode
 from tml.readers.shares import Share, served_ranges, shares_of_reader
@@ -292,10 +293,7 @@ def serve(server: ReaderServer, port_file: str | None = None,
     thread = threading.Thread(target=server.serve, name="tml-reader-serve", daemon=True)
     thread.start()
     if port_file:
-        tmp = f"{port_file}.tmp"
-        with open(tmp, "w") as f:
-            f.write(server.address)
-        os.replace(tmp, port_file)
+        write_text_atomic(port_file, server.address)
     logger.info("reader %d of %d serving %s on %s", server.index, server.num_readers,
                 {rank: f"part {s.part} of {s.parts}" for rank, s in server.shares.items()},
                 server.address)

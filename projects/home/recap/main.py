@@ -40,6 +40,7 @@ if not __package__:
     __package__ = ".".join(_names)
 
 import tml  # noqa: E402,F401  (logging set-up before torchrec is imported)
+from tml.common.atomic_file import write_json_atomic  # noqa: E402
 from tml.common.cli import run_cli  # noqa: E402
 from tml.errors import ConfigError  # noqa: E402
 from tml.trainer.entry import load_worker_config, read_run_request, run_summary  # noqa: E402
@@ -111,11 +112,7 @@ FINAL_METRICS = "final_metrics.json"
 
 def write_json(path: str, data: dict) -> None:
     """Write `data` to `path` atomically (a reader never sees half a file)."""
-    import json
-
-    with open(path + ".tmp", "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, data, indent=1)
 
 
 def run(config: RecapConfig, save_dir: str, only_evaluate: bool = False,

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 import tml  # noqa: F401  (logging set-up)
 from tml.common.atomic_directory import current_umask
+from tml.common.atomic_file import write_json_atomic
 from tml.common.cli import run_cli
 from tml.errors import DataError
 
@@ -306,11 +307,7 @@ def _read_success(out: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=2, newline=True)
 
 
 # Its name as run (projects.… in a checkout, tml_projects.… when installed).

@@ -1,12 +1,12 @@
 """A worker's torch elastic error file is whole or absent, and the agent parses it."""
 
+import json
 import os
 import signal
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-import tml.common.error_file as error_file
 from tml.common.error_file import ERROR_FILE_ENV, record_error
 
 
@@ -33,12 +33,12 @@ def test_an_interrupted_write_leaves_no_file_for_the_agent_to_choke_on(tmp_path,
     path = tmp_path / "error.json"
     monkeypatch.setenv(ERROR_FILE_ENV, str(path))
 
-    def interrupted_dump(data, out):
+    def interrupted_dump(data, out, **options):
         out.write('{"message": ')
         out.flush()
         raise SystemExit(-signal.SIGTERM)
 
-    monkeypatch.setattr(error_file.json, "dump", interrupted_dump)
+    monkeypatch.setattr(json, "dump", interrupted_dump)
     with pytest.raises(SystemExit):
         try:
             raise RuntimeError("lost the connection to another worker")

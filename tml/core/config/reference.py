@@ -21,6 +21,7 @@ import typing
 
 from pydantic_core import PydanticUndefined
 
+from tml.common.atomic_file import write_text_atomic
 from tml.core.config.base_config import BaseConfig
 
 
@@ -99,12 +100,8 @@ def render(config_type: type[BaseConfig], title: str | None = None) -> str:
 
 def write_atomic(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:
