@@ -281,6 +281,13 @@ def _constraints(model: nn.Module, sharding_types: Mapping[str, str],
     for ebc in _embedding_bag_collections(model):
         for table in ebc.embedding_bag_configs():
             sharding_type = sharding_types.get(table.name, "table_wise")
+            if table.embedding_dim % 4:
+                # Else TorchRec asserts deep inside sharding (fbgemm's kernels read rows
+                # in 4-float vectors on every device).
+                raise ConfigError(
+                    f"table '{table.name}': embedding_dim {table.embedding_dim} is not a "
+                    f"multiple of 4, which fbgemm's embedding kernels need (try "
+                    f"{-(-table.embedding_dim // 4) * 4})")
             if sharding_type not in SUPPORTED_SHARDING_TYPES:
                 raise ValueError(f"table '{table.name}': unknown sharding type "
                                  f"'{sharding_type}' (use one of "

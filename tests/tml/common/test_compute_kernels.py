@@ -20,8 +20,8 @@ from tml.common.sharding import _constraints
 from tml.errors import ConfigError
 
 
-def _ebc() -> torch.nn.Module:
-    tables = [TorchrecTable(name=name, embedding_dim=8, num_embeddings=rows,
+def _ebc(dim: int = 8) -> torch.nn.Module:
+    tables = [TorchrecTable(name=name, embedding_dim=dim, num_embeddings=rows,
                             feature_names=[name]) for name, rows in (("user", 60),
                                                                       ("tweet", 40))]
     return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
@@ -69,6 +69,16 @@ def test_unified_memory_kernels_are_refused_on_cpu_in_one_line(kernel: str) -> N
     message = str(refused.value)
     assert "\n" not in message
     assert f"table 'user': compute_kernel {kernel} needs CUDA" in message
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_dim_that_is_not_a_multiple_of_4_is_refused_in_one_line(device: str) -> None:
+    """Not TorchRec's AssertionError from inside sharding: the table, its dim, a fix."""
+    with pytest.raises(ConfigError) as refused:
+        _constraints(_ebc(dim=6), {}, 1, device)
+    assert str(refused.value) == ("table 'user': embedding_dim 6 is not a multiple of 4, "
+                                  "which fbgemm's embedding kernels need (try 8)")
+    assert _constraints(_ebc(dim=12), {}, 1, device)["user"].compute_kernels
 
 
 @pytest.mark.slow
