@@ -506,15 +506,18 @@ def evaluate_checkpoint(config_path: TwhinConfig | str, checkpoint: str, split: 
     split's (seen) edges (`edge_sample`, seeded by `training.seed`), model and popularity
     baseline alike.
     """
+    from datetime import timedelta
+
     import torch.distributed as dist
 
+    from tml.common.process_group import init_worker_process_group
     from tml.core.config import load_config_from_yaml
 
     from .export import resolve_checkpoint
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        init_worker_process_group("gloo", timedelta(minutes=30))   # torch's default timeout
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     config = config_path if isinstance(config_path, TwhinConfig) else \

@@ -15,6 +15,15 @@ same restart count, so all of them agree on the prefix. The first attempt, and l
 without the shared store (tml's own launcher with restarts sets
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`), go through torch's `env://` path unchanged.
 
+Also here, because it must happen before any default group exists: importing
+`torch.distributed.nn.functional` first. That module's collectives take `group=group.WORLD`
+as a default argument, evaluated when it is imported; DDP and functional collectives import
+it lazily, so in torch 2.13 it captured the live default group, which then outlived
+`destroy_process_group` with gloo's threads running until interpreter teardown, where a
+worker now and then aborted ("terminate called without an active exception") after a run
+that had finished and saved (seen in CI on a restarted 2-worker run). Imported before the
+group exists, the defaults hold None and the group is destroyed when asked.
+
 Limit: agents restart together after a failure, so their counts agree across nodes; an
 elastic membership change (a node joining a running job) restarts the old agents' workers
 without counting a restart while the new agent starts at 0. tml launches a fixed number of
@@ -29,6 +38,9 @@ import os
 from datetime import timedelta
 
 import torch.distributed as dist
+
+# Before any process group exists: see the module docstring (its defaults capture the group).
+import torch.distributed.nn.functional  # noqa: F401  isort: skip
 
 logger = logging.getLogger(__name__)
 
