@@ -49,8 +49,12 @@ def write_edges(root):
     return str(root)
 
 
-def _factory(root, epochs=2):
+def _factory(root, epochs=2, gathered=False):
     def make(rank, world_size):
+        if gathered:   # global negatives as ids, each whole table looked up once
+            return EdgesDataset(root, TABLES, RELATIONS, batch_size=4, rank=rank,
+                                world_size=world_size, num_epochs=epochs, global_negatives=2,
+                                seed=5, gather_negatives=True)
         return EdgesDataset(root, TABLES, RELATIONS, batch_size=4, rank=rank,
                             world_size=world_size, num_epochs=epochs, global_negatives=2,
                             shared_negatives=3, seed=5)
@@ -98,7 +102,7 @@ def assert_same(got, want):
         assert a.nodes.keys() == b.nodes.keys(), index
         for name in ("values", "lengths"):
             assert torch.equal(getattr(a.nodes, name)(), getattr(b.nodes, name)()), index
-        for name in ("labels", "rels", "weights", "shared"):
+        for name in ("labels", "rels", "weights", "shared", "negatives"):
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), \
                 (index, name)
@@ -138,6 +142,17 @@ def test_trainers_get_the_in_process_batches_in_order(edges, readers, num_reader
         assert got[0].shared.shape == (len(TABLES), 3)   # the shared negatives travel too
         assert remote.state_dict() == local.state_dict() == {"epoch": 2, "batch": 0}
         remote.close()
+
+
+def test_gathered_global_negatives_travel_with_their_batches(edges, readers):
+    factory = _factory(edges, gathered=True)
+    started = readers(factory, 2, 1, block=3)
+    remote = ReaderDataset(started.addresses, 0, 1, EdgeBatch)
+    got = list(remote)
+    assert_same(got, list(factory(0, 1)))
+    assert got[0].negatives.shape == (2, 4, 2)
+    assert got[0].shared.shape == (len(TABLES), max(TABLES.values()))
+    remote.close()
 
 
 @pytest.mark.parametrize("num_readers", [1, 2])
