@@ -98,12 +98,6 @@ def render(config_type: type[BaseConfig], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never half-written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text_atomic(path, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m tml.core.config.reference package.module:ConfigClass [--out FILE]`."""
     parser = argparse.ArgumentParser(prog="python -m tml.core.config.reference",
@@ -119,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         print(text, end="")
     else:
-        write_atomic(args.out, text)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":
