@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from projects.twhin.models.models import TwhinModel, _in_batch_sample
-from projects.twhin.models.translation_scores import TranslationScores
+from projects.twhin.models.translation_scores import (
+    TranslationScores,
+    _uses_kernel,
+    translation_kernel,
+)
+from tests import distributed_checks
+from tests.conftest import require
 from tests.distributed_checks import BATCH, TABLES, _edges, _model_config
 from tests.projects.twhin.test_twhin_grouped_batches import _batch, _grouped, _model, _step
 
@@ -23,8 +29,13 @@ def _outputs(model: TwhinModel, batch, seed: int) -> dict:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("loss", ["bce", "softmax"])
-def test_fused_translation_equals_the_generic_path(loss):
+@pytest.mark.parametrize("dim", [8, 16])
+def test_fused_translation_equals_the_generic_path(loss, dim, monkeypatch):
+    """dim 8: the fused scores in torch ops; dim 16: in the compiled kernel."""
+    monkeypatch.setattr(distributed_checks, "DIM", dim)
     config = _model_config(("translation",) * 3)
+    if dim % 16 == 0:
+        require(translation_kernel() is not None, "a C compiler for the translation kernel")
     fused, generic = _model(config, loss=loss), _model(config, loss=loss)
     generic.load_state_dict(fused.state_dict())
     generic.fused_translation = False
@@ -78,3 +89,63 @@ def test_translation_scores_gradcheck():
     assert torch.autograd.gradcheck(
         lambda p, v: TranslationScores.apply(p, v, relations, counts, lhs_rows, rhs_rows, n),
         (pair, vectors))
+
+
+def _blocks(generator: torch.Generator, counts: list[int], n: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's n head and tail candidates: rows of that block (repeated when the
+    block is smaller than n), as `_in_batch_sample` draws them."""
+    lhs, rhs, start = [], [], 0
+    for count in counts:
+        for side in (lhs, rhs):
+            side.append(start + torch.randint(0, count, (n,), generator=generator))
+        start += count
+    return torch.cat(lhs), torch.cat(rhs)
+
+
+def _scores_and_grads(pair: torch.Tensor, vectors: torch.Tensor, grad: torch.Tensor,
+                      *args) -> tuple[torch.Tensor, ...]:  # noqa: ANN002
+    pair, vectors = pair.detach().requires_grad_(), vectors.detach().requires_grad_()
+    out = TranslationScores.apply(pair, vectors, *args)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), pair.grad, vectors.grad
+
+
+@pytest.mark.parametrize("dim", [16, 32, 64, 128, 144, 256])
+def test_the_compiled_kernel_gives_torch_s_scores_and_gradients(dim, monkeypatch):
+    """`translation_kernel.c` against the torch ops in float64, over dims with their own
+    loop (16-128), the generic one (144), and one wider than its registers (256)."""
+    require(translation_kernel() is not None, "a C compiler for the translation kernel")
+    generator = torch.Generator().manual_seed(dim)
+    relations, counts, n = [0, 2, 3, 5], [37, 3, 1, 59], 7        # blocks smaller than n too
+    num_edges = sum(counts)
+    lhs_rows, rhs_rows = _blocks(generator, counts, n)
+    pair = torch.randn(num_edges, 2, dim, generator=generator)
+    vectors = torch.randn(6, dim, generator=generator)
+    grad = torch.randn(num_edges * (1 + 2 * n), generator=generator)
+    args = (relations, counts, lhs_rows, rhs_rows, n)
+    got = _scores_and_grads(pair, vectors, grad, *args)
+    monkeypatch.setenv("TML_NATIVE", "0")
+    want = _scores_and_grads(pair.double(), vectors.double(), grad, *args)
+    for name, g, w in zip(("logits", "d_pair", "d_vectors"), got, want):
+        assert g.dtype == torch.float32
+        assert w.abs().max() > 0, name
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4 * dim ** 0.5, msg=name)
+    unused = [r for r in range(6) if r not in relations]
+    assert got[2][unused].abs().max() == 0
+
+
+def test_the_kernel_is_used_where_it_can_be_and_refuses_rows_outside_their_block():
+    require(translation_kernel() is not None, "a C compiler for the translation kernel")
+    pair, vectors = torch.randn(5, 2, 16), torch.randn(2, 16)
+    assert _uses_kernel(pair, vectors) is not None
+    assert _uses_kernel(pair[..., :8], vectors[:, :8]) is None        # dim not a multiple of 16
+    assert _uses_kernel(pair.double(), vectors.double()) is None
+    # Block 0 is rows 0-2; row 3 belongs to block 1.
+    for lhs_rows, rhs_rows in ([[0, 3], [3, 4]], [[0, 1], [3, 4]]), ([[0, 1], [3, 5]],) * 2:
+        with pytest.raises(ValueError, match="out of range"):
+            TranslationScores.apply(pair, vectors, [0, 1], [3, 2], torch.tensor(lhs_rows[0] + lhs_rows[1]),
+                                    torch.tensor(rhs_rows[0] + rhs_rows[1]), 2)
+    with pytest.raises(ValueError, match="out of range"):            # blocks do not cover B
+        TranslationScores.apply(pair, vectors, [0, 1], [3, 1], torch.tensor([0, 1, 3, 3]),
+                                torch.tensor([0, 1, 3, 3]), 2)
