@@ -30,6 +30,50 @@ def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         logits, labels.to(logits.dtype), weight=weights, pos_weight=pos_weight)
 
 
+class _PositivesThenNegativesBCE(torch.autograd.Function):
+    """`positives_then_negatives_bce`'s loss, and its gradient in one backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor,  # noqa: ANN001
+                weights: torch.Tensor, negative_weight: float) -> torch.Tensor:
+        num_positives = labels.numel()
+        positives, negatives = logits[:num_positives], logits[num_positives:]
+        labels, weights = labels.to(logits.dtype), weights.to(logits.dtype)
+        # softplus(x) - y x is BCE's -(y log s(x) + (1 - y) log(1 - s(x))).
+        total = ((functional.softplus(positives) - labels * positives) * weights).sum()
+        total = total + functional.softplus(negatives).sum() * negative_weight
+        ctx.save_for_backward(logits, labels, weights)
+        ctx.negative_weight = negative_weight
+        return total / logits.numel()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        logits, labels, weights = ctx.saved_tensors
+        num_positives = labels.numel()
+        scale = grad / logits.numel()
+        d_logits = torch.sigmoid(logits)
+        d_logits[:num_positives].sub_(labels).mul_(weights * scale)
+        d_logits[num_positives:].mul_(scale * ctx.negative_weight)
+        return d_logits, None, None, None
+
+
+def positives_then_negatives_bce(logits: torch.Tensor, labels: torch.Tensor,
+                                 weights: torch.Tensor, negative_weight: float
+                                 ) -> torch.Tensor:
+    """`binary_cross_entropy(logits, all_labels, all_weights)` where the first
+    `labels.numel()` logits are the positives, with those labels and weights, and the rest
+    are negatives (label 0), each weighing `negative_weight`; without building the two
+    full-length label and weight tensors.
+
+    Why: a contrastive step's logits are a few positives and many negatives (TwHIN: B
+    positives, 2Bn in-batch negatives). torch's weighted BCE makes about six passes over all
+    of them forward and four backward; this makes two each (softplus and its sum; sigmoid
+    and one scale), which was ~5% of a 4000-edge CPU step (docs/performance.md). Same value
+    and gradient up to float rounding (tests/tml/metrics/test_losses.py).
+    """
+    return _PositivesThenNegativesBCE.apply(logits, labels, weights, float(negative_weight))
+
+
 def multi_task_bce(tasks: Sequence[str], pos_weights: Sequence[float] | None = None,
                    global_reduction: str = "mean"
                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],

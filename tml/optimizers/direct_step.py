@@ -90,7 +90,8 @@ class DirectStep:
         self.optimizer._opt_called = True
         self._set_fused_learning_rates()
         for dense in self._dense:
-            dense.step()
+            if not _plain_sgd_step(dense):
+                dense.step()
 
     def zero_grad(self) -> None:
         if not self.direct:
@@ -98,4 +99,40 @@ class DirectStep:
             return
         self._set_fused_learning_rates()
         for dense in self._dense:
-            dense.zero_grad()
+            if _is_plain_sgd(dense):
+                for group in dense.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
+            else:
+                dense.zero_grad()
+
+
+def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """A `torch.optim.SGD` (no subclass) whose every group is `p -= lr * grad`: no momentum,
+    weight decay, maximize, fused or differentiable update, a float lr, CPU parameters (the
+    path torch takes there: its single-tensor loop), and zero_grad setting grads to None."""
+    if type(optimizer) is not torch.optim.SGD or optimizer.state:
+        return False
+    if getattr(optimizer.zero_grad, "__func__", None) is not torch.optim.Optimizer.zero_grad:
+        return False
+    return all(not group["momentum"] and not group["weight_decay"] and not group["maximize"]
+               and not group.get("fused") and not group.get("differentiable")
+               and not group.get("foreach") and isinstance(group["lr"], float)
+               and all(param.device.type == "cpu" for param in group["params"])
+               for group in optimizer.param_groups)
+
+
+def _plain_sgd_step(optimizer: torch.optim.Optimizer) -> bool:
+    """`optimizer.step()` for a plain SGD (`_is_plain_sgd`): each parameter with a gradient
+    gets `add_(grad, alpha=-lr)`, which is what torch's single-tensor SGD does for it, without
+    the step's profiling wrapper and dispatch (~4% of a 4000-edge step). False (nothing
+    done) for any other optimizer."""
+    if not _is_plain_sgd(optimizer):
+        return False
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-group["lr"])
+    optimizer._opt_called = True
+    return True

@@ -41,6 +41,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tml.common.modules.embedding.embedding import LargeEmbeddings
+from tml.metrics.losses import positives_then_negatives_bce
 from tml.trainer.fused_tables import apply_table_optimizers
 
 from ..data.config import TwhinDataConfig
@@ -906,6 +907,15 @@ def labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
     return labels, weights
 
 
+def edge_bce(logits: torch.Tensor, positive_labels: torch.Tensor,
+             positive_weights: torch.Tensor) -> torch.Tensor:
+    """torch's weighted BCE of `logits` against `labels_and_weights`' labels and weights,
+    without building them (`tml.metrics.losses.positives_then_negatives_bce`)."""
+    num_positives = positive_labels.numel()
+    return positives_then_negatives_bce(logits, positive_labels, positive_weights,
+                                        num_positives / max(1, logits.numel() - num_positives))
+
+
 def cached_labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tensor,
                               positive_weights: torch.Tensor,
                               cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -928,6 +938,7 @@ def cached_labels_and_weights(logits: torch.Tensor, positive_labels: torch.Tenso
 torch.fx.wrap("in_batch_negative_logits")
 torch.fx.wrap("labels_and_weights")
 torch.fx.wrap("cached_labels_and_weights")
+torch.fx.wrap("edge_bce")
 torch.fx.wrap("relation_query")
 torch.fx.wrap("split_lookups")
 torch.fx.wrap("lookup_rows")
@@ -985,6 +996,8 @@ class TwhinModelAndLoss(nn.Module):
             loss = softmax_loss(outputs["logits"][:num_edges], outputs["tail_negatives"],
                                 outputs["head_negatives"], outputs["negative_offsets"],
                                 batch.weights, outputs.get("head_positives"))
+        elif self.loss_fn is nn.functional.binary_cross_entropy_with_logits:
+            loss = edge_bce(outputs["logits"], batch.labels, batch.weights)
         else:
             loss = self.loss_fn(outputs["logits"], labels, weights)
         if "penalty" in outputs:

@@ -167,7 +167,7 @@ def direct_step_checks() -> dict:
     from tml.common.device import setup_and_get_device
     from tml.common.sharding import shard_model
     from tml.core.custom_training_loop import _AccumulatingOptimizer
-    from tml.optimizers.direct_step import DirectStep
+    from tml.optimizers.direct_step import DirectStep, _is_plain_sgd
 
     device = setup_and_get_device()
     config = _model_config()
@@ -180,6 +180,7 @@ def direct_step_checks() -> dict:
                                                              config)), device)
         optimizer, _ = build_optimizer(dmp, config)
         stepper = DirectStep(optimizer) if name == "direct" else optimizer
+        start_translations = dmp.module.model.all_trans_embs.detach().clone()
         kernels = [fused._emb_module for fused in _fused_parts(optimizer)]
         kernel_lrs = []
         for step in range(4):
@@ -197,6 +198,9 @@ def direct_step_checks() -> dict:
                       "translations": dmp.module.model.all_trans_embs.detach().clone()}
         if name == "direct":
             out["direct"] = stepper.direct
+            out["plain_sgd"] = [_is_plain_sgd(dense) for dense in stepper._dense]
+            out["translations_moved"] = float(
+                (dmp.module.model.all_trans_embs.detach() - start_translations).abs().max())
             out["accumulating_direct"] = DirectStep(_AccumulatingOptimizer(optimizer, 2)).direct
             handle = optimizer.register_step_pre_hook(lambda *args: None)
             out["hooked_direct"] = DirectStep(optimizer).direct
@@ -218,6 +222,7 @@ def test_direct_optimizer_step_is_the_combined_step_and_follows_the_schedule(mon
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     checks = launch_checks(direct_step_checks, 1)[0]
     assert checks["direct"] is True
+    assert checks["plain_sgd"] == [True] and checks["translations_moved"] > 0, checks
     assert checks["accumulating_direct"] is False and checks["hooked_direct"] is False
     assert checks["tables"] == 0.0 and checks["translations"] == 0.0, checks
     assert checks["direct_kernel_lrs"] == checks["combined_kernel_lrs"], checks
@@ -225,3 +230,30 @@ def test_direct_optimizer_step_is_the_combined_step_and_follows_the_schedule(mon
     halved = checks["direct_kernel_lrs"]
     assert halved[0] and all(later[0] == earlier[0] / 2
                              for earlier, later in zip(halved, halved[1:])), halved
+
+
+def test_the_plain_sgd_shortcut_is_torch_s_step_and_only_taken_for_plain_sgd():
+    """`direct_step._plain_sgd_step` gives the same parameters as `SGD.step()` bit for bit
+    (a tensor without a gradient left alone), and declines momentum, weight decay and
+    maximize, whose steps it does not do."""
+    import torch
+
+    from tml.optimizers.direct_step import _is_plain_sgd, _plain_sgd_step
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, 3, generator=generator).requires_grad_() for _ in range(3)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    before = [p.detach().clone() for p in params]
+    for group in (params, copies):
+        for p in group[:2]:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    torch.optim.SGD(params, lr=0.37).step()
+    shortcut = torch.optim.SGD(copies, lr=0.37)
+    assert _plain_sgd_step(shortcut)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    assert [torch.equal(p, b) for p, b in zip(copies, before)] == [False, False, True]
+    for kwargs in ({"momentum": 0.9}, {"weight_decay": 0.1}, {"maximize": True}):
+        other = torch.optim.SGD(copies, lr=0.37, **kwargs)
+        assert not _is_plain_sgd(other) and not _plain_sgd_step(other), kwargs
+    assert not _is_plain_sgd(torch.optim.Adagrad(copies, lr=0.1))
