@@ -9,10 +9,14 @@ weights are scaled with the batch (TwHIN's negatives weigh B / num_negatives eac
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional
+
+from tml.common import native
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
@@ -30,12 +34,47 @@ def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         logits, labels.to(logits.dtype), weight=weights, pos_weight=pos_weight)
 
 
+BCE_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bce_kernel.c")
+_BCE_SIGNATURES = {
+    "tml_bce_loss": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
+    "tml_bce_grad": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_void_p],
+}
+
+
+def bce_kernel() -> ctypes.CDLL | None:
+    """The compiled `bce_kernel.c` (`tml.common.native`), or None: torch ops then."""
+    library = native.load_library(BCE_KERNEL_SOURCE)
+    if library is not None and not getattr(library, "tml_typed", False):
+        for name, argtypes in _BCE_SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, ctypes.c_int
+        library.tml_typed = True
+    return library
+
+
+def _float32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 class _PositivesThenNegativesBCE(torch.autograd.Function):
     """`positives_then_negatives_bce`'s loss, and its gradient in one backward."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor,  # noqa: ANN001
                 weights: torch.Tensor, negative_weight: float) -> torch.Tensor:
+        ctx.negative_weight = negative_weight
+        ctx.kernel = bce_kernel() if _float32_cpu(logits) else None
+        if ctx.kernel is not None:
+            logits = logits.contiguous()
+            labels, weights = (t.to(torch.float32).contiguous() for t in (labels, weights))
+            loss = logits.new_empty(())
+            _check(ctx.kernel.tml_bce_loss(logits.data_ptr(), logits.numel(), labels.data_ptr(),
+                                           weights.data_ptr(), labels.numel(), negative_weight,
+                                           loss.data_ptr()))
+            ctx.save_for_backward(logits, labels, weights)
+            return loss
         num_positives = labels.numel()
         positives, negatives = logits[:num_positives], logits[num_positives:]
         labels, weights = labels.to(logits.dtype), weights.to(logits.dtype)
@@ -43,18 +82,28 @@ class _PositivesThenNegativesBCE(torch.autograd.Function):
         total = ((functional.softplus(positives) - labels * positives) * weights).sum()
         total = total + functional.softplus(negatives).sum() * negative_weight
         ctx.save_for_backward(logits, labels, weights)
-        ctx.negative_weight = negative_weight
         return total / logits.numel()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         logits, labels, weights = ctx.saved_tensors
+        if ctx.kernel is not None:
+            d_logits = torch.empty_like(logits)
+            _check(ctx.kernel.tml_bce_grad(logits.data_ptr(), logits.numel(), labels.data_ptr(),
+                                           weights.data_ptr(), labels.numel(),
+                                           ctx.negative_weight, float(grad), d_logits.data_ptr()))
+            return d_logits, None, None, None
         num_positives = labels.numel()
         scale = grad / logits.numel()
         d_logits = torch.sigmoid(logits)
         d_logits[:num_positives].sub_(labels).mul_(weights * scale)
         d_logits[num_positives:].mul_(scale * ctx.negative_weight)
         return d_logits, None, None, None
+
+
+def _check(status: int) -> None:
+    if status:
+        raise ValueError("bce kernel: more positives than logits")
 
 
 def positives_then_negatives_bce(logits: torch.Tensor, labels: torch.Tensor,

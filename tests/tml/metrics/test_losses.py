@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.nn import functional
 
-from tml.metrics.losses import positives_then_negatives_bce
+from tests.conftest import require
+from tml.metrics.losses import bce_kernel, positives_then_negatives_bce
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -30,3 +31,42 @@ def test_the_same_loss_and_gradient_as_torch_s_weighted_bce(dtype):
     torch.testing.assert_close(got_x.grad, want_x.grad)
     assert want_x.grad[num_positives:].abs().min() > 0
     assert got.dtype == dtype and got_x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("num_positives,num_negatives", [(37, 370), (16, 32), (5, 0), (0, 21),
+                                                         (1, 1)])
+def test_the_compiled_loss_agrees_with_float64_over_the_whole_range(num_positives,
+                                                                    num_negatives,
+                                                                    monkeypatch):
+    """`bce_kernel.c` (float32 on CPU) against the torch ops in float64: logits from -120
+    to 120 (softplus's exp underflows and its linear range), sizes that are and are not
+    multiples of its 16-float vectors."""
+    require(bce_kernel() is not None, "a C compiler for the BCE kernel")
+    generator = torch.Generator().manual_seed(num_positives + num_negatives)
+    num = num_positives + num_negatives
+    logits = torch.cat([torch.linspace(-120, 120, num // 2),
+                        torch.randn(num - num // 2, generator=generator) * 4])
+    logits = logits[torch.randperm(num, generator=generator)]
+    labels = torch.rand(num_positives, generator=generator)          # soft labels too
+    weights = torch.rand(num_positives, generator=generator) + 0.5
+    negative_weight = 0.37
+
+    def loss_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_()
+        loss = positives_then_negatives_bce(x, labels, weights, negative_weight)
+        (loss * 1.7).backward()
+        return loss.detach(), x.grad
+
+    got_loss, got_grad = loss_and_grad(logits)
+    monkeypatch.setenv("TML_NATIVE", "0")
+    want_loss, want_grad = loss_and_grad(logits.double())
+    assert got_loss.dtype == torch.float32
+    torch.testing.assert_close(got_loss.double(), want_loss, rtol=2e-6, atol=1e-30)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-9 / num)
+    # NaN comes through, and so does a negative's infinite logit (an infinite loss).
+    monkeypatch.setenv("TML_NATIVE", "1")
+    for bad, expect in ((float("nan"), torch.isnan), (float("inf"), torch.isinf)
+                        )[:2 if num_negatives else 1]:
+        x = logits.clone()
+        x[-1] = bad
+        assert expect(positives_then_negatives_bce(x, labels, weights, negative_weight))
