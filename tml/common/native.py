@@ -171,3 +171,16 @@ def load_library(source_path: str) -> ctypes.CDLL | None:
                                os.path.basename(source_path), error)
                 _loaded[source_path] = None
         return _loaded[source_path]
+
+
+def load_functions(source_path: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """`load_library(source_path)` with each named function's ctypes argument types set,
+    once per process; every exported function returns an `int64_t` (a count, or 0 / an
+    error code). None as `load_library`."""
+    library = load_library(source_path)
+    if library is not None and not getattr(library, "tml_typed", False):
+        for name, argtypes in signatures.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, ctypes.c_int64
+        library.tml_typed = True
+    return library

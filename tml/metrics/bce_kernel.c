@@ -25,8 +25,6 @@
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
-int tml_bce_version(void) { return 1; }
-
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf splat(float x) { return (vf){0} + x; }
@@ -113,7 +111,7 @@ static double weighted_sum(const float *x, const float *labels, const float *wei
 }
 
 /* The mean loss into *loss. Returns 0. */
-int tml_bce_loss(const float *logits, int64_t num, const float *labels, const float *weights,
+int64_t tml_bce_loss(const float *logits, int64_t num, const float *labels, const float *weights,
                  int64_t num_positives, float negative_weight, float *loss) {
     if (num_positives < 0 || num_positives > num) return 1;
     double total = weighted_sum(logits, labels, weights, 1.0f, num_positives);
@@ -124,7 +122,7 @@ int tml_bce_loss(const float *logits, int64_t num, const float *labels, const fl
 }
 
 /* d_logits (num) = the gradient of the mean loss times `upstream` (dL/dloss). */
-int tml_bce_grad(const float *logits, int64_t num, const float *labels, const float *weights,
+int64_t tml_bce_grad(const float *logits, int64_t num, const float *labels, const float *weights,
                  int64_t num_positives, float negative_weight, float upstream,
                  float *d_logits) {
     if (num_positives < 0 || num_positives > num) return 1;

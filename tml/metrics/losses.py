@@ -45,13 +45,7 @@ _BCE_SIGNATURES = {
 
 def bce_kernel() -> ctypes.CDLL | None:
     """The compiled `bce_kernel.c` (`tml.common.native`), or None: torch ops then."""
-    library = native.load_library(BCE_KERNEL_SOURCE)
-    if library is not None and not getattr(library, "tml_typed", False):
-        for name, argtypes in _BCE_SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, ctypes.c_int
-        library.tml_typed = True
-    return library
+    return native.load_functions(BCE_KERNEL_SOURCE, _BCE_SIGNATURES)
 
 
 def _float32_cpu(*tensors: torch.Tensor) -> bool:

@@ -32,7 +32,9 @@ labelled them 1).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tml.common import native
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 from tml.metrics.losses import positives_then_negatives_bce
 from tml.trainer.fused_tables import apply_table_optimizers
@@ -702,6 +705,12 @@ def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
     visited in ascending order and each draws its lhs then its rhs permutation of its rows
     in batch order, so a stable regrouping of a batch samples the same edges.
     """
+    if rels.device.type == "cpu" and rels.dtype == torch.int64:
+        kernel = in_batch_sample_kernel()
+        if kernel is not None:
+            sample = _grouped_sample_in_c(kernel, rels, n)
+            if sample is not None:
+                return sample
     grouped = rels.numel() < 2 or bool((rels[1:] >= rels[:-1]).all())
     if grouped:
         present, counts_t = torch.unique_consecutive(rels, return_counts=True)
@@ -726,6 +735,42 @@ def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
         shift = torch.tensor(offsets, device=rels.device)
         lhs_rows, rhs_rows = lhs_rows + shift, rhs_rows + shift
     return InBatchSample(rhs_rows, lhs_rows, present, counts if grouped else None)
+
+
+SAMPLE_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "in_batch_sample.c")
+_SAMPLE_SIGNATURES = {
+    "tml_relation_blocks": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
+    "tml_block_candidates": [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p],
+}
+
+
+def in_batch_sample_kernel() -> ctypes.CDLL | None:
+    """The compiled `in_batch_sample.c` (`tml.common.native`), or None: torch ops then."""
+    return native.load_functions(SAMPLE_KERNEL_SOURCE, _SAMPLE_SIGNATURES)
+
+
+def _grouped_sample_in_c(kernel: ctypes.CDLL, rels: torch.Tensor, n: int
+                         ) -> InBatchSample | None:
+    """`_in_batch_sample` of a grouped batch with the same `randperm` draws, its blocks found
+    and its candidate rows assembled by `in_batch_sample.c`; None if `rels` is not grouped."""
+    rels = rels.contiguous()
+    num_edges = rels.numel()
+    blocks = torch.empty(2, max(1, num_edges), dtype=torch.int64)
+    num_blocks = kernel.tml_relation_blocks(rels.data_ptr(), num_edges, blocks[0].data_ptr(),
+                                            blocks[1].data_ptr())
+    if num_blocks < 0:
+        return None
+    counts = blocks[1, :num_blocks].tolist()
+    picks = [torch.randperm(count) for count in counts for _ in (0, 1)]   # lhs, then rhs
+    rows = torch.empty(2, num_blocks * n, dtype=torch.int64)
+    status = kernel.tml_block_candidates(
+        num_blocks, n, (ctypes.c_void_p * len(picks))(*[p.data_ptr() for p in picks]),
+        blocks[1].data_ptr(), rows[0].data_ptr(), rows[1].data_ptr())
+    if status:
+        raise ValueError(f"in-batch sample: a permutation outside its block (status {status})")
+    return InBatchSample(rows[1], rows[0], blocks[0, :num_blocks], counts)
 
 
 class _BlockScores(torch.autograd.Function):

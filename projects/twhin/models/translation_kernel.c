@@ -28,14 +28,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define TML_VERSION 2
 #define W 16
 
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-
-int tml_translation_version(void) { return TML_VERSION; }
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -125,7 +122,7 @@ forward_rows(const float *pair, int64_t num_edges, const int64_t dim, const floa
     }
 }
 
-int tml_translation_forward(const float *pair, int64_t num_edges, int64_t dim,
+int64_t tml_translation_forward(const float *pair, int64_t num_edges, int64_t dim,
                             const float *vectors, int64_t num_vectors, int64_t num_blocks,
                             const int64_t *relations, const int64_t *counts,
                             const int64_t *lhs_rows, const int64_t *rhs_rows, int64_t n,
@@ -229,7 +226,7 @@ backward_rows(const float *pair, int64_t num_edges, const int64_t dim, const flo
 
 /* d_pair (B, 2, D) is written whole; d_vectors (R, D) must come zeroed; scratch holds
  * 2 n D + n floats. */
-int tml_translation_backward(const float *pair, int64_t num_edges, int64_t dim,
+int64_t tml_translation_backward(const float *pair, int64_t num_edges, int64_t dim,
                              const float *vectors, int64_t num_vectors, int64_t num_blocks,
                              const int64_t *relations, const int64_t *counts,
                              const int64_t *lhs_rows, const int64_t *rhs_rows, int64_t n,

@@ -57,13 +57,7 @@ _SIGNATURES = {
 
 def translation_kernel() -> ctypes.CDLL | None:
     """The compiled `translation_kernel.c` (`tml.common.native`), or None: torch ops then."""
-    library = native.load_library(KERNEL_SOURCE)
-    if library is not None and not getattr(library, "tml_typed", False):
-        for name, argtypes in _SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, ctypes.c_int
-        library.tml_typed = True
-    return library
+    return native.load_functions(KERNEL_SOURCE, _SIGNATURES)
 
 
 def _uses_kernel(pair: torch.Tensor, vectors: torch.Tensor) -> ctypes.CDLL | None:

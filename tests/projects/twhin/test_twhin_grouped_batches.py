@@ -22,7 +22,9 @@ from projects.twhin.models.models import (
     TwhinModelAndLoss,
     _BlockScores,
     _in_batch_sample,
+    in_batch_sample_kernel,
 )
+from tests.conftest import require
 from tests.distributed_checks import BATCH, NEGATIVES, TABLES, _edges, _model_config, _reference
 from tml.common.modules.embedding.embedding import LargeEmbeddings
 
@@ -190,3 +192,22 @@ def test_the_reader_groups_each_batch_by_relation_stably(tmp_path):
         for k, row in enumerate(rows.tolist()):
             assert negatives[k, 0].tolist() == expected_lhs[position[row]].tolist()
             assert negatives[k, 1].tolist() == expected_rhs[position[row]].tolist()
+
+
+@pytest.mark.parametrize("rels", [[0, 0, 0, 2, 2, 5, 5, 5, 5, 5, 5, 5], [3], [1, 1],
+                                  [0, 2, 1, 1]])
+def test_the_compiled_sample_bookkeeping_draws_what_torch_s_does(rels, monkeypatch):
+    """`in_batch_sample.c` finds the blocks and assembles the candidates of the same
+    `randperm` draws as the torch ops (blocks smaller and larger than n); an ungrouped
+    batch goes to the torch path."""
+    require(in_batch_sample_kernel() is not None, "a C compiler for the sample kernel")
+    rels = torch.tensor(rels, dtype=torch.int64)
+    torch.manual_seed(7)
+    got = _in_batch_sample(rels, 4)
+    monkeypatch.setenv("TML_NATIVE", "0")
+    torch.manual_seed(7)
+    want = _in_batch_sample(rels, 4)
+    for name in ("rhs_rows", "lhs_rows", "present"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.counts == want.counts
+    assert (got.counts is None) == bool((rels[1:] < rels[:-1]).any())
