@@ -156,12 +156,15 @@ def _load(source_path: str) -> ctypes.CDLL | None:
 
 
 def load_library(source_path: str) -> ctypes.CDLL | None:
-    """The shared library built from the C file `source_path`, loaded once per process; None
-    when native kernels are off (`TML_NATIVE=0`) or cannot be built here (a warning says
-    why)."""
+    """The shared library built from the C file `source_path` (an absolute path), loaded
+    once per process; None when native kernels are off (`TML_NATIVE=0`) or cannot be built
+    here (a warning says why)."""
+    if not os.path.isabs(source_path):
+        raise ValueError(f"load_library needs an absolute path, not {source_path!r}")
     if not enabled():
         return None
-    source_path = os.path.abspath(source_path)
+    if source_path in _loaded:              # the per-call path: kernels ask every step
+        return _loaded[source_path]
     with _lock:
         if source_path not in _loaded:
             try:

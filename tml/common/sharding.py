@@ -49,6 +49,8 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from tml.common.native_sgd_lookup import NativeSGDLookup, TableLayout, native_sgd_layout
+from tml.common.native_sgd_lookup import library as native_sgd_library
 from tml.common.topology import create_topology, host_memory_bytes
 from tml.errors import ConfigError
 
@@ -125,15 +127,13 @@ class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         direct: DirectLookup = self._direct  # type: ignore[assignment]
         values, offsets = features.values(), features.offsets()
         if len(direct.kernels) == 1:
-            kernel, _, _, index_type, offset_type = direct.kernels[0]
-            out = kernel(indices=values.to(index_type), offsets=offsets.to(offset_type))
+            out = _kernel_lookup(direct, 0, values, offsets)
         else:     # each kernel its run of keys: ids [offsets[a B], offsets[b B])
             stride, outs = features.stride(), []
-            for kernel, a, b, index_type, offset_type in direct.kernels:
+            for index, (_, a, b, _, _) in enumerate(direct.kernels):
                 ends = offsets[a * stride:b * stride + 1]
                 first, last = int(ends[0]), int(ends[-1])
-                outs.append(kernel(indices=values[first:last].to(index_type),
-                                   offsets=(ends - first).to(offset_type)))
+                outs.append(_kernel_lookup(direct, index, values[first:last], ends - first))
             out = torch.cat(outs, dim=1)
         return KeyedTensor(keys=direct.names, length_per_key=direct.dims, values=out,
                            key_dim=1)
@@ -163,11 +163,27 @@ class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
 class DirectLookup(NamedTuple):
     """The kernels that hold a one-worker EBC's tables, and how to call them (see
-    `direct_lookup`)."""
+    `direct_lookup`); `native` holds, per kernel, its `TableLayout` when its lookups and
+    SGD updates run in `native_sgd_lookup` (else None), and `library` that code."""
 
     kernels: list[tuple[nn.Module, int, int, torch.dtype, torch.dtype]]   # keys [a, b)
     names: list[str]
     dims: list[int]
+    native: list[TableLayout | None]
+    library: object | None
+
+
+def _kernel_lookup(direct: DirectLookup, index: int, values: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor:
+    """Kernel `index`'s pooled rows for its keys' ids: in `native_sgd_lookup` where it
+    qualifies, else through fbgemm's kernel."""
+    kernel, _, _, index_type, offset_type = direct.kernels[index]
+    layout = direct.native[index]
+    if layout is not None:
+        kernel.step += 1                      # as fbgemm's forward counts its calls
+        return NativeSGDLookup.apply(kernel.weights_host, values, offsets, kernel, layout,
+                                     direct.library)
+    return kernel(indices=values.to(index_type), offsets=offsets.to(offset_type))
 
 
 def direct_lookup(ebc: ShardedEmbeddingBagCollection,
@@ -209,7 +225,15 @@ def direct_lookup(ebc: ShardedEmbeddingBagCollection,
                         module._embedding_table_offset_type))
     if covered != names or list(features.keys()) != names:
         return f"features {list(features.keys())}, kernels {covered}, output {names}"
-    return DirectLookup(kernels, names, list(ebc._embedding_dims))
+    library = native_sgd_library()
+    layouts = [native_sgd_layout(kernel) if library is not None else "no native code"
+               for kernel, *_ in kernels]
+    for (_, a, b, *_), layout in zip(kernels, layouts):
+        logger.debug("lookups of %s: %s", names[a:b], "native SGD" if isinstance(
+            layout, TableLayout) else f"fbgemm ({layout})")
+    return DirectLookup(kernels, names, list(ebc._embedding_dims),
+                        [layout if isinstance(layout, TableLayout) else None
+                         for layout in layouts], library)
 
 
 class AllShardingTypesSharder(EmbeddingBagCollectionSharder):

@@ -11,8 +11,10 @@ import os
 
 import pytest
 
+from tests.conftest import require
 from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO
+from tml.common.native_sgd_lookup import library as native_sgd_library
 
 
 def one_worker_checks() -> dict:
@@ -77,10 +79,17 @@ def local_dists_checks() -> dict:
     config = _model_config()
     data_config = TwhinDataConfig(data_root="unused", per_replica_batch_size=BATCH,
                                   in_batch_negatives=NEGATIVES)
+    import tml.common.sharding as sharding
+
+    native_library = sharding.native_sgd_library
     runs = {}
     for name, local, pipeline_class in (("torchrec", False, TrainPipelineSparseDist),
                                         ("local", True, TrainPipelineSparseDist),
-                                        ("one_worker", True, OneWorkerTrainPipeline)):
+                                        ("one_worker", True, OneWorkerTrainPipeline),
+                                        ("one_worker_fbgemm", True, OneWorkerTrainPipeline)):
+        # The last run's direct lookups call fbgemm's kernel, not native_sgd_lookup.
+        sharding.native_sgd_library = (lambda: None) if name.endswith("fbgemm") \
+            else native_library
         torch.manual_seed(0)
         model = TwhinModelAndLoss(apply_optimizers(TwhinModel(config, data_config), config))
         dmp = shard_model(model, device, local_dists=local)
@@ -106,6 +115,9 @@ def local_dists_checks() -> dict:
             "tables": _full_tables(dmp),
             "translations": dmp.module.model.all_trans_embs.detach().clone(),
             "direct_lookups": sum(getattr(m, "direct_lookups", 0) for m in ebcs),
+            "native_kernels": sum(layout is not None for m in ebcs
+                                  for layout in getattr(getattr(m, "_direct", None),
+                                                        "native", [])),
             "dists": sorted({type(d).__name__ for m in ebcs
                              for d in [*m._input_dists, *m._output_dists]})}
     reference = runs["torchrec"]
@@ -114,6 +126,7 @@ def local_dists_checks() -> dict:
     for name, run in runs.items():
         out[name] = {
             "dists": run["dists"], "direct_lookups": run["direct_lookups"],
+            "native_kernels": run["native_kernels"],
             "losses": float((reference["losses"] - run["losses"]).abs().max()),
             "eval_loss": float((reference["eval_loss"] - run["eval_loss"]).abs()),
             "tables": max(float((reference["tables"][table] - run["tables"][table]).abs().max())
@@ -128,7 +141,10 @@ def test_one_worker_local_dists_and_direct_lookups_train_exactly_as_torchrec(mon
     """Skipping TorchRec's one-rank all-to-alls, then its train pipeline and lookup wrappers
     too, changes no number: five steps and an evaluation forward give the same losses,
     tables and translations, bit for bit; the one-worker step is what a CPU worker alone
-    gets, and its lookups (training and evaluation) went straight to the kernel."""
+    gets, and its lookups (training and evaluation) went straight to the kernel. With the
+    SGD tables' lookups and updates in `native_sgd_lookup` (the default where a compiler
+    is), the same to float rounding: a row that repeats in a batch gets its gradients one
+    at a time instead of summed first."""
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = launch_checks(local_dists_checks, 1)
     checks = results[0]
@@ -138,12 +154,18 @@ def test_one_worker_local_dists_and_direct_lookups_train_exactly_as_torchrec(mon
     # TorchRec's pipeline rewrites the module's forward while attached: only the evaluation
     # after `detach` went direct.
     assert checks["local"]["direct_lookups"] == 1, checks
-    assert checks["one_worker"]["direct_lookups"] == 6, checks   # 5 steps + 1 evaluation
+    for name in ("one_worker", "one_worker_fbgemm"):
+        assert checks[name]["direct_lookups"] == 6, checks   # 5 steps + 1 evaluation
     assert checks["chosen"] == "OneWorkerTrainPipeline"
     assert checks["trained"] > 0, checks            # the steps changed the loss
-    for name in ("local", "one_worker"):
+    assert checks["one_worker_fbgemm"]["native_kernels"] == 0
+    require(native_sgd_library() is not None, "a C compiler for the native SGD lookups")
+    assert checks["one_worker"]["native_kernels"] == 2, checks    # two SGD tables, two lrs
+    for name in ("local", "one_worker_fbgemm"):
         for key in ("losses", "eval_loss", "tables", "translations"):
             assert checks[name][key] == 0.0, (name, key, checks)
+    for key in ("losses", "eval_loss", "tables", "translations"):
+        assert checks["one_worker"][key] < 1e-6, (key, checks)
 
 
 def _fused_parts(optimizer) -> list:
