@@ -22,6 +22,7 @@ load half a library.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -62,6 +63,7 @@ def cache_dir() -> str:
     return os.path.join(base, "tml", "native")
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """This CPU's model name and feature flags (what `-march=native` compiles for)."""
     fields = []
@@ -78,10 +80,16 @@ def _cpu_identity() -> str:
     return platform.machine() + "".join(fields)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiler_version(cc: str) -> bytes:
+    """`cc --version`, asked once per process and compiler (a subprocess: ~5 ms)."""
+    return subprocess.run([cc, "--version"], capture_output=True, check=False,
+                          timeout=60).stdout
+
+
 def library_key(source: bytes, cc: str) -> str:
     """A hash of what decides the library's bytes: source, compiler, its version, flags, CPU."""
-    version = subprocess.run([cc, "--version"], capture_output=True, check=False,
-                             timeout=60).stdout
+    version = _compiler_version(cc)
     digest = hashlib.sha256()
     for part in (source, os.path.realpath(cc).encode(), version, " ".join(FLAGS).encode(),
                  _cpu_identity().encode()):
