@@ -101,9 +101,11 @@ class OneWorkerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     Called directly (not through TorchRec's train pipeline, which rewrites `forward`), and
     when its tables are in CPU kernels of this worker (`direct_lookup`), `forward` hands the
     ids to those kernels itself: TorchRec's context, awaitables, KJT splits and lookup wrappers around it
-    cost ~0.3 ms a step, as much as the lookup of 8000 rows (docs/performance.md). The first
-    such call checks its output against TorchRec's own path and keeps to TorchRec's path if
-    they differ. `direct_lookups` counts the calls that took the direct path.
+    cost ~0.3 ms a step, as much as the lookup of 8000 rows (docs/performance.md). Kernels
+    with plain SGD and sum pooling go further: their lookups and updates run in C on
+    fbgemm's storage (`native_sgd_lookup`). The first such call checks its output against
+    TorchRec's own path and keeps to TorchRec's path if they differ. `direct_lookups` counts
+    the calls that took the direct path.
     """
 
     direct_lookups = 0
