@@ -45,7 +45,7 @@ def _model_config(operators: tuple[str, ...] = ("translation",) * 3) -> TwhinMod
 
 
 def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0,  # noqa: ANN202
-           gathered: bool = False):
+           gathered: bool = False, grouped: bool = False):
     g = torch.Generator().manual_seed(seed)
     rel = torch.randint(0, len(config.relations), (BATCH,), generator=g)
     rt = relation_tables(config.relations, list(TABLES))
@@ -55,6 +55,9 @@ def _edges(seed: int, config: TwhinModelConfig, global_negatives: int = 0,  # no
     shape = (BATCH, global_negatives)
     neg_lhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 0]].unsqueeze(1)).long()
     neg_rhs = (torch.rand(shape, generator=g) * sizes[rt[rel, 1]].unsqueeze(1)).long()
+    if grouped:     # in relation order, as the reader sends batches (the block paths)
+        order = torch.argsort(rel, stable=True)
+        rel, lhs, rhs, neg_lhs, neg_rhs = (t[order] for t in (rel, lhs, rhs, neg_lhs, neg_rhs))
     if gathered:    # the same negatives, gathered from whole-table lookups (data.edges)
         whole = whole_tables(list(TABLES.values()))
         nodes, slots = edges_to_kjt(lhs, rhs, rel, rt, list(TABLES), shared=whole)
@@ -167,7 +170,8 @@ def _reference(weights, translations, lhs, rhs, rel, rt, seed, neg_lhs=None,  # 
 
 def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int = 0,
                               operators: tuple[str, ...] | None = None,
-                              gathered: bool = False) -> dict[str, dict[str, float]]:
+                              gathered: bool = False,
+                              grouped: bool = False) -> dict[str, dict[str, float]]:
     """For each sharding type: |sharded - reference| of loss, updated tables, translations.
 
     With `global_negatives` and `operators` the batches carry global negative lookups and
@@ -193,7 +197,7 @@ def sharded_matches_unsharded(sharding_types: list[str], global_negatives: int =
         optimizer, _ = build_optimizer(dmp, config)
         before = _full_tables(dmp)
         trans_before = translations.detach().clone()
-        edges = [_edges(seed, config, global_negatives, gathered)
+        edges = [_edges(seed, config, global_negatives, gathered, grouped)
                  for seed in range(dist.get_world_size())]
 
         optimizer.zero_grad()
@@ -258,6 +262,17 @@ def all_sharded_checks() -> dict[str, object]:
         "operators": sharded_matches_unsharded(OPERATOR_TYPES, 2, OPERATOR_SET),
         "gathered": sharded_matches_unsharded(OPERATOR_TYPES, 2, OPERATOR_SET, gathered=True),
     }
+    # dim 16 and batches in relation order: the translation scores run in the compiled
+    # kernel, on sharded tables.
+    global DIM
+    previous_dim, DIM = DIM, 16
+    try:
+        from projects.twhin.models.translation_scores import translation_kernel
+
+        results["kernel_dim"] = sharded_matches_unsharded(PLAIN_TYPES, grouped=True)
+        results["kernel_used"] = translation_kernel() is not None
+    finally:
+        DIM = previous_dim
     try:
         results["adam"] = adam_tables_train()
     except ConfigError as error:   # refused before any collective: the group stays usable

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.conftest import require
 from tests.distributed_checks import OPERATOR_TYPES, PLAIN_TYPES
 from tests.launch_checks import launch_checks
 from tests.twhin_setup import REPO
@@ -50,6 +51,16 @@ def test_forward_backward_and_update_match_reference_for_every_sharding_type(sha
 def test_global_negatives_and_operators_match_reference_when_sharded(sharded_results):
     """Global negative ids travel in the batch KJT through the sharded tables."""
     _assert_matches(sharded_results, "operators", OPERATOR_TYPES)
+
+
+@pytest.mark.slow
+def test_the_compiled_translation_scores_match_reference_when_sharded(sharded_results):
+    """At dim 16, batches in relation order, the translation scores run in
+    `translation_kernel.c` on tables sharded over 2 workers: the same loss and updates as
+    the reference."""
+    require(all(r["kernel_used"] for r in sharded_results.values()),
+            "a C compiler for the translation kernel")
+    _assert_matches(sharded_results, "kernel_dim", PLAIN_TYPES)
 
 
 @pytest.mark.slow
