@@ -22,21 +22,17 @@ from collections.abc import Callable
 from typing import IO, Any
 
 
-def write_atomic(path: str, write: Callable[[IO[str]], Any], fsync: bool = False) -> None:
-    """Create `path` (or replace it) with what `write(handle)` writes to a text handle.
-
-    `fsync`: flush the data to disk before the rename (for files that must survive a power
-    loss together with what they describe, e.g. checkpoint checksums).
-    """
+def replace_atomic(path: str, produce: Callable[[str], Any]) -> None:
+    """Create `path` (or replace it) with the file that `produce(tmp)` leaves at `tmp`, a
+    unique temporary path beside it that exists, empty and created exclusively, when
+    `produce` is called (a writer of our own, or another program such as a compiler)."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
                                   f"{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            write(handle)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        with open(tmp, "x"):
+            pass
+        produce(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -44,6 +40,22 @@ def write_atomic(path: str, write: Callable[[IO[str]], Any], fsync: bool = False
         except OSError:
             pass
         raise
+
+
+def write_atomic(path: str, write: Callable[[IO[str]], Any], fsync: bool = False) -> None:
+    """Create `path` (or replace it) with what `write(handle)` writes to a text handle.
+
+    `fsync`: flush the data to disk before the rename (for files that must survive a power
+    loss together with what they describe, e.g. checkpoint checksums).
+    """
+    def produce(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            write(handle)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    replace_atomic(path, produce)
 
 
 def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:

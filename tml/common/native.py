@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 
+from tml.common.atomic_file import replace_atomic
 from tml.ml_logging import get_logger
 
 logger = get_logger(__name__)
@@ -120,10 +121,7 @@ def _private_cache() -> str | None:
 
 def _build(cc: str, source_path: str, out_path: str) -> None:
     """Compile `source_path` to `out_path` through a unique temporary name and a rename."""
-    directory = os.path.dirname(out_path)
-    handle, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
-    os.close(handle)
-    try:
+    def compile_to(tmp: str) -> None:
         result = subprocess.run([cc, *FLAGS, "-o", tmp, source_path], capture_output=True,
                                 text=True, check=False, timeout=300)
         if result.returncode:
@@ -131,13 +129,8 @@ def _build(cc: str, source_path: str, out_path: str) -> None:
             raise RuntimeError(f"{os.path.basename(cc)} exited {result.returncode} on "
                                f"{source_path}: {lines[0]}")
         os.chmod(tmp, 0o700)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    replace_atomic(out_path, compile_to)
 
 
 def _load(source_path: str) -> ctypes.CDLL | None:
