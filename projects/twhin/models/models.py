@@ -703,7 +703,9 @@ def _in_batch_sample(rels: torch.Tensor, n: int) -> InBatchSample:
 
     The same draws whether or not the batch is grouped by relation: the relations are
     visited in ascending order and each draws its lhs then its rhs permutation of its rows
-    in batch order, so a stable regrouping of a batch samples the same edges.
+    in batch order, so a stable regrouping of a batch samples the same edges. On CPU a
+    grouped batch's blocks and candidate rows are assembled in C around the same draws
+    (`_grouped_sample_in_c`).
     """
     if rels.device.type == "cpu" and rels.dtype == torch.int64:
         kernel = in_batch_sample_kernel()
